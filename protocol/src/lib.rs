@@ -1,0 +1,25 @@
+//! The WSMB wire protocol: every frame the broker, the gateway agent and their clients exchange.
+//!
+//! The protocol is the one of the legacy PHP broker (WSMessageBrocker), kept byte for byte where
+//! its clients depend on it, plus backward-compatible additions. `docs/protocol.md` describes it
+//! for humans; this crate is the single place where it exists as code. Neither the broker nor the
+//! agent builds or parses JSON frames anywhere else.
+//!
+//! Layout:
+//! - [`codes`]: the `response_code` values and their texts.
+//! - [`client`]: frames a client sends (`send-message`, `receive-message`, `ping`), parsed in one
+//!   pass without copying, with a precise error for every malformed input.
+//! - [`reply`]: frames the broker sends back (`connect`, `send-result`, `error`).
+//! - [`time`]: the legacy timestamp format.
+//!
+//! No I/O happens here.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod codes;
+pub mod reply;
+pub mod time;
+
+pub use client::{ClientFrame, Command, FrameError, ItemId, parse_client_frame};
+pub use codes::ResponseCode;
