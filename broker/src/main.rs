@@ -1,1 +1,7 @@
-fn main() {}
+//! The `wsmb-broker` binary; everything is in the library.
+
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    wsmb_broker::cli::main()
+}

@@ -10,8 +10,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::codes::ResponseCode;
 
@@ -161,7 +161,10 @@ impl fmt::Display for FrameError {
                  (commands are case-sensitive)"
             ),
             FrameError::MissingChannel => {
-                write!(f, "the frame has no \"channel\"; add the channel name, e.g. \"sms\"")
+                write!(
+                    f,
+                    "the frame has no \"channel\"; add the channel name, e.g. \"sms\""
+                )
             }
             FrameError::ChannelNotString(kind) => write!(
                 f,
@@ -283,7 +286,11 @@ fn receiver_count(v: &Loose<'_>) -> Result<u32, FrameError> {
         return Err(FrameError::InvalidNumberOfReceiver(v.describe()));
     }
     let x = x.abs().ceil();
-    Ok(if x >= f64::from(u32::MAX) { u32::MAX } else { x as u32 })
+    Ok(if x >= f64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        x as u32
+    })
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {
@@ -619,7 +626,9 @@ mod tests {
     #[test]
     fn number_of_receiver_like_the_legacy_broker() {
         let n = |v: &str| {
-            let s = format!(r#"{{"command":"send-message","channel":"c","data":[],"number_of_receiver":{v}}}"#);
+            let s = format!(
+                r#"{{"command":"send-message","channel":"c","data":[],"number_of_receiver":{v}}}"#
+            );
             parse_client_frame(s.as_bytes()).map(|f| f.number_of_receiver)
         };
         assert_eq!(n("2"), Ok(Some(2)));
@@ -652,20 +661,35 @@ mod tests {
         assert_eq!(err("true"), FrameError::NotAnObject("boolean"));
         assert_eq!(err("{}"), FrameError::MissingCommand);
         assert_eq!(err(r#"{"command":null}"#), FrameError::MissingCommand);
-        assert_eq!(err(r#"{"command":5}"#), FrameError::CommandNotString("number"));
+        assert_eq!(
+            err(r#"{"command":5}"#),
+            FrameError::CommandNotString("number")
+        );
         assert_eq!(
             err(r#"{"command":"Send-Message","channel":"c"}"#),
             FrameError::UnknownCommand("Send-Message".into())
         );
-        assert_eq!(err(r#"{"command":"send-message","data":[]}"#), FrameError::MissingChannel);
+        assert_eq!(
+            err(r#"{"command":"send-message","data":[]}"#),
+            FrameError::MissingChannel
+        );
         assert_eq!(
             err(r#"{"command":"receive-message","channel":7}"#),
             FrameError::ChannelNotString("number")
         );
-        assert_eq!(err(r#"{"command":"receive-message","channel":""}"#), FrameError::EmptyChannel);
-        let long = format!(r#"{{"command":"receive-message","channel":"{}"}}"#, "é".repeat(101));
+        assert_eq!(
+            err(r#"{"command":"receive-message","channel":""}"#),
+            FrameError::EmptyChannel
+        );
+        let long = format!(
+            r#"{{"command":"receive-message","channel":"{}"}}"#,
+            "é".repeat(101)
+        );
         assert_eq!(err(&long), FrameError::ChannelTooLong(101));
-        assert_eq!(err(r#"{"command":"send-message","channel":"c"}"#), FrameError::MissingData);
+        assert_eq!(
+            err(r#"{"command":"send-message","channel":"c"}"#),
+            FrameError::MissingData
+        );
         assert_eq!(
             err(r#"{"command":"send-message","channel":"c","data":null}"#),
             FrameError::MissingData
@@ -682,7 +706,10 @@ mod tests {
             err(r#"{"command":"ping","protocol":"2"}"#),
             FrameError::InvalidProtocol(_)
         ));
-        assert!(matches!(err(r#"{"command":"ping","protocol":0}"#), FrameError::InvalidProtocol(_)));
+        assert!(matches!(
+            err(r#"{"command":"ping","protocol":0}"#),
+            FrameError::InvalidProtocol(_)
+        ));
     }
 
     #[test]
@@ -695,7 +722,8 @@ mod tests {
 
     #[test]
     fn error_codes_and_texts_are_helpful() {
-        let e = err(r#"{"command":"send-message","channel":"c","data":[],"number_of_receiver":"abc"}"#);
+        let e =
+            err(r#"{"command":"send-message","channel":"c","data":[],"number_of_receiver":"abc"}"#);
         assert_eq!(e.code(), ResponseCode::InvalidNumberOfReceiver);
         assert!(e.to_string().contains("\"abc\""), "{e}");
         assert_eq!(err("x").code(), ResponseCode::InvalidJson);
@@ -712,7 +740,9 @@ mod tests {
     fn deep_nesting_does_not_crash() {
         // Nested values are skipped iteratively by serde_json, so depth cannot overflow the stack.
         let deep = "[".repeat(100_000) + &"]".repeat(100_000);
-        let frame = format!(r#"{{"command":"send-message","channel":"c","data":[{deep}, {{"id":{deep}}}]}}"#);
+        let frame = format!(
+            r#"{{"command":"send-message","channel":"c","data":[{deep}, {{"id":{deep}}}]}}"#
+        );
         let f = ok(&frame);
         assert_eq!(f.items, vec![ItemId::Missing, ItemId::Missing]);
         assert_eq!(err(&deep), FrameError::NotAnObject("array"));

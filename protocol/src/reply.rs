@@ -154,7 +154,11 @@ mod tests {
             receivers: 2,
             ids: vec!["a".into(), "m1.1".into()],
         };
-        let s = encode(SEND_RESULT, ResponseCode::Accepted, std::slice::from_ref(&r));
+        let s = encode(
+            SEND_RESULT,
+            ResponseCode::Accepted,
+            std::slice::from_ref(&r),
+        );
         assert_eq!(
             s,
             r#"{"command":"send-result","response_code":"00","response_text":"Accepted","data":[{"message_id":"m1","channel":"sms","receivers":2,"ids":["a","m1.1"]}]}"#
@@ -180,6 +184,8 @@ mod tests {
 
     #[test]
     fn a_forwarded_message_is_not_a_reply() {
-        assert!(BrokerReply::parse(r#"{"command":"send-message","channel":"sms","data":[]}"#).is_none());
+        assert!(
+            BrokerReply::parse(r#"{"command":"send-message","channel":"sms","data":[]}"#).is_none()
+        );
     }
 }

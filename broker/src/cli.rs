@@ -1,0 +1,158 @@
+//! Command line: `wsmb-broker [run]`, `wsmb-broker check-config`, flags that override the file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::{Config, Origin};
+
+/// WSMB broker: a lightweight WebSocket message broker, wire-compatible with WSMessageBrocker.
+#[derive(Debug, Parser)]
+#[command(name = "wsmb-broker", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file [default: /etc/wsmb/broker.toml when it exists, else embedded defaults]
+    #[arg(short, long, value_name = "PATH", global = true)]
+    pub config: Option<PathBuf>,
+    /// Listen on this address, overriding server.listen (e.g. 127.0.0.1:8888)
+    #[arg(long, value_name = "ADDR:PORT", global = true)]
+    pub listen: Option<String>,
+    /// htpasswd file; repeat for several. Replaces credentials.files
+    #[arg(long, value_name = "FILE", global = true)]
+    pub htpasswd: Vec<PathBuf>,
+    /// Log filter, overriding log.level (error, warn, info, debug, trace)
+    #[arg(long, value_name = "FILTER", global = true)]
+    pub log_level: Option<String>,
+    /// What to do (default: run)
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the broker (the default)
+    Run,
+    /// Check the configuration and the credentials files, print a summary and exit
+    /// (non-zero when something is wrong)
+    CheckConfig,
+}
+
+/// Loads the config file, then applies the environment and the flags, then validates.
+pub fn effective_config(cli: &Cli) -> anyhow::Result<(Config, Origin)> {
+    let (mut config, origin) = Config::load(cli.config.as_deref())?;
+    config.apply_env(|k| std::env::var(k).ok());
+    if let Some(l) = &cli.listen {
+        config.server.listen = l.clone();
+    }
+    if !cli.htpasswd.is_empty() {
+        config.credentials.files = cli.htpasswd.clone();
+    }
+    if let Some(l) = &cli.log_level {
+        config.log.level = l.clone();
+    }
+    config.validate()?;
+    Ok((config, origin))
+}
+
+/// Entry point of the `wsmb-broker` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (config, origin) = match effective_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsmb-broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Cmd::Run) {
+        Cmd::CheckConfig => check_config(&config, &origin),
+        Cmd::Run => {
+            init_logging(&config.log.level);
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("wsmb-broker: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(config, origin)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    eprintln!("wsmb-broker: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check_config(config: &Config, origin: &Origin) -> ExitCode {
+    println!("config: {origin}");
+    println!(
+        "listen: {}  path: {}",
+        config.server.listen, config.server.path
+    );
+    match config.credential_sources().load() {
+        Ok((table, warnings)) => {
+            for w in warnings {
+                println!("warning: {w}");
+            }
+            println!("users: {} ({})", table.len(), table.kinds());
+            println!("configuration OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsmb-broker: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(config: Config, origin: Origin) -> anyhow::Result<()> {
+    info!(
+        "wsmb-broker {} starting; config: {origin}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let addr = config.listen_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let running = crate::server::start_on(listener, config).await?;
+    info!("listening on {}", running.addr);
+    spawn_signal_handler(running.shared.shutdown.clone())?;
+    running.task.await?;
+    info!("stopped");
+    Ok(())
+}
+
+fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! Broker configuration: TOML file, embedded defaults, environment overrides for secrets,
+//! validation with messages that name the key and say how to fix it.
+//!
+//! Precedence, lowest first: embedded defaults, the config file (`--config PATH`, else
+//! `/etc/wsmb/broker.toml` when it exists), environment variables for secrets, command-line flags.
+//! `deploy/broker.example.toml` documents every key with its default; a test keeps the two in
+//! step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::auth::{AuthTuning, CredentialSources};
+
+/// Default config path.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/wsmb/broker.toml";
+
+/// Environment variable whose htpasswd lines (one per line) replace `credentials.lines`.
+pub const ENV_CREDENTIALS: &str = "WSMB_CREDENTIALS";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[credentials]`.
+    pub credentials: CredentialsConfig,
+    /// `[log]`.
+    pub log: LogConfig,
+}
+
+/// What to do with a receiver whose outgoing queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowReceiverPolicy {
+    /// Close it (1008, "slow consumer") so that it reconnects; messages go to other receivers.
+    Disconnect,
+    /// Keep it, and pass it over for messages while its queue is full.
+    Skip,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address and port to listen on.
+    pub listen: String,
+    /// The WebSocket path; other paths get 404 (`/healthz` excepted).
+    pub path: String,
+    /// Receivers per message when the sender does not say (0 = every receiver).
+    pub number_of_receiver: u32,
+    /// Largest accepted frame/message, in bytes; larger ones close the connection with 1009.
+    pub max_message_bytes: usize,
+    /// Most simultaneous connections (WebSocket and HTTP); more get 503.
+    pub max_connections: usize,
+    /// Time a client has to complete the HTTP upgrade.
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Delay before the `connect` frame when the client has not sent anything yet (see
+    /// `docs/protocol.md`, "Welcome timing").
+    #[serde(deserialize_with = "duration")]
+    pub welcome_delay: Duration,
+    /// Frames queued towards one connection before it counts as slow.
+    pub outgoing_queue: usize,
+    /// What happens to a slow receiver.
+    pub slow_receiver: SlowReceiverPolicy,
+    /// Interval of server pings (0 = none).
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
+    /// A connection silent (no frame, no pong) for this long is dropped.
+    #[serde(deserialize_with = "duration")]
+    pub dead_peer_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long to wait for queued frames to be flushed.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:8888".into(),
+            path: "/".into(),
+            number_of_receiver: 0,
+            max_message_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            welcome_delay: Duration::from_millis(100),
+            outgoing_queue: 1024,
+            slow_receiver: SlowReceiverPolicy::Disconnect,
+            ping_interval: Duration::from_secs(30),
+            dead_peer_timeout: Duration::from_secs(75),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[credentials]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialsConfig {
+    /// htpasswd files.
+    pub files: Vec<PathBuf>,
+    /// htpasswd lines given inline.
+    pub lines: Vec<String>,
+    /// How often the files are checked for changes (0 = only on SIGHUP).
+    #[serde(deserialize_with = "duration")]
+    pub reload_interval: Duration,
+    /// bcrypt checks allowed to run at once.
+    pub bcrypt_concurrency: usize,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        CredentialsConfig {
+            files: Vec::new(),
+            lines: Vec::new(),
+            reload_interval: Duration::from_secs(2),
+            bcrypt_concurrency: 1,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter: `error`, `warn`, `info`, `debug`, `trace`, or per-module directives.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {err}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        err: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a wrong type.
+    #[error("config file {path}: {msg}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// toml's message, with line and column.
+        msg: String,
+    },
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A file.
+    File(PathBuf),
+    /// Embedded defaults (no file given, and no file at the default path).
+    Defaults,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "{}", p.display()),
+            Origin::Defaults => write!(f, "embedded defaults ({DEFAULT_CONFIG_PATH} not found)"),
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            msg: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Loads `path`, or the default path when it exists, or the embedded defaults.
+    pub fn load(path: Option<&Path>) -> Result<(Config, Origin), ConfigError> {
+        let (path, must_exist) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok((Config::from_toml(&text, &path)?, Origin::File(path))),
+            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => {
+                Ok((Config::default(), Origin::Defaults))
+            }
+            Err(err) => Err(ConfigError::Io { path, err }),
+        }
+    }
+
+    /// Applies secrets from the environment (`WSMB_CREDENTIALS`). `get` abstracts `std::env`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(lines) = get(ENV_CREDENTIALS) {
+            self.credentials.lines = lines
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+    }
+
+    /// Checks every value; the message names the key and the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if s.listen.parse::<SocketAddr>().is_err() {
+            return bad(format!(
+                "server.listen = {:?} is not an IP address and port; write e.g. \"0.0.0.0:8888\" \
+                 or \"[::]:8888\"",
+                s.listen
+            ));
+        }
+        if !s.path.starts_with('/') || s.path.contains(['?', '#', ' ']) {
+            return bad(format!(
+                "server.path = {:?} must be an absolute URL path such as \"/\" or \"/ws\"",
+                s.path
+            ));
+        }
+        if s.path == HEALTH_PATH {
+            return bad(format!(
+                "server.path cannot be {HEALTH_PATH:?}: it is the health check"
+            ));
+        }
+        const MIN_MSG: usize = 1024;
+        const MAX_MSG: usize = 64 * 1024 * 1024;
+        if !(MIN_MSG..=MAX_MSG).contains(&s.max_message_bytes) {
+            return bad(format!(
+                "server.max_message_bytes = {} is out of range; use {MIN_MSG} to {MAX_MSG}",
+                s.max_message_bytes
+            ));
+        }
+        if s.max_connections == 0 {
+            return bad("server.max_connections must be at least 1".into());
+        }
+        if s.outgoing_queue == 0 {
+            return bad("server.outgoing_queue must be at least 1".into());
+        }
+        if s.handshake_timeout.is_zero() {
+            return bad("server.handshake_timeout must be more than 0s".into());
+        }
+        if s.welcome_delay > Duration::from_millis(250) {
+            return bad(format!(
+                "server.welcome_delay = {:?} is too long: clients that wait for `connect` must get \
+                 it within 250ms; use 0ms to 250ms",
+                s.welcome_delay
+            ));
+        }
+        if !s.ping_interval.is_zero() && s.dead_peer_timeout <= s.ping_interval {
+            return bad(format!(
+                "server.dead_peer_timeout ({:?}) must be longer than server.ping_interval ({:?}), \
+                 or a live peer could be dropped before it can answer a ping",
+                s.dead_peer_timeout, s.ping_interval
+            ));
+        }
+        if self.credentials.bcrypt_concurrency == 0 {
+            return bad("credentials.bcrypt_concurrency must be at least 1".into());
+        }
+        if !valid_log_filter(&self.log.level) {
+            return bad(format!(
+                "log.level = {:?} is not a valid filter; use error, warn, info, debug or trace",
+                self.log.level
+            ));
+        }
+        Ok(())
+    }
+
+    /// The listen address (valid after [`Config::validate`]).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "server.listen = {:?} is not valid",
+                self.server.listen
+            ))
+        })
+    }
+
+    /// The credential sources this config names.
+    pub fn credential_sources(&self) -> CredentialSources {
+        CredentialSources {
+            files: self.credentials.files.clone(),
+            lines: self
+                .credentials
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (format!("credentials.lines[{i}]"), l.clone()))
+                .collect(),
+        }
+    }
+
+    /// Authentication tuning from this config.
+    pub fn auth_tuning(&self) -> AuthTuning {
+        AuthTuning {
+            bcrypt_concurrency: self.credentials.bcrypt_concurrency,
+            ..AuthTuning::default()
+        }
+    }
+}
+
+/// A filter of comma-separated `LEVEL` or `target=LEVEL` directives. (tracing's own parser
+/// takes a bare word such as `loud` as a target name, which would silently log nothing.)
+fn valid_log_filter(s: &str) -> bool {
+    use std::str::FromStr;
+    use tracing_subscriber::filter::LevelFilter;
+    !s.trim().is_empty()
+        && s.split(',').all(|d| {
+            let level = d.rsplit_once('=').map_or(d, |(_, l)| l).trim();
+            LevelFilter::from_str(level).is_ok()
+        })
+        && tracing_subscriber::EnvFilter::try_new(s).is_ok()
+}
+
+/// The health-check path, answered on the broker's port.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// Durations as `"30s"`, `"100ms"`, `"1m 30s"` (humantime), or a bare number of seconds.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{t:?} is not a duration ({e}); write e.g. \"30s\", \"100ms\" or \"2m\""
+            ))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().expect("valid");
+    }
+
+    #[test]
+    fn example_file_documents_every_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/broker.example.toml");
+        let text = std::fs::read_to_string(&path).expect("deploy/broker.example.toml");
+        let parsed = Config::from_toml(&text, &path).expect("example parses");
+        // The example sets every key to its default (credentials aside, which it fills in).
+        let mut expected = Config::default();
+        expected.credentials.files = parsed.credentials.files.clone();
+        expected.credentials.lines = parsed.credentials.lines.clone();
+        assert_eq!(parsed, expected);
+        // ...and mentions every key, commented or not.
+        for key in [
+            "listen",
+            "path",
+            "number_of_receiver",
+            "max_message_bytes",
+            "max_connections",
+            "handshake_timeout",
+            "welcome_delay",
+            "outgoing_queue",
+            "slow_receiver",
+            "ping_interval",
+            "dead_peer_timeout",
+            "shutdown_timeout",
+            "files",
+            "lines",
+            "reload_interval",
+            "bcrypt_concurrency",
+            "level",
+        ] {
+            assert!(text.contains(&format!("{key} =")), "example lacks {key}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let p = Path::new("x.toml");
+        let e = Config::from_toml("[server]\nlisten_port = 1\n", p).expect_err("unknown key");
+        assert!(e.to_string().contains("listen_port"), "{e}");
+        let e = Config::from_toml("[server]\nping_interval = \"often\"\n", p)
+            .expect_err("bad duration");
+        assert!(e.to_string().contains("not a duration"), "{e}");
+        let e = Config::from_toml("[server]\nslow_receiver = \"drop\"\n", p).expect_err("bad enum");
+        assert!(
+            e.to_string().contains("slow_receiver") || e.to_string().contains("drop"),
+            "{e}"
+        );
+
+        let mut c = Config::default();
+        c.server.listen = "8888".into();
+        assert!(
+            c.validate()
+                .expect_err("listen")
+                .to_string()
+                .contains("server.listen")
+        );
+        let mut c = Config::default();
+        c.server.path = "ws".into();
+        assert!(
+            c.validate()
+                .expect_err("path")
+                .to_string()
+                .contains("server.path")
+        );
+        let mut c = Config::default();
+        c.server.dead_peer_timeout = Duration::from_secs(10);
+        assert!(
+            c.validate()
+                .expect_err("dead")
+                .to_string()
+                .contains("dead_peer_timeout")
+        );
+        let mut c = Config::default();
+        c.server.max_message_bytes = 10;
+        assert!(
+            c.validate()
+                .expect_err("size")
+                .to_string()
+                .contains("max_message_bytes")
+        );
+        let mut c = Config::default();
+        c.log.level = "loud".into();
+        assert!(
+            c.validate()
+                .expect_err("level")
+                .to_string()
+                .contains("log.level")
+        );
+        for ok in ["debug", "WARN", "wsmb_broker=debug,info", "off"] {
+            assert!(valid_log_filter(ok), "{ok}");
+        }
+    }
+
+    #[test]
+    fn durations_accept_text_and_seconds() {
+        let c = Config::from_toml(
+            "[server]\nping_interval = 10\ndead_peer_timeout = \"1m 5s\"\nwelcome_delay = \"50ms\"\n",
+            Path::new("x"),
+        )
+        .expect("parse");
+        assert_eq!(c.server.ping_interval, Duration::from_secs(10));
+        assert_eq!(c.server.dead_peer_timeout, Duration::from_secs(65));
+        assert_eq!(c.server.welcome_delay, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn env_replaces_inline_credentials() {
+        let mut c = Config::default();
+        c.credentials.lines = vec!["old:{SHA}x".into()];
+        c.apply_env(|k| (k == ENV_CREDENTIALS).then(|| "a:{SHA}1\n\n b:{SHA}2 \n".to_owned()));
+        assert_eq!(c.credentials.lines, vec!["a:{SHA}1", "b:{SHA}2"]);
+        let mut c = Config::default();
+        c.apply_env(|_| None);
+        assert!(c.credentials.lines.is_empty());
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error_missing_default_is_not() {
+        let e = Config::load(Some(Path::new("/nonexistent/broker.toml"))).expect_err("missing");
+        assert!(e.to_string().contains("/nonexistent/broker.toml"));
+    }
+}

@@ -1,0 +1,287 @@
+//! Channels and their receivers, and the choice of who gets each message.
+//!
+//! One mutex guards the whole table; it is held only for map lookups and non-blocking queue
+//! pushes, never across an `.await`. Delivery hands each chosen receiver a clone of the same
+//! `Message` (a reference-counted buffer), so fan-out copies no payload.
+//!
+//! Fairness: when a message goes to N of M receivers (N < M), selection starts where the previous
+//! message on that channel stopped, so receivers take turns (competing consumers) instead of the
+//! legacy broker's "first N in connection order".
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::config::SlowReceiverPolicy;
+use crate::conn::ConnControl;
+
+/// A connection registered as a receiver.
+#[derive(Clone)]
+pub struct ReceiverHandle {
+    /// Connection id.
+    pub id: u64,
+    /// Its outgoing queue.
+    pub tx: mpsc::Sender<Message>,
+    /// Its control block (to close a slow consumer).
+    pub ctl: Arc<ConnControl>,
+}
+
+#[derive(Default)]
+struct Channel {
+    receivers: Vec<ReceiverHandle>,
+    next: usize,
+}
+
+/// Outcome of one delivery.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Receivers the message was queued to.
+    pub delivered: u32,
+    /// Receivers passed over because their queue was full.
+    pub busy: u32,
+}
+
+/// The channel table.
+#[derive(Default)]
+pub struct Router {
+    channels: Mutex<HashMap<Box<str>, Channel>>,
+}
+
+impl Router {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Box<str>, Channel>> {
+        // A panic while holding the lock cannot leave the table inconsistent in a way that
+        // matters more than losing the broker, so keep serving.
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `h` as a receiver of `channel` (no effect if it already is).
+    pub fn subscribe(&self, channel: &str, h: ReceiverHandle) {
+        let mut map = self.lock();
+        let ch = map.entry(channel.into()).or_default();
+        if !ch.receivers.iter().any(|r| r.id == h.id) {
+            ch.receivers.push(h);
+        }
+    }
+
+    /// Removes connection `id` from `channel`.
+    pub fn unsubscribe(&self, channel: &str, id: u64) {
+        let mut map = self.lock();
+        if let Some(ch) = map.get_mut(channel) {
+            if let Some(pos) = ch.receivers.iter().position(|r| r.id == id) {
+                ch.receivers.remove(pos);
+                if pos < ch.next {
+                    ch.next -= 1;
+                }
+            }
+            if ch.receivers.is_empty() {
+                map.remove(channel);
+            }
+        }
+    }
+
+    /// Number of receivers of `channel`.
+    pub fn receivers(&self, channel: &str) -> usize {
+        self.lock().get(channel).map_or(0, |c| c.receivers.len())
+    }
+
+    /// Total receiver registrations and channels with receivers.
+    pub fn totals(&self) -> (usize, usize) {
+        let map = self.lock();
+        (map.values().map(|c| c.receivers.len()).sum(), map.len())
+    }
+
+    /// Queues `msg` to up to `limit` receivers of `channel` (0 = all), never to connection
+    /// `exclude` (the sender). A receiver with a full queue is passed over (and, under the
+    /// `Disconnect` policy, told to close) and the next one is tried.
+    pub fn deliver(
+        &self,
+        channel: &str,
+        limit: u32,
+        exclude: u64,
+        msg: &Message,
+        policy: SlowReceiverPolicy,
+    ) -> Delivery {
+        let mut out = Delivery::default();
+        let mut map = self.lock();
+        let Some(ch) = map.get_mut(channel) else {
+            return out;
+        };
+        let n = ch.receivers.len();
+        if n == 0 {
+            return out;
+        }
+        let limit = limit as usize;
+        let rotate = limit != 0 && limit < n;
+        let want = if rotate { limit } else { n };
+        let start = if rotate { ch.next % n } else { 0 };
+        let mut examined = 0;
+        while examined < n && (out.delivered as usize) < want {
+            let r = &ch.receivers[(start + examined) % n];
+            examined += 1;
+            if r.id == exclude {
+                continue;
+            }
+            match r.tx.try_send(msg.clone()) {
+                Ok(()) => out.delivered += 1,
+                Err(TrySendError::Full(_)) => {
+                    out.busy += 1;
+                    if policy == SlowReceiverPolicy::Disconnect {
+                        r.ctl.slow_consumer();
+                    }
+                }
+                Err(TrySendError::Closed(_)) => {}
+            }
+        }
+        if rotate {
+            ch.next = (start + examined) % n;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(id: u64, cap: usize) -> (ReceiverHandle, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (
+            ReceiverHandle {
+                id,
+                tx,
+                ctl: Arc::new(ConnControl::new()),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn rotation_is_fair_and_exact() {
+        let r = Router::default();
+        let mut rxs = Vec::new();
+        for id in 1..=3 {
+            let (h, rx) = handle(id, 1000);
+            r.subscribe("sms", h);
+            rxs.push(rx);
+        }
+        let m = Message::text("x");
+        for _ in 0..300 {
+            assert_eq!(
+                r.deliver("sms", 1, 0, &m, SlowReceiverPolicy::Skip)
+                    .delivered,
+                1
+            );
+        }
+        for rx in &rxs {
+            assert_eq!(rx.len(), 100);
+        }
+        // limit 2 of 3: every receiver gets 2/3 of them
+        for _ in 0..300 {
+            assert_eq!(
+                r.deliver("sms", 2, 0, &m, SlowReceiverPolicy::Skip)
+                    .delivered,
+                2
+            );
+        }
+        for rx in &rxs {
+            assert_eq!(rx.len(), 300);
+        }
+        // 0 = all; limit above count = all
+        assert_eq!(
+            r.deliver("sms", 0, 0, &m, SlowReceiverPolicy::Skip)
+                .delivered,
+            3
+        );
+        assert_eq!(
+            r.deliver("sms", 7, 0, &m, SlowReceiverPolicy::Skip)
+                .delivered,
+            3
+        );
+    }
+
+    #[test]
+    fn sender_is_excluded_and_full_queues_are_passed_over() {
+        let r = Router::default();
+        let (h1, _rx1) = handle(1, 1);
+        let (h2, rx2) = handle(2, 10);
+        let ctl1 = Arc::clone(&h1.ctl);
+        r.subscribe("c", h1);
+        r.subscribe("c", h2);
+        let m = Message::text("x");
+        // 1 takes one, then its queue is full: the next goes to 2
+        assert_eq!(
+            r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Disconnect)
+                .delivered,
+            1
+        );
+        let d = r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Disconnect);
+        assert_eq!(d.delivered, 1);
+        let d = r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Disconnect);
+        assert_eq!(
+            d,
+            Delivery {
+                delivered: 1,
+                busy: 1
+            }
+        );
+        assert!(ctl1.close_requested());
+        // sender 2 never receives its own message
+        let before = rx2.len();
+        assert_eq!(
+            r.deliver("c", 0, 2, &m, SlowReceiverPolicy::Skip).delivered,
+            0
+        );
+        assert_eq!(rx2.len(), before);
+    }
+
+    #[test]
+    fn channels_match_exactly_and_empty_ones_disappear() {
+        let r = Router::default();
+        let (h, _rx) = handle(1, 10);
+        r.subscribe("01", h.clone());
+        r.subscribe("01", h);
+        assert_eq!(r.receivers("01"), 1);
+        let m = Message::text("x");
+        assert_eq!(
+            r.deliver("1", 0, 0, &m, SlowReceiverPolicy::Skip).delivered,
+            0
+        );
+        assert_eq!(
+            r.deliver("01", 0, 0, &m, SlowReceiverPolicy::Skip)
+                .delivered,
+            1
+        );
+        r.unsubscribe("01", 1);
+        assert_eq!(r.totals(), (0, 0));
+    }
+
+    #[test]
+    fn rotation_survives_unsubscribe() {
+        let r = Router::default();
+        let mut rxs = Vec::new();
+        for id in 1..=4 {
+            let (h, rx) = handle(id, 1000);
+            r.subscribe("c", h);
+            rxs.push(rx);
+        }
+        let m = Message::text("x");
+        for _ in 0..3 {
+            r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Skip);
+        }
+        r.unsubscribe("c", 2);
+        for _ in 0..30 {
+            r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Skip);
+        }
+        let counts: Vec<usize> = rxs.iter().map(|rx| rx.len()).collect();
+        // 1 and 3 got one each before; then 30 split evenly among 1, 3, 4
+        assert_eq!(counts.iter().sum::<usize>(), 33);
+        for (i, c) in counts.iter().enumerate() {
+            if i != 1 {
+                assert!((10..=12).contains(c), "{counts:?}");
+            }
+        }
+    }
+}

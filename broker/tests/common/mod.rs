@@ -1,0 +1,151 @@
+//! Helpers for the broker's integration tests: a broker on 127.0.0.1:0 in this process, and
+//! real WebSocket clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{WebSocketStream, client_async};
+use wsmb_broker::{Config, Running};
+use wsmb_protocol::reply::BrokerReply;
+
+/// qa / 4lt0@1234 (apr1, from the legacy docs)
+pub const QA: (&str, &str) = ("qa", "4lt0@1234");
+/// sha / test ({SHA})
+pub const SHA_USER: (&str, &str) = ("sha", "test");
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.credentials.lines = vec![
+        "qa:$apr1$v7oipsaf$bHYHIpWTQbVLBGRumBHIG1".into(),
+        "sha:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=".into(),
+    ];
+    c
+}
+
+pub async fn broker() -> Running {
+    broker_with(|_| {}).await
+}
+
+pub async fn broker_with(f: impl FnOnce(&mut Config)) -> Running {
+    let mut c = test_config();
+    f(&mut c);
+    c.validate().expect("valid test config");
+    wsmb_broker::start(c).await.expect("broker starts")
+}
+
+pub fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+/// Connects with credentials; does not read anything.
+pub async fn connect_raw(addr: SocketAddr, creds: Option<(&str, &str)>) -> Ws {
+    let mut req = format!("ws://{addr}/")
+        .into_client_request()
+        .expect("request");
+    if let Some((u, p)) = creds {
+        req.headers_mut().insert(
+            "Authorization",
+            HeaderValue::from_str(&basic(u, p)).expect("header"),
+        );
+    }
+    let tcp = TcpStream::connect(addr).await.expect("tcp connect");
+    let (ws, resp) = client_async(req, tcp).await.expect("websocket upgrade");
+    assert_eq!(resp.status().as_u16(), 101);
+    ws
+}
+
+/// Connects as `qa` and reads the `connect` frame, asserting it is `00`.
+pub async fn connect(addr: SocketAddr) -> Ws {
+    connect_as(addr, QA).await
+}
+
+pub async fn connect_as(addr: SocketAddr, creds: (&str, &str)) -> Ws {
+    let mut ws = connect_raw(addr, Some(creds)).await;
+    let r = reply(&mut ws).await;
+    assert_eq!(r.command, "connect");
+    assert_eq!(r.response_code, "00", "{r:?}");
+    ws
+}
+
+/// Next text frame (skipping pings), within 5 s.
+pub async fn recv_text(ws: &mut Ws) -> String {
+    recv_text_within(ws, Duration::from_secs(5))
+        .await
+        .expect("a text frame within 5s")
+}
+
+pub async fn recv_text_within(ws: &mut Ws, d: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + d;
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.next()).await.ok()??;
+        match m {
+            Ok(Message::Text(t)) => return Some(t.to_string()),
+            Ok(Message::Binary(b)) => panic!("unexpected binary frame {b:?}"),
+            Ok(Message::Close(c)) => panic!("unexpected close {c:?}"),
+            Ok(_) => continue,
+            Err(e) => panic!("read error {e}"),
+        }
+    }
+}
+
+/// Asserts nothing but pings arrives within `d`.
+pub async fn expect_silence(ws: &mut Ws, d: Duration) {
+    if let Some(t) = recv_text_within(ws, d).await {
+        panic!("expected nothing, got {t}");
+    }
+}
+
+/// Next frame, decoded as a broker reply.
+pub async fn reply(ws: &mut Ws) -> BrokerReply {
+    let t = recv_text(ws).await;
+    BrokerReply::parse(&t).unwrap_or_else(|| panic!("not a reply: {t}"))
+}
+
+pub async fn send(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.expect("send");
+}
+
+pub async fn receive_on(ws: &mut Ws, channel: &str) {
+    send(
+        ws,
+        &format!(r#"{{"command":"receive-message","channel":"{channel}","data":[]}}"#),
+    )
+    .await;
+    // receive-message has no reply; a ping round trip makes sure it was processed.
+    send(ws, r#"{"command":"ping"}"#).await;
+    let r = reply(ws).await;
+    assert_eq!(r.command, "connect");
+}
+
+pub fn sms(channel: &str, id: &str) -> String {
+    format!(
+        r#"{{"command":"send-message","channel":"{channel}","data":[{{"id":"{id}","time":1700000000,"receiver":"08126666666","message":"hi {id}"}}]}}"#
+    )
+}
+
+/// Waits for the close frame and returns its code.
+pub async fn expect_close(ws: &mut Ws) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => panic!("no close within 10s"),
+            Ok(None) => return None,
+            Ok(Some(Ok(Message::Close(c)))) => return c.map(|c| u16::from(c.code)),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_))) => return None,
+        }
+    }
+}
