@@ -2,6 +2,9 @@
 //! real WebSocket clients.
 #![allow(dead_code)]
 
+pub mod legacy;
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,303 @@
+//! The `wsmb-broker` binary as users run it: command line, config checks, signals, logs, and the
+//! legacy PHP client's exact behaviour against the real process.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::legacy::{LegacyClient, ReadOutcome, pretty_sms_request};
+use common::process::{BrokerProcess, TempDir, bin};
+use common::{basic, connect_as, connect_raw, expect_close, receive_on, reply, send, sms};
+
+const QA_LINE: &str = "qa:$apr1$v7oipsaf$bHYHIpWTQbVLBGRumBHIG1\n";
+
+fn out(cmd: &mut Command) -> (i32, String, String) {
+    let o = cmd.output().expect("run wsmb-broker");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Runs Apache's `htpasswd` tool (Debian package apache2-utils, installed by .ci/run).
+fn htpasswd(flag: &str, user: &str, pass: &str) -> String {
+    let o = Command::new("htpasswd")
+        .args(["-n", "-b", flag, user, pass])
+        .output()
+        .expect("the htpasswd command (apache2-utils)");
+    assert!(o.status.success());
+    String::from_utf8_lossy(&o.stdout).trim().to_owned() + "\n"
+}
+
+#[test]
+fn help_and_version() {
+    let (code, stdout, _) = out(bin().arg("--help"));
+    assert_eq!(code, 0);
+    for word in ["check-config", "--config", "--listen", "--htpasswd"] {
+        assert!(stdout.contains(word), "--help lacks {word}: {stdout}");
+    }
+    let (code, stdout, _) = out(bin().arg("--version"));
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout.trim(),
+        format!("wsmb-broker {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_config_accepts_the_example_and_names_problems() {
+    let dir = TempDir::new("check");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/broker.example.toml");
+    let users =
+        htpasswd("-B", "bob", "s3cret") + &htpasswd("-m", "ann", "x") + &htpasswd("-s", "sid", "y");
+    let hp = dir.file("htpasswd", &users);
+    let (code, stdout, stderr) =
+        out(bin().args(["check-config", "--config", example, "--htpasswd", &hp]));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("users: 3 (1 apr1, 1 bcrypt, 1 {SHA})"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+
+    // an unsupported entry: file and line named, fix given
+    let bad = dir.file("bad", &format!("{QA_LINE}# comment\neve:$6$salt$hash\n"));
+    let (code, _, stderr) =
+        out(bin().args(["check-config", "--config", example, "--htpasswd", &bad]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains(&format!("{bad} line 3")), "{stderr}");
+    assert!(
+        stderr.contains("SHA-512") && stderr.contains("htpasswd -B"),
+        "{stderr}"
+    );
+
+    // an unknown key
+    let cfg = dir.file("b.toml", "[server]\nport = 8888\n");
+    let (code, _, stderr) = out(bin().args(["check-config", "--config", &cfg]));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("port") && stderr.contains("b.toml"),
+        "{stderr}"
+    );
+
+    // a missing file given explicitly
+    let (code, _, stderr) =
+        out(bin().args(["check-config", "--config", "/nonexistent/broker.toml"]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/broker.toml"), "{stderr}");
+
+    // a bad flag value
+    let (code, _, stderr) =
+        out(bin().args(["check-config", "--config", example, "--listen", "localhost"]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("server.listen"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bcrypt_from_apache_htpasswd_and_env_credentials_work() {
+    let dir = TempDir::new("run");
+    let hp = dir.file("htpasswd", &htpasswd("-B", "bob", "s3cret"));
+    let env_line = htpasswd("-s", "envuser", "envpass");
+    let p = BrokerProcess::spawn(
+        &["--htpasswd", &hp],
+        &[("WSMB_CREDENTIALS", env_line.trim())],
+    );
+    connect_as(p.addr, ("bob", "s3cret")).await;
+    connect_as(p.addr, ("envuser", "envpass")).await;
+    let mut ws = connect_raw(p.addr, Some(("bob", "wrong"))).await;
+    assert_eq!(reply(&mut ws).await.response_code, "01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_everyone_with_1001_and_exits_0() {
+    let dir = TempDir::new("term");
+    let hp = dir.file("htpasswd", QA_LINE);
+    let mut p = BrokerProcess::spawn(&["--htpasswd", &hp], &[]);
+    let mut rx = connect_as(p.addr, ("qa", "4lt0@1234")).await;
+    receive_on(&mut rx, "sms").await;
+    let mut tx = connect_as(p.addr, ("qa", "4lt0@1234")).await;
+    for i in 0..50 {
+        send(&mut tx, &sms("sms", &format!("t{i}"))).await;
+    }
+    for _ in 0..50 {
+        assert_eq!(reply(&mut tx).await.response_code, "00");
+    }
+    p.signal("TERM");
+    // rx has not read yet: the 50 messages come first, then the close
+    for i in 0..50 {
+        assert!(
+            common::recv_text(&mut rx)
+                .await
+                .contains(&format!("\"t{i}\""))
+        );
+    }
+    assert_eq!(expect_close(&mut rx).await, Some(1001));
+    let status = tokio::task::spawn_blocking(move || {
+        let s = p.wait_exit(Duration::from_secs(15));
+        (s, p.log())
+    })
+    .await
+    .expect("join");
+    assert!(
+        status.0.success(),
+        "exit status {:?}\n{}",
+        status.0,
+        status.1
+    );
+    assert!(status.1.contains("SIGTERM received"), "{}", status.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_credentials() {
+    let dir = TempDir::new("hup");
+    let hp = dir.file("htpasswd", QA_LINE);
+    let cfg = dir.file(
+        "broker.toml",
+        &format!("[credentials]\nfiles = [\"{hp}\"]\nreload_interval = \"0s\"\n"),
+    );
+    let p = BrokerProcess::spawn(&["--config", &cfg], &[]);
+    let mut keep = connect_as(p.addr, ("qa", "4lt0@1234")).await;
+    std::fs::write(&hp, htpasswd("-m", "newbie", "pw")).expect("write");
+    // no polling: nothing changes until SIGHUP
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    connect_as(p.addr, ("qa", "4lt0@1234")).await;
+    p.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut ws = connect_raw(p.addr, Some(("newbie", "pw"))).await;
+        if reply(&mut ws).await.response_code == "00" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP reload not seen:\n{}",
+            p.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ws = connect_raw(p.addr, Some(("qa", "4lt0@1234"))).await;
+    assert_eq!(reply(&mut ws).await.response_code, "01");
+    // the connection from before the reload is untouched
+    send(&mut keep, r#"{"command":"ping"}"#).await;
+    assert_eq!(reply(&mut keep).await.response_code, "00");
+    assert!(p.log().contains("credentials reloaded (SIGHUP)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_contain_passwords_or_authorization_headers() {
+    let dir = TempDir::new("logs");
+    let hp = dir.file("htpasswd", QA_LINE);
+    let mut p = BrokerProcess::spawn(&["--htpasswd", &hp, "--log-level", "trace"], &[]);
+    let mut ok = connect_as(p.addr, ("qa", "4lt0@1234")).await;
+    send(&mut ok, &sms("sms", "x")).await;
+    reply(&mut ok).await;
+    let mut bad = connect_raw(p.addr, Some(("qa", "Wr0ngPassw0rd"))).await;
+    reply(&mut bad).await;
+    p.signal("TERM");
+    let log = tokio::task::spawn_blocking(move || {
+        p.wait_exit(Duration::from_secs(15));
+        p.log()
+    })
+    .await
+    .expect("join");
+    assert!(log.contains("wrong user name or password"), "{log}");
+    for secret in [
+        "4lt0@1234".to_owned(),
+        "Wr0ngPassw0rd".to_owned(),
+        basic("qa", "4lt0@1234")["Basic ".len()..].to_owned(),
+        basic("qa", "Wr0ngPassw0rd")["Basic ".len()..].to_owned(),
+        "bHYHIpWTQbVLBGRumBHIG1".to_owned(),
+    ] {
+        assert!(!log.contains(&secret), "log contains {secret}:\n{log}");
+    }
+}
+
+#[test]
+fn legacy_php_sender_gets_a_json_reply_at_once() {
+    let dir = TempDir::new("legacy-sender");
+    let hp = dir.file("htpasswd", QA_LINE);
+    let p = BrokerProcess::spawn(&["--htpasswd", &hp], &[]);
+    let auth = vec![basic("qa", "4lt0@1234").replace("Basic", "Authorization: Basic")];
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let mut c = LegacyClient::open(p.addr, &auth, Duration::from_secs(10)).expect("open");
+        assert!(
+            c.handshake.ends_with("\r\n\r\n"),
+            "frame inside the handshake read"
+        );
+        let msg = pretty_sms_request(
+            "sms",
+            "6560a1b2c3d4e",
+            "08126666666",
+            "Haloo. Pesan ini dikirim é",
+        );
+        c.write(msg.as_bytes()).expect("write");
+        let r = c.read();
+        let waited = t0.elapsed();
+        let ReadOutcome::Data(d) = r else {
+            panic!("no reply: {r:?}")
+        };
+        let v: serde_json::Value = serde_json::from_slice(&d).expect("a JSON reply");
+        assert_eq!(v["command"], "connect");
+        assert_eq!(v["response_code"], "00");
+        assert!(waited < Duration::from_secs(2), "reply took {waited:?}");
+        // the acknowledgement follows
+        let ReadOutcome::Data(d) = c.read() else {
+            panic!("no send-result")
+        };
+        let v: serde_json::Value = serde_json::from_slice(&d).expect("json");
+        assert_eq!(v["command"], "send-result");
+        assert_eq!(v["data"][0]["ids"][0], "6560a1b2c3d4e");
+    }
+    // wrong password: the legacy sender reads the 01 frame, then the connection closes
+    let auth = vec![basic("qa", "nope").replace("Basic", "Authorization: Basic")];
+    let mut c = LegacyClient::open(p.addr, &auth, Duration::from_secs(10)).expect("open");
+    c.write(pretty_sms_request("sms", "1", "0812", "x").as_bytes())
+        .expect("write");
+    let ReadOutcome::Data(d) = c.read() else {
+        panic!("no reply")
+    };
+    let v: serde_json::Value = serde_json::from_slice(&d).expect("json");
+    assert_eq!(v["response_code"], "01");
+    assert!(matches!(c.read(), ReadOutcome::Closed));
+}
+
+#[test]
+fn legacy_php_receiver_sees_connect_then_messages_byte_for_byte() {
+    let dir = TempDir::new("legacy-receiver");
+    let hp = dir.file("htpasswd", QA_LINE);
+    let p = BrokerProcess::spawn(&["--htpasswd", &hp], &[]);
+    let auth = vec![
+        basic("qa", "4lt0@1234").replace("Basic", "Authorization: Basic"),
+        "Content-type: application/json".to_owned(),
+    ];
+    let mut rx = LegacyClient::open(p.addr, &auth, Duration::from_secs(10)).expect("open");
+    let req =
+        "{\n    \"command\": \"receive-message\",\n    \"channel\": \"sms\",\n    \"data\": []\n}";
+    rx.write(req.as_bytes()).expect("write");
+    let ReadOutcome::Data(first) = rx.read() else {
+        panic!("nothing read")
+    };
+    let v: serde_json::Value = serde_json::from_slice(&first).expect("json");
+    assert_eq!(v["command"], "connect", "receiver.php must print Connected");
+    assert_eq!(v["response_code"], "00");
+
+    // a legacy sender: small, 16-bit and 64-bit length forms
+    let auth = vec![basic("qa", "4lt0@1234").replace("Basic", "Authorization: Basic")];
+    for size in [10usize, 300, 70_000] {
+        let mut tx = LegacyClient::open(p.addr, &auth, Duration::from_secs(10)).expect("open");
+        let msg = pretty_sms_request(
+            "sms",
+            &format!("id{size}"),
+            "+628126666666",
+            &"é".repeat(size),
+        );
+        tx.write(msg.as_bytes()).expect("write");
+        let ReadOutcome::Data(got) = rx.read() else {
+            panic!("receiver got nothing")
+        };
+        assert_eq!(got, msg.as_bytes(), "not byte for byte (size {size})");
+    }
+}
