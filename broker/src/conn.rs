@@ -267,10 +267,9 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> anyhow::
     .await;
 
     // Welcome timing (see the module docs).
-    let first = match tokio::time::timeout(cfg.welcome_delay, ws.next()).await {
-        Ok(first) => first,
-        Err(_) => None,
-    };
+    let first = tokio::time::timeout(cfg.welcome_delay, ws.next())
+        .await
+        .unwrap_or_default();
 
     let Some(_user) = user else {
         shared.stats.auth_rejected.fetch_add(1, Ordering::Relaxed);

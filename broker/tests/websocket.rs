@@ -700,3 +700,68 @@ async fn bcrypt_users_log_in_and_storms_hit_the_cache() {
     let mut ws = connect_raw(b.addr, Some(("bc", "nope"))).await;
     assert_eq!(reply(&mut ws).await.response_code, "01");
 }
+
+/// Upgrades a raw socket as `qa` and returns it after the 101.
+async fn raw_upgraded(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(legacy_request("x", "qa", "4lt0@1234").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.expect("101");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains(" 101 "));
+    s
+}
+
+/// Reads server frames until a close frame; returns its code.
+async fn raw_close_code(s: &mut tokio::net::TcpStream) -> u16 {
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // parse what we have
+        let mut i = 0;
+        while i + 2 <= all.len() {
+            let op = all[i] & 0x0f;
+            let len = (all[i + 1] & 0x7f) as usize;
+            assert!(len < 126, "unexpected long server frame");
+            if i + 2 + len > all.len() {
+                break;
+            }
+            if op == 8 {
+                return u16::from_be_bytes([all[i + 2], all[i + 3]]);
+            }
+            i += 2 + len;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("close in time")
+            .expect("read");
+        assert!(n > 0, "closed without a close frame");
+        all.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_close_with_1002_and_bad_utf8_text_with_1007() {
+    let b = broker().await;
+    // an unmasked client frame
+    let mut s = raw_upgraded(b.addr).await;
+    let body = br#"{"command":"ping"}"#;
+    let mut f = vec![0x81, body.len() as u8];
+    f.extend_from_slice(body);
+    s.write_all(&f).await.expect("write");
+    assert_eq!(raw_close_code(&mut s).await, 1002);
+
+    // a masked text frame with invalid UTF-8
+    let mut s = raw_upgraded(b.addr).await;
+    let body = [0xffu8, 0xfe, 0x7b];
+    let mut f = vec![0x81, 0x80 | body.len() as u8, 0, 0, 0, 0];
+    f.extend_from_slice(&body);
+    s.write_all(&f).await.expect("write");
+    assert_eq!(raw_close_code(&mut s).await, 1007);
+
+    // the broker is fine
+    let mut ws = connect(b.addr).await;
+    send(&mut ws, r#"{"command":"ping"}"#).await;
+    assert_eq!(reply(&mut ws).await.response_code, "00");
+}

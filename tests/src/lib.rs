@@ -1,1 +1,137 @@
-//! End-to-end tests across processes live in `tests/`; this crate has no library code.
+//! End-to-end tests across processes: the real binaries, the real PHP interpreter.
+//!
+//! Helpers shared by the tests in `tests/tests/` live here.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// A child process whose output lines are collected in the background.
+pub struct Proc {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr captured (merged line by line).
+    pub fn spawn(mut cmd: Command) -> std::io::Result<Proc> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let (tx, rx) = channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let pipes: Vec<Box<dyn Read + Send>> = vec![
+            Box::new(
+                child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| std::io::Error::other("stdout"))?,
+            ),
+            Box::new(
+                child
+                    .stderr
+                    .take()
+                    .ok_or_else(|| std::io::Error::other("stderr"))?,
+            ),
+        ];
+        for pipe in pipes {
+            let tx = tx.clone();
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(mut s) = seen.lock() {
+                        s.push(line.clone());
+                    }
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Proc {
+            child,
+            lines: rx,
+            seen,
+        })
+    }
+
+    /// Waits for a line containing `needle`; returns it, or None after `timeout`.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return Some(l),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.seen.lock().map(|s| s.join("\n")).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the broker binary on 127.0.0.1:0 with `args`; returns it and its address.
+pub fn start_broker(broker_exe: &str, args: &[&str]) -> (Proc, SocketAddr) {
+    let mut cmd = Command::new(broker_exe);
+    cmd.args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .env_remove("WSMB_CREDENTIALS");
+    let p = Proc::spawn(cmd).expect("start the broker");
+    let line = p
+        .wait_line("listening on ", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("broker did not start:\n{}", p.output()));
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (p, addr)
+}

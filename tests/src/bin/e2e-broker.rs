@@ -1,0 +1,6 @@
+//! `wsmb-broker`, built inside the end-to-end test package (see Cargo.toml).
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    wsmb_broker::cli::main()
+}
