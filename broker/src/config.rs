@@ -63,8 +63,12 @@ pub struct ServerConfig {
     /// `docs/protocol.md`, "Welcome timing").
     #[serde(deserialize_with = "duration")]
     pub welcome_delay: Duration,
+    /// Channels one (protocol 2) connection may receive on.
+    pub max_channels_per_connection: usize,
     /// Frames queued towards one connection before it counts as slow.
     pub outgoing_queue: usize,
+    /// Bytes of forwarded messages queued towards one connection before it counts as slow.
+    pub outgoing_queue_bytes: usize,
     /// What happens to a slow receiver.
     pub slow_receiver: SlowReceiverPolicy,
     /// Interval of server pings (0 = none).
@@ -88,7 +92,9 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             handshake_timeout: Duration::from_secs(10),
             welcome_delay: Duration::from_millis(100),
+            max_channels_per_connection: 64,
             outgoing_queue: 1024,
+            outgoing_queue_bytes: 16 * 1024 * 1024,
             slow_receiver: SlowReceiverPolicy::Disconnect,
             ping_interval: Duration::from_secs(30),
             dead_peer_timeout: Duration::from_secs(75),
@@ -250,8 +256,18 @@ impl Config {
         if s.max_connections == 0 {
             return bad("server.max_connections must be at least 1".into());
         }
+        if s.max_channels_per_connection == 0 {
+            return bad("server.max_channels_per_connection must be at least 1".into());
+        }
         if s.outgoing_queue == 0 {
             return bad("server.outgoing_queue must be at least 1".into());
+        }
+        if s.outgoing_queue_bytes < s.max_message_bytes {
+            return bad(format!(
+                "server.outgoing_queue_bytes ({}) must be at least server.max_message_bytes ({}), \
+                 or the largest message could never be delivered",
+                s.outgoing_queue_bytes, s.max_message_bytes
+            ));
         }
         if s.handshake_timeout.is_zero() {
             return bad("server.handshake_timeout must be more than 0s".into());

@@ -15,7 +15,7 @@
 //!    queue in batches with one flush per batch, pings, closes) run side by side.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,9 +58,15 @@ enum Stop {
     Quit,
 }
 
+/// A frame on its way to a client, with the bytes it holds against the connection's
+/// `outgoing_queue_bytes` budget (0 for the broker's own replies, which are bounded by
+/// back-pressure instead).
+pub type Outgoing = (Message, usize);
+
 /// Shared between a connection's reader, its writer and the router.
 pub struct ConnControl {
     stop: Mutex<Option<Stop>>,
+    queued_bytes: AtomicUsize,
     notify: Notify,
     done: CancellationToken,
     last_rx: AtomicU64,
@@ -78,6 +84,7 @@ impl ConnControl {
     pub fn new() -> Self {
         ConnControl {
             stop: Mutex::new(None),
+            queued_bytes: AtomicUsize::new(0),
             notify: Notify::new(),
             done: CancellationToken::new(),
             last_rx: AtomicU64::new(0),
@@ -96,6 +103,24 @@ impl ConnControl {
 
     fn take(&self) -> Option<Stop> {
         *self.stop.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `len` bytes of the outgoing budget `max`; false (and nothing taken) when they do
+    /// not fit.
+    pub fn reserve(&self, len: usize, max: usize) -> bool {
+        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        if before + len > max {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back what [`ConnControl::reserve`] took, once the frame is written (or dropped).
+    pub fn release(&self, len: usize) {
+        if len > 0 {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        }
     }
 
     /// Asks the connection to close because its outgoing queue is full.
@@ -343,7 +368,7 @@ type WsRead = SplitStream<WebSocketStream<TcpStream>>;
 /// interrupted write loses nothing.
 async fn write_loop(
     mut sink: WsSink,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<Outgoing>,
     ctl: Arc<ConnControl>,
     shared: Arc<Shared>,
 ) {
@@ -372,9 +397,9 @@ async fn write_loop(
                     shared.stats.dead_peers.fetch_add(1, Ordering::Relaxed);
                     break Stop::Quit;
                 }
-                out.pending.push_back(Message::Ping(Default::default()));
+                out.pending.push_back((Message::Ping(Default::default()), 0));
             }
-            r = out.progress(&mut sink, &mut rx) => match r {
+            r = out.progress(&mut sink, &mut rx, &ctl) => match r {
                 Ok(true) => {}
                 Ok(false) | Err(_) => break Stop::Quit,
             }
@@ -394,7 +419,7 @@ async fn write_loop(
         let finish = async {
             if drain {
                 rx.close();
-                while out.progress(&mut sink, &mut rx).await? {}
+                while out.progress(&mut sink, &mut rx, &ctl).await? {}
             }
             sink.send(Message::Close(Some(CloseFrame {
                 code,
@@ -411,7 +436,7 @@ async fn write_loop(
 /// Frames on their way from the queue into the socket.
 #[derive(Default)]
 struct Outbox {
-    pending: std::collections::VecDeque<Message>,
+    pending: std::collections::VecDeque<Outgoing>,
     unflushed: bool,
 }
 
@@ -422,7 +447,8 @@ impl Outbox {
     async fn progress(
         &mut self,
         sink: &mut WsSink,
-        rx: &mut mpsc::Receiver<Message>,
+        rx: &mut mpsc::Receiver<Outgoing>,
+        ctl: &ConnControl,
     ) -> Result<bool, WsError> {
         if self.pending.is_empty() && !self.unflushed {
             match rx.recv().await {
@@ -436,9 +462,11 @@ impl Outbox {
                 }
             }
         }
-        while let Some(m) = self.pending.front() {
+        while let Some((m, _)) = self.pending.front() {
             sink.feed(m.clone()).await?;
-            self.pending.pop_front();
+            if let Some((_, bytes)) = self.pending.pop_front() {
+                ctl.release(bytes);
+            }
             self.unflushed = true;
         }
         if self.unflushed {
@@ -456,7 +484,7 @@ struct Session {
     /// `"protocol": 2` seen: keep subscriptions when sending, allow several.
     v2: bool,
     subscriptions: Vec<Box<str>>,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Outgoing>,
     ctl: Arc<ConnControl>,
 }
 
@@ -511,7 +539,7 @@ impl Session {
                         ),
                         None,
                     );
-                    let _ = self.tx.try_send(Message::text(frame));
+                    let _ = self.tx.try_send((Message::text(frame), 0));
                     self.ctl.request(Stop::Close {
                         code: CloseCode::Size,
                         reason: "message too big",
@@ -591,6 +619,19 @@ impl Session {
                     self.unsubscribe_all();
                 }
                 if !self.subscriptions.iter().any(|c| &**c == channel) {
+                    let max = shared.config.server.max_channels_per_connection;
+                    if self.subscriptions.len() >= max {
+                        return self
+                            .reply_error(
+                                ResponseCode::TooManyChannels,
+                                format!(
+                                    "this connection already receives on {max} channels, the \
+                                     limit (server.max_channels_per_connection); use another \
+                                     connection"
+                                ),
+                            )
+                            .await;
+                    }
                     self.shared.router.subscribe(
                         channel,
                         ReceiverHandle {
@@ -622,7 +663,7 @@ impl Session {
                     limit,
                     self.id,
                     &msg,
-                    self.shared.config.server.slow_receiver,
+                    self.shared.queue_limits,
                 );
                 stats
                     .deliveries
@@ -662,7 +703,7 @@ impl Session {
     async fn reply(&self, text: String) -> bool {
         // Waiting here is the sender's back-pressure: a client that does not read its replies
         // stops being read.
-        self.tx.send(Message::text(text)).await.is_ok()
+        self.tx.send((Message::text(text), 0)).await.is_ok()
     }
 
     async fn reply_error(&self, code: ResponseCode, reason: String) -> bool {

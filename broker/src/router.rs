@@ -16,7 +16,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::config::SlowReceiverPolicy;
-use crate::conn::ConnControl;
+use crate::conn::{ConnControl, Outgoing};
 
 /// A connection registered as a receiver.
 #[derive(Clone)]
@@ -24,7 +24,7 @@ pub struct ReceiverHandle {
     /// Connection id.
     pub id: u64,
     /// Its outgoing queue.
-    pub tx: mpsc::Sender<Message>,
+    pub tx: mpsc::Sender<Outgoing>,
     /// Its control block (to close a slow consumer).
     pub ctl: Arc<ConnControl>,
 }
@@ -42,6 +42,15 @@ pub struct Delivery {
     pub delivered: u32,
     /// Receivers passed over because their queue was full.
     pub busy: u32,
+}
+
+/// How much may wait towards one receiver, and what happens past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Bytes of forwarded messages queued towards one connection.
+    pub max_bytes: usize,
+    /// What to do with a receiver over its limits.
+    pub policy: SlowReceiverPolicy,
 }
 
 /// The channel table.
@@ -94,16 +103,17 @@ impl Router {
     }
 
     /// Queues `msg` to up to `limit` receivers of `channel` (0 = all), never to connection
-    /// `exclude` (the sender). A receiver with a full queue is passed over (and, under the
-    /// `Disconnect` policy, told to close) and the next one is tried.
+    /// `exclude` (the sender). A receiver with a full queue (by count or by bytes) is passed over
+    /// (and, under the `Disconnect` policy, told to close) and the next one is tried.
     pub fn deliver(
         &self,
         channel: &str,
         limit: u32,
         exclude: u64,
         msg: &Message,
-        policy: SlowReceiverPolicy,
+        limits: QueueLimits,
     ) -> Delivery {
+        let len = msg.len();
         let mut out = Delivery::default();
         let mut map = self.lock();
         let Some(ch) = map.get_mut(channel) else {
@@ -124,15 +134,25 @@ impl Router {
             if r.id == exclude {
                 continue;
             }
-            match r.tx.try_send(msg.clone()) {
-                Ok(()) => out.delivered += 1,
-                Err(TrySendError::Full(_)) => {
-                    out.busy += 1;
-                    if policy == SlowReceiverPolicy::Disconnect {
-                        r.ctl.slow_consumer();
+            let queued = r.ctl.reserve(len, limits.max_bytes)
+                && match r.tx.try_send((msg.clone(), len)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        r.ctl.release(len);
+                        if matches!(e, TrySendError::Closed(_)) {
+                            // The connection is going away; it unsubscribes itself.
+                            continue;
+                        }
+                        false
                     }
+                };
+            if queued {
+                out.delivered += 1;
+            } else {
+                out.busy += 1;
+                if limits.policy == SlowReceiverPolicy::Disconnect {
+                    r.ctl.slow_consumer();
                 }
-                Err(TrySendError::Closed(_)) => {}
             }
         }
         if rotate {
@@ -146,7 +166,16 @@ impl Router {
 mod tests {
     use super::*;
 
-    fn handle(id: u64, cap: usize) -> (ReceiverHandle, mpsc::Receiver<Message>) {
+    const SKIP: QueueLimits = QueueLimits {
+        max_bytes: usize::MAX / 2,
+        policy: SlowReceiverPolicy::Skip,
+    };
+    const DISCONNECT: QueueLimits = QueueLimits {
+        max_bytes: usize::MAX / 2,
+        policy: SlowReceiverPolicy::Disconnect,
+    };
+
+    fn handle(id: u64, cap: usize) -> (ReceiverHandle, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(cap);
         (
             ReceiverHandle {
@@ -169,37 +198,21 @@ mod tests {
         }
         let m = Message::text("x");
         for _ in 0..300 {
-            assert_eq!(
-                r.deliver("sms", 1, 0, &m, SlowReceiverPolicy::Skip)
-                    .delivered,
-                1
-            );
+            assert_eq!(r.deliver("sms", 1, 0, &m, SKIP).delivered, 1);
         }
         for rx in &rxs {
             assert_eq!(rx.len(), 100);
         }
         // limit 2 of 3: every receiver gets 2/3 of them
         for _ in 0..300 {
-            assert_eq!(
-                r.deliver("sms", 2, 0, &m, SlowReceiverPolicy::Skip)
-                    .delivered,
-                2
-            );
+            assert_eq!(r.deliver("sms", 2, 0, &m, SKIP).delivered, 2);
         }
         for rx in &rxs {
             assert_eq!(rx.len(), 300);
         }
         // 0 = all; limit above count = all
-        assert_eq!(
-            r.deliver("sms", 0, 0, &m, SlowReceiverPolicy::Skip)
-                .delivered,
-            3
-        );
-        assert_eq!(
-            r.deliver("sms", 7, 0, &m, SlowReceiverPolicy::Skip)
-                .delivered,
-            3
-        );
+        assert_eq!(r.deliver("sms", 0, 0, &m, SKIP).delivered, 3);
+        assert_eq!(r.deliver("sms", 7, 0, &m, SKIP).delivered, 3);
     }
 
     #[test]
@@ -212,14 +225,10 @@ mod tests {
         r.subscribe("c", h2);
         let m = Message::text("x");
         // 1 takes one, then its queue is full: the next goes to 2
-        assert_eq!(
-            r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Disconnect)
-                .delivered,
-            1
-        );
-        let d = r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Disconnect);
+        assert_eq!(r.deliver("c", 1, 0, &m, DISCONNECT).delivered, 1);
+        let d = r.deliver("c", 1, 0, &m, DISCONNECT);
         assert_eq!(d.delivered, 1);
-        let d = r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Disconnect);
+        let d = r.deliver("c", 1, 0, &m, DISCONNECT);
         assert_eq!(
             d,
             Delivery {
@@ -230,11 +239,35 @@ mod tests {
         assert!(ctl1.close_requested());
         // sender 2 never receives its own message
         let before = rx2.len();
-        assert_eq!(
-            r.deliver("c", 0, 2, &m, SlowReceiverPolicy::Skip).delivered,
-            0
-        );
+        assert_eq!(r.deliver("c", 0, 2, &m, SKIP).delivered, 0);
         assert_eq!(rx2.len(), before);
+    }
+
+    #[test]
+    fn byte_budget_counts_queued_messages() {
+        let r = Router::default();
+        let (h, mut rx) = handle(1, 100);
+        let ctl = Arc::clone(&h.ctl);
+        r.subscribe("c", h);
+        let m = Message::text("0123456789");
+        let limits = QueueLimits {
+            max_bytes: 25,
+            policy: SlowReceiverPolicy::Skip,
+        };
+        assert_eq!(r.deliver("c", 0, 0, &m, limits).delivered, 1);
+        assert_eq!(r.deliver("c", 0, 0, &m, limits).delivered, 1);
+        assert_eq!(
+            r.deliver("c", 0, 0, &m, limits),
+            Delivery {
+                delivered: 0,
+                busy: 1
+            }
+        );
+        assert!(!ctl.close_requested(), "skip policy keeps the receiver");
+        // the writer releases what it wrote
+        let (_, n) = rx.try_recv().expect("queued");
+        ctl.release(n);
+        assert_eq!(r.deliver("c", 0, 0, &m, limits).delivered, 1);
     }
 
     #[test]
@@ -245,15 +278,8 @@ mod tests {
         r.subscribe("01", h);
         assert_eq!(r.receivers("01"), 1);
         let m = Message::text("x");
-        assert_eq!(
-            r.deliver("1", 0, 0, &m, SlowReceiverPolicy::Skip).delivered,
-            0
-        );
-        assert_eq!(
-            r.deliver("01", 0, 0, &m, SlowReceiverPolicy::Skip)
-                .delivered,
-            1
-        );
+        assert_eq!(r.deliver("1", 0, 0, &m, SKIP).delivered, 0);
+        assert_eq!(r.deliver("01", 0, 0, &m, SKIP).delivered, 1);
         r.unsubscribe("01", 1);
         assert_eq!(r.totals(), (0, 0));
     }
@@ -269,11 +295,11 @@ mod tests {
         }
         let m = Message::text("x");
         for _ in 0..3 {
-            r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Skip);
+            r.deliver("c", 1, 0, &m, SKIP);
         }
         r.unsubscribe("c", 2);
         for _ in 0..30 {
-            r.deliver("c", 1, 0, &m, SlowReceiverPolicy::Skip);
+            r.deliver("c", 1, 0, &m, SKIP);
         }
         let counts: Vec<usize> = rxs.iter().map(|rx| rx.len()).collect();
         // 1 and 3 got one each before; then 30 split evenly among 1, 3, 4

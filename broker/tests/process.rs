@@ -301,3 +301,32 @@ fn legacy_php_receiver_sees_connect_then_messages_byte_for_byte() {
         assert_eq!(got, msg.as_bytes(), "not byte for byte (size {size})");
     }
 }
+
+#[test]
+fn an_unsupported_htpasswd_entry_stops_start_up_with_file_and_line() {
+    let dir = TempDir::new("badstart");
+    let bad = dir.file("htpasswd", &format!("{QA_LINE}zed:{{SHA}}short\n"));
+    let o = bin()
+        .args(["--htpasswd", &bad, "--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains(&format!("{bad} line 2")), "{stderr}");
+    assert!(stderr.contains("zed"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_is_a_graceful_stop_too() {
+    let dir = TempDir::new("int");
+    let hp = dir.file("htpasswd", QA_LINE);
+    let mut p = BrokerProcess::spawn(&["--htpasswd", &hp], &[]);
+    let mut ws = connect_as(p.addr, ("qa", "4lt0@1234")).await;
+    p.signal("INT");
+    assert_eq!(expect_close(&mut ws).await, Some(1001));
+    let st = tokio::task::spawn_blocking(move || p.wait_exit(Duration::from_secs(15)))
+        .await
+        .expect("join");
+    assert!(st.success());
+}

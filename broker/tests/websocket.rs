@@ -765,3 +765,102 @@ async fn protocol_violations_close_with_1002_and_bad_utf8_text_with_1007() {
     send(&mut ws, r#"{"command":"ping"}"#).await;
     assert_eq!(reply(&mut ws).await.response_code, "00");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_policy_keeps_a_full_receiver_and_passes_it_over() {
+    let b = broker_with(|c| {
+        c.server.slow_receiver = wsmb_broker::config::SlowReceiverPolicy::Skip;
+        c.server.max_message_bytes = 64 * 1024;
+        c.server.outgoing_queue_bytes = 64 * 1024;
+    })
+    .await;
+    // a receiver that never reads: its byte budget (64 KiB) fills once the socket buffers do
+    let mut stuck = raw_upgraded(b.addr).await;
+    let body = br#"{"command":"receive-message","channel":"sms"}"#;
+    let mut frame = vec![0x81, 0x80 | body.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(body);
+    stuck.write_all(&frame).await.expect("write");
+    let mut tx = connect(b.addr).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let payload = "p".repeat(30_000);
+    let mut busy = false;
+    for i in 0..2000 {
+        send(
+            &mut tx,
+            &format!(r#"{{"command":"send-message","channel":"sms","data":[{{"id":"{i}","m":"{payload}"}}]}}"#),
+        )
+        .await;
+        let r = reply(&mut tx).await;
+        if r.response_code == "03" {
+            assert_eq!(r.response_text, "Receivers busy");
+            busy = true;
+            break;
+        }
+        assert_eq!(r.response_code, "00");
+    }
+    assert!(busy, "the stuck receiver never filled up");
+    assert_eq!(
+        b.shared
+            .stats
+            .slow_consumers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // a healthy receiver now gets the messages the stuck one cannot take
+    let mut good = connect(b.addr).await;
+    receive_on(&mut good, "sms").await;
+    for i in 0..5 {
+        send(&mut tx, &sms("sms", &format!("g{i}"))).await;
+        let res: SendResult = reply(&mut tx).await.first().expect("result");
+        assert!(res.receivers >= 1, "message {i}");
+        assert!(recv_text(&mut good).await.contains(&format!("g{i}")));
+    }
+    // the stuck receiver was kept
+    assert_eq!(b.shared.router.receivers("sms"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_per_connection_are_bounded() {
+    let b = broker_with(|c| c.server.max_channels_per_connection = 2).await;
+    let mut ws = connect(b.addr).await;
+    for ch in ["a", "b", "a"] {
+        send(
+            &mut ws,
+            &format!(r#"{{"command":"receive-message","channel":"{ch}","protocol":2}}"#),
+        )
+        .await;
+    }
+    send(
+        &mut ws,
+        r#"{"command":"receive-message","channel":"c","protocol":2}"#,
+    )
+    .await;
+    let r = reply(&mut ws).await;
+    assert_eq!(
+        (r.command.as_str(), r.response_code.as_str()),
+        ("error", "19")
+    );
+    let mut tx = connect(b.addr).await;
+    for (ch, code) in [("a", "00"), ("b", "00"), ("c", "02")] {
+        send(&mut tx, &sms(ch, ch)).await;
+        assert_eq!(reply(&mut tx).await.response_code, code, "{ch}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_data_without_receivers_is_answered_not_fatal() {
+    // "data": [] with nobody listening killed the original (with its database on).
+    let b = broker().await;
+    let mut tx = connect(b.addr).await;
+    send(
+        &mut tx,
+        r#"{"command":"send-message","channel":"sms","data":[]}"#,
+    )
+    .await;
+    let r = reply(&mut tx).await;
+    assert_eq!(
+        (r.command.as_str(), r.response_code.as_str()),
+        ("send-result", "02")
+    );
+    connect(b.addr).await;
+}

@@ -33,11 +33,13 @@ pub enum ResponseCode {
     NotUtf8,
     /// `18`: an optional field (such as `protocol`) has a value of the wrong type.
     InvalidField,
+    /// `19`: a protocol-2 connection asked to receive on more channels than the broker allows.
+    TooManyChannels,
 }
 
 impl ResponseCode {
     /// Every code, in table order.
-    pub const ALL: [ResponseCode; 13] = [
+    pub const ALL: [ResponseCode; 14] = [
         Self::Accepted,
         Self::Rejected,
         Self::NoReceiver,
@@ -51,6 +53,7 @@ impl ResponseCode {
         Self::MessageTooLarge,
         Self::NotUtf8,
         Self::InvalidField,
+        Self::TooManyChannels,
     ];
 
     /// The two-digit code as it appears on the wire.
@@ -69,6 +72,7 @@ impl ResponseCode {
             Self::MessageTooLarge => "16",
             Self::NotUtf8 => "17",
             Self::InvalidField => "18",
+            Self::TooManyChannels => "19",
         }
     }
 
@@ -88,6 +92,7 @@ impl ResponseCode {
             Self::MessageTooLarge => "Message too large",
             Self::NotUtf8 => "Not UTF-8",
             Self::InvalidField => "Invalid field",
+            Self::TooManyChannels => "Too many channels",
         }
     }
 
