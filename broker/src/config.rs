@@ -32,13 +32,14 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// What to do with a receiver whose outgoing queue is full.
+/// What to do with a receiver whose outgoing queue stayed full for `slow_receiver_timeout`
+/// while a message waited for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SlowReceiverPolicy {
     /// Close it (1008, "slow consumer") so that it reconnects; messages go to other receivers.
     Disconnect,
-    /// Keep it, and pass it over for messages while its queue is full.
+    /// Keep it; the message that waited for it is not delivered to it.
     Skip,
 }
 
@@ -69,6 +70,10 @@ pub struct ServerConfig {
     pub outgoing_queue: usize,
     /// Bytes of forwarded messages queued towards one connection before it counts as slow.
     pub outgoing_queue_bytes: usize,
+    /// How long a sender waits for a receiver whose queue is full (flow control) before the
+    /// receiver counts as slow.
+    #[serde(deserialize_with = "duration")]
+    pub slow_receiver_timeout: Duration,
     /// What happens to a slow receiver.
     pub slow_receiver: SlowReceiverPolicy,
     /// Interval of server pings (0 = none).
@@ -95,6 +100,7 @@ impl Default for ServerConfig {
             max_channels_per_connection: 64,
             outgoing_queue: 1024,
             outgoing_queue_bytes: 16 * 1024 * 1024,
+            slow_receiver_timeout: Duration::from_secs(5),
             slow_receiver: SlowReceiverPolicy::Disconnect,
             ping_interval: Duration::from_secs(30),
             dead_peer_timeout: Duration::from_secs(75),

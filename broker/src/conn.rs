@@ -67,6 +67,7 @@ pub type Outgoing = (Message, usize);
 pub struct ConnControl {
     stop: Mutex<Option<Stop>>,
     queued_bytes: AtomicUsize,
+    room: Notify,
     notify: Notify,
     done: CancellationToken,
     last_rx: AtomicU64,
@@ -85,6 +86,7 @@ impl ConnControl {
         ConnControl {
             stop: Mutex::new(None),
             queued_bytes: AtomicUsize::new(0),
+            room: Notify::new(),
             notify: Notify::new(),
             done: CancellationToken::new(),
             last_rx: AtomicU64::new(0),
@@ -120,7 +122,18 @@ impl ConnControl {
     pub fn release(&self, len: usize) {
         if len > 0 {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.room.notify_waiters();
         }
+    }
+
+    /// Resolves when bytes are released (register it before checking, see `Notify`).
+    pub fn room_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.room.notified()
+    }
+
+    /// Resolves once the connection's writer has finished.
+    pub async fn gone(&self) {
+        self.done.cancelled().await
     }
 
     /// Asks the connection to close because its outgoing queue is full.
@@ -477,6 +490,52 @@ impl Outbox {
     }
 }
 
+/// Hands `msg` to the receivers of `channel`: first to those with room, then, if that was not
+/// enough, waits for the full ones (flow control: the sender is not read meanwhile) up to
+/// `slow_receiver_timeout` in all. A receiver still full then is closed or passed over
+/// (`slow_receiver`). Returns (delivered, receivers that stayed full).
+async fn deliver(
+    shared: &Shared,
+    channel: &str,
+    limit: u32,
+    sender: u64,
+    msg: &Message,
+) -> (u32, u32) {
+    let cfg = &shared.config.server;
+    let max_bytes = cfg.outgoing_queue_bytes;
+    let d = shared
+        .router
+        .deliver(channel, limit, sender, msg, max_bytes);
+    let mut delivered = d.delivered;
+    let mut missing = d.missing;
+    let mut busy = 0;
+    if missing == 0 {
+        return (delivered, 0);
+    }
+    let deadline = tokio::time::Instant::now() + cfg.slow_receiver_timeout;
+    for r in &d.full {
+        if missing == 0 {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, crate::router::send_when_room(r, msg, max_bytes))
+            .await
+        {
+            Ok(true) => {
+                delivered += 1;
+                missing -= 1;
+            }
+            Ok(false) => {}
+            Err(_) => {
+                busy += 1;
+                if cfg.slow_receiver == crate::config::SlowReceiverPolicy::Disconnect {
+                    r.ctl.slow_consumer();
+                }
+            }
+        }
+    }
+    (delivered, busy)
+}
+
 /// The reader side's state.
 struct Session {
     id: u64,
@@ -658,24 +717,18 @@ impl Session {
                     .number_of_receiver
                     .unwrap_or(self.shared.config.server.number_of_receiver);
                 let msg = Message::Text(payload.clone());
-                let d = self.shared.router.deliver(
-                    channel,
-                    limit,
-                    self.id,
-                    &msg,
-                    self.shared.queue_limits,
-                );
+                let (delivered, busy) = deliver(&shared, channel, limit, self.id, &msg).await;
                 stats
                     .deliveries
-                    .fetch_add(u64::from(d.delivered), Ordering::Relaxed);
-                let code = if d.delivered > 0 {
+                    .fetch_add(u64::from(delivered), Ordering::Relaxed);
+                let code = if delivered > 0 {
                     ResponseCode::Accepted
-                } else if d.busy > 0 {
+                } else if busy > 0 {
                     ResponseCode::ReceiversBusy
                 } else {
                     ResponseCode::NoReceiver
                 };
-                if d.delivered == 0 {
+                if delivered == 0 {
                     stats.unrouted.fetch_add(1, Ordering::Relaxed);
                 }
                 let message_id = self.shared.message_ids.next();
@@ -691,7 +744,7 @@ impl Session {
                 let result = SendResult {
                     message_id,
                     channel: channel.to_owned(),
-                    receivers: d.delivered,
+                    receivers: delivered,
                     ids,
                 };
                 let r = reply::encode(reply::SEND_RESULT, code, &[result]);

@@ -15,7 +15,6 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::config::SlowReceiverPolicy;
 use crate::conn::{ConnControl, Outgoing};
 
 /// A connection registered as a receiver.
@@ -35,22 +34,15 @@ struct Channel {
     next: usize,
 }
 
-/// Outcome of one delivery.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Outcome of the immediate part of a delivery.
+#[derive(Default)]
 pub struct Delivery {
     /// Receivers the message was queued to.
     pub delivered: u32,
-    /// Receivers passed over because their queue was full.
-    pub busy: u32,
-}
-
-/// How much may wait towards one receiver, and what happens past it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueLimits {
-    /// Bytes of forwarded messages queued towards one connection.
-    pub max_bytes: usize,
-    /// What to do with a receiver over its limits.
-    pub policy: SlowReceiverPolicy,
+    /// Chosen receivers whose queue was full, in the order they were chosen.
+    pub full: Vec<ReceiverHandle>,
+    /// How many more receivers should get the message (at most `full.len()`).
+    pub missing: usize,
 }
 
 /// The channel table.
@@ -103,15 +95,16 @@ impl Router {
     }
 
     /// Queues `msg` to up to `limit` receivers of `channel` (0 = all), never to connection
-    /// `exclude` (the sender). A receiver with a full queue (by count or by bytes) is passed over
-    /// (and, under the `Disconnect` policy, told to close) and the next one is tried.
+    /// `exclude` (the sender), preferring receivers with room in their queue. Receivers that
+    /// would have been chosen but are full are returned in [`Delivery::full`], for the caller to
+    /// wait on (outside this lock) when the others could not take the message.
     pub fn deliver(
         &self,
         channel: &str,
         limit: u32,
         exclude: u64,
         msg: &Message,
-        limits: QueueLimits,
+        max_bytes: usize,
     ) -> Delivery {
         let len = msg.len();
         let mut out = Delivery::default();
@@ -134,27 +127,24 @@ impl Router {
             if r.id == exclude {
                 continue;
             }
-            let queued = r.ctl.reserve(len, limits.max_bytes)
-                && match r.tx.try_send((msg.clone(), len)) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        r.ctl.release(len);
-                        if matches!(e, TrySendError::Closed(_)) {
-                            // The connection is going away; it unsubscribes itself.
-                            continue;
-                        }
-                        false
+            if !r.ctl.reserve(len, max_bytes) {
+                out.full.push(r.clone());
+                continue;
+            }
+            match r.tx.try_send((msg.clone(), len)) {
+                Ok(()) => out.delivered += 1,
+                Err(e) => {
+                    r.ctl.release(len);
+                    if let TrySendError::Full(_) = e {
+                        out.full.push(r.clone());
                     }
-                };
-            if queued {
-                out.delivered += 1;
-            } else {
-                out.busy += 1;
-                if limits.policy == SlowReceiverPolicy::Disconnect {
-                    r.ctl.slow_consumer();
+                    // Closed: the connection is going away and unsubscribes itself.
                 }
             }
         }
+        out.missing = want
+            .saturating_sub(out.delivered as usize)
+            .min(out.full.len());
         if rotate {
             ch.next = (start + examined) % n;
         }
@@ -162,18 +152,49 @@ impl Router {
     }
 }
 
+/// Waits until `r` has room for `msg` and queues it. Returns false if the connection went away.
+/// Cancel-safe: dropped while waiting, it gives back what it reserved.
+pub async fn send_when_room(r: &ReceiverHandle, msg: &Message, max_bytes: usize) -> bool {
+    let len = msg.len();
+    loop {
+        let room = r.ctl.room_notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        if r.ctl.reserve(len, max_bytes) {
+            break;
+        }
+        tokio::select! {
+            _ = room => {}
+            _ = r.ctl.gone() => return false,
+        }
+    }
+    struct Release<'a>(&'a ReceiverHandle, usize);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.ctl.release(self.1);
+        }
+    }
+    let guard = Release(r, len);
+    let permit = tokio::select! {
+        p = r.tx.reserve() => p,
+        _ = r.ctl.gone() => return false,
+    };
+    match permit {
+        Ok(permit) => {
+            std::mem::forget(guard);
+            permit.send((msg.clone(), len));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SKIP: QueueLimits = QueueLimits {
-        max_bytes: usize::MAX / 2,
-        policy: SlowReceiverPolicy::Skip,
-    };
-    const DISCONNECT: QueueLimits = QueueLimits {
-        max_bytes: usize::MAX / 2,
-        policy: SlowReceiverPolicy::Disconnect,
-    };
+    const SKIP: usize = usize::MAX / 2;
+    const DISCONNECT: usize = SKIP;
 
     fn handle(id: u64, cap: usize) -> (ReceiverHandle, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(cap);
@@ -229,14 +250,18 @@ mod tests {
         let d = r.deliver("c", 1, 0, &m, DISCONNECT);
         assert_eq!(d.delivered, 1);
         let d = r.deliver("c", 1, 0, &m, DISCONNECT);
-        assert_eq!(
-            d,
-            Delivery {
-                delivered: 1,
-                busy: 1
-            }
-        );
-        assert!(ctl1.close_requested());
+        assert_eq!((d.delivered, d.missing), (1, 0));
+        assert_eq!(d.full.iter().map(|h| h.id).collect::<Vec<_>>(), vec![1]);
+        assert!(!ctl1.close_requested(), "being full once is not being slow");
+        // all full: the caller is told whom to wait for
+        let (h3, _rx3) = handle(3, 1);
+        r.unsubscribe("c", 2);
+        r.subscribe("c", h3);
+        assert_eq!(r.deliver("c", 1, 0, &m, DISCONNECT).delivered, 1);
+        let d = r.deliver("c", 1, 0, &m, DISCONNECT);
+        assert_eq!((d.delivered, d.missing, d.full.len()), (0, 1, 2));
+        let (h2, rx2) = handle(2, 10);
+        r.subscribe("c", h2);
         // sender 2 never receives its own message
         let before = rx2.len();
         assert_eq!(r.deliver("c", 0, 2, &m, SKIP).delivered, 0);
@@ -250,24 +275,45 @@ mod tests {
         let ctl = Arc::clone(&h.ctl);
         r.subscribe("c", h);
         let m = Message::text("0123456789");
-        let limits = QueueLimits {
-            max_bytes: 25,
-            policy: SlowReceiverPolicy::Skip,
-        };
-        assert_eq!(r.deliver("c", 0, 0, &m, limits).delivered, 1);
-        assert_eq!(r.deliver("c", 0, 0, &m, limits).delivered, 1);
-        assert_eq!(
-            r.deliver("c", 0, 0, &m, limits),
-            Delivery {
-                delivered: 0,
-                busy: 1
-            }
-        );
-        assert!(!ctl.close_requested(), "skip policy keeps the receiver");
+        let limit = 25;
+        assert_eq!(r.deliver("c", 0, 0, &m, limit).delivered, 1);
+        assert_eq!(r.deliver("c", 0, 0, &m, limit).delivered, 1);
+        let d = r.deliver("c", 0, 0, &m, limit);
+        assert_eq!((d.delivered, d.missing), (0, 1));
+        assert!(!ctl.close_requested());
         // the writer releases what it wrote
         let (_, n) = rx.try_recv().expect("queued");
         ctl.release(n);
-        assert_eq!(r.deliver("c", 0, 0, &m, limits).delivered, 1);
+        assert_eq!(r.deliver("c", 0, 0, &m, limit).delivered, 1);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_room_succeeds_when_the_writer_catches_up() {
+        let (h, mut rx) = handle(1, 1);
+        let m = Message::text("0123456789");
+        assert!(send_when_room(&h, &m, 15).await);
+        let ctl = Arc::clone(&h.ctl);
+        let waiter = tokio::spawn(async move { send_when_room(&h, &m, 15).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "must wait for room");
+        let (_, n) = rx.recv().await.expect("first");
+        ctl.release(n);
+        assert!(waiter.await.expect("join"));
+        assert_eq!(rx.recv().await.expect("second").1, 10);
+        // cancelled while waiting: nothing stays reserved
+        let (h, _rx) = handle(2, 1);
+        let m = Message::text("0123456789");
+        assert!(send_when_room(&h, &m, 100).await);
+        let r = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            send_when_room(&h, &m, 100),
+        )
+        .await;
+        assert!(r.is_err());
+        assert!(
+            h.ctl.reserve(90, 100),
+            "the cancelled wait leaked its reservation"
+        );
     }
 
     #[test]

@@ -91,8 +91,6 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Message id generator.
     pub message_ids: MessageIds,
-    /// Outgoing queue limits, from the config.
-    pub queue_limits: crate::router::QueueLimits,
     started: Instant,
     next_conn: AtomicU64,
 }
@@ -114,12 +112,7 @@ struct Health<'a> {
 impl Shared {
     /// Shared state for `config`, authenticating with `auth`.
     pub fn new(config: Config, auth: Arc<Authenticator>, shutdown: CancellationToken) -> Arc<Self> {
-        let queue_limits = crate::router::QueueLimits {
-            max_bytes: config.server.outgoing_queue_bytes,
-            policy: config.server.slow_receiver,
-        };
         Arc::new(Shared {
-            queue_limits,
             config: Arc::new(config),
             router: Router::default(),
             auth,

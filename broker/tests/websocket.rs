@@ -466,7 +466,11 @@ async fn the_upgrade_response_travels_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_receiver_is_disconnected_and_others_keep_receiving() {
-    let b = broker_with(|c| c.server.outgoing_queue = 4).await;
+    let b = broker_with(|c| {
+        c.server.outgoing_queue = 4;
+        c.server.slow_receiver_timeout = Duration::from_millis(300);
+    })
+    .await;
     // a receiver that completes the upgrade and then never reads
     let mut stuck = tokio::net::TcpStream::connect(b.addr)
         .await
@@ -770,6 +774,7 @@ async fn protocol_violations_close_with_1002_and_bad_utf8_text_with_1007() {
 async fn skip_policy_keeps_a_full_receiver_and_passes_it_over() {
     let b = broker_with(|c| {
         c.server.slow_receiver = wsmb_broker::config::SlowReceiverPolicy::Skip;
+        c.server.slow_receiver_timeout = Duration::from_millis(200);
         c.server.max_message_bytes = 64 * 1024;
         c.server.outgoing_queue_bytes = 64 * 1024;
     })
@@ -785,6 +790,7 @@ async fn skip_policy_keeps_a_full_receiver_and_passes_it_over() {
     let payload = "p".repeat(30_000);
     let mut busy = false;
     for i in 0..2000 {
+        let t0 = Instant::now();
         send(
             &mut tx,
             &format!(r#"{{"command":"send-message","channel":"sms","data":[{{"id":"{i}","m":"{payload}"}}]}}"#),
@@ -792,6 +798,12 @@ async fn skip_policy_keeps_a_full_receiver_and_passes_it_over() {
         .await;
         let r = reply(&mut tx).await;
         if r.response_code == "03" {
+            // only after the sender waited for room (flow control), not at once
+            assert!(
+                t0.elapsed() >= Duration::from_millis(150),
+                "{:?}",
+                t0.elapsed()
+            );
             assert_eq!(r.response_text, "Receivers busy");
             busy = true;
             break;
@@ -863,4 +875,59 @@ async fn empty_data_without_receivers_is_answered_not_fatal() {
         ("send-result", "02")
     );
     connect(b.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_sender_is_slowed_to_its_receiver_and_nothing_is_lost() {
+    // Flow control: a pipelining sender and a receiver that reads slowly. With a tiny queue the
+    // receiver is full most of the time; the sender waits instead of messages being dropped.
+    let b = broker_with(|c| c.server.outgoing_queue = 2).await;
+    let mut rx = connect(b.addr).await;
+    receive_on(&mut rx, "sms").await;
+    let tx = connect(b.addr).await;
+    let (mut sink, mut stream) = tx.split();
+    let n = 2000;
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            sink.feed(Message::text(sms("sms", &format!("f{i}"))))
+                .await
+                .expect("feed");
+        }
+        sink.flush().await.expect("flush");
+        sink
+    });
+    let results = tokio::spawn(async move {
+        let mut codes = Vec::new();
+        while codes.len() < n {
+            match stream.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let r = wsmb_protocol::reply::BrokerReply::parse(&t).expect("reply");
+                    codes.push(r.response_code);
+                }
+                Some(Ok(_)) => {}
+                other => panic!("sender connection ended: {other:?}"),
+            }
+        }
+        codes
+    });
+    for i in 0..n {
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let t = recv_text(&mut rx).await;
+        assert!(
+            t.contains(&format!("\"f{i}\"")),
+            "message {i} lost or out of order: {t}"
+        );
+    }
+    let codes = results.await.expect("results");
+    assert!(codes.iter().all(|c| c == "00"), "some were not accepted");
+    let _ = sender.await;
+    assert_eq!(
+        b.shared
+            .stats
+            .slow_consumers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
