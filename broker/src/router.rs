@@ -240,7 +240,7 @@ mod tests {
     fn sender_is_excluded_and_full_queues_are_passed_over() {
         let r = Router::default();
         let (h1, _rx1) = handle(1, 1);
-        let (h2, rx2) = handle(2, 10);
+        let (h2, _rx2_first) = handle(2, 10);
         let ctl1 = Arc::clone(&h1.ctl);
         r.subscribe("c", h1);
         r.subscribe("c", h2);
