@@ -1,0 +1,9 @@
+//! `wsmb-agent`: the home half of the bundle. It receives SMS jobs from the broker's `sms`
+//! channel and sends them through GSM modems with AT commands, never losing one.
+//!
+//! Where things live:
+//! - [`pdu`]: text to SMS-SUBMIT PDUs (GSM 7-bit / UCS-2, concatenation) and back.
+
+#![forbid(unsafe_code)]
+
+pub mod pdu;
