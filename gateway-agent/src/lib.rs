@@ -2,8 +2,10 @@
 //! channel and sends them through GSM modems with AT commands, never losing one.
 //!
 //! Where things live:
+//! - [`at`]: the AT engine (one command at a time, deadlines, URCs, the `> ` prompt).
 //! - [`pdu`]: text to SMS-SUBMIT PDUs (GSM 7-bit / UCS-2, concatenation) and back.
 
 #![forbid(unsafe_code)]
 
+pub mod at;
 pub mod pdu;
