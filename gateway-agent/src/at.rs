@@ -390,11 +390,17 @@ impl<P: AsyncRead + AsyncWrite + Unpin> AtPort<P> {
 
     /// `AT+CMGS=<tpdu_len>`, the prompt, the PDU and Ctrl-Z, then `+CMGS: <mr>`. Returns the
     /// message reference.
+    ///
+    /// `arm` runs once the prompt has arrived, just before the PDU is written: the caller
+    /// records there that this part is in flight (so that a crash from here on is known to be
+    /// ambiguous). If it returns false, or takes longer than the prompt timeout, the prompt is
+    /// cancelled and nothing is sent.
     pub async fn submit_pdu(
         &mut self,
         tpdu_len: usize,
         pdu_hex: &str,
         timeouts: SubmitTimeouts,
+        arm: impl std::future::Future<Output = bool>,
     ) -> Result<u8, SubmitError> {
         let before = |what: String, result: Option<Final>, port_failed: bool| SubmitError {
             stage: Stage::BeforePdu,
@@ -443,6 +449,17 @@ impl<P: AsyncRead + AsyncWrite + Unpin> AtPort<P> {
                     self.absorb_urc(&l, None);
                 }
             }
+        }
+        if !tokio::time::timeout(timeouts.prompt, arm)
+            .await
+            .unwrap_or(false)
+        {
+            let cancel = self.cancel_prompt().await;
+            return Err(before(
+                "cancelled before the PDU was written".into(),
+                None,
+                cancel.is_err(),
+            ));
         }
         let mut payload = pdu_hex.as_bytes().to_vec();
         payload.push(0x1a);
@@ -661,7 +678,12 @@ mod tests {
             prompt: T,
             result: T,
         };
-        assert_eq!(at.submit_pdu(22, "0011", t).await.expect("sent"), 77);
+        assert_eq!(
+            at.submit_pdu(22, "0011", t, async { true })
+                .await
+                .expect("sent"),
+            77
+        );
         assert_eq!(at.take_urcs().len(), 1);
     }
 
@@ -675,7 +697,12 @@ mod tests {
             prompt: T,
             result: T,
         };
-        assert_eq!(at.submit_pdu(5, "AB", t).await.expect("sent"), 3);
+        assert_eq!(
+            at.submit_pdu(5, "AB", t, async { true })
+                .await
+                .expect("sent"),
+            3
+        );
     }
 
     #[tokio::test]
@@ -686,7 +713,10 @@ mod tests {
         };
         // refused before the prompt
         let mut at = scripted(vec![("AT+CMGS=5", "\r\n+CMS ERROR: 331\r\n")]);
-        let e = at.submit_pdu(5, "AB", t).await.expect_err("refused");
+        let e = at
+            .submit_pdu(5, "AB", t, async { true })
+            .await
+            .expect_err("refused");
         assert_eq!(
             (e.stage, e.result),
             (Stage::BeforePdu, Some(Final::Cms(331)))
@@ -706,7 +736,10 @@ mod tests {
             }
         });
         let mut at = AtPort::new(ours);
-        let e = at.submit_pdu(5, "AB", t).await.expect_err("no prompt");
+        let e = at
+            .submit_pdu(5, "AB", t, async { true })
+            .await
+            .expect_err("no prompt");
         assert_eq!(e.stage, Stage::BeforePdu);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(
@@ -719,14 +752,20 @@ mod tests {
             ("AT+CMGS=5", "> "),
             ("AB\x1a", "\r\n+CMS ERROR: 500\r\n"),
         ]);
-        let e = at.submit_pdu(5, "AB", t).await.expect_err("500");
+        let e = at
+            .submit_pdu(5, "AB", t, async { true })
+            .await
+            .expect_err("500");
         assert_eq!(
             (e.stage, e.result),
             (Stage::AfterPdu, Some(Final::Cms(500)))
         );
         // silence after the PDU
         let mut at = scripted(vec![("AT+CMGS=5", "> "), ("AB\x1a", "")]);
-        let e = at.submit_pdu(5, "AB", t).await.expect_err("timeout");
+        let e = at
+            .submit_pdu(5, "AB", t, async { true })
+            .await
+            .expect_err("timeout");
         assert_eq!((e.stage, e.result), (Stage::AfterPdu, None));
     }
 

@@ -8,4 +8,6 @@
 #![forbid(unsafe_code)]
 
 pub mod at;
+pub mod modem;
 pub mod pdu;
+pub mod sim;

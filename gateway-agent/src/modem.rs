@@ -1,0 +1,789 @@
+//! One actor per modem, owning its serial port.
+//!
+//! The actor opens the device, initialises the modem (escape a half-finished `AT+CMGS`, echo
+//! off, numeric errors, SIM state and PIN, PDU mode, network registration with a deadline),
+//! then serves requests one at a time: send one SMS part, probe. A health check runs when idle.
+//! When the port fails, the device disappears or the modem stops answering (a command times out
+//! and `AT` does not bring it back), the actor closes the port and starts over, with back-off;
+//! requests meanwhile are answered "unavailable" at once, so jobs wait in the queue instead of
+//! wedging. SIM trouble (no SIM, wrong PIN, PUK) stops the modem: a wrong PIN is never tried
+//! twice, since three wrong PINs lock the SIM.
+//!
+//! `+CMS`/`+CME` errors are classified by [`classify`] (from 3GPP TS 27.005 and the field
+//! notes): transient, permanent, SIM trouble, or ambiguous (the SMS may have gone out).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_serial::SerialPortBuilderExt;
+use tracing::{debug, info, warn};
+
+use crate::at::{AtError, AtPort, Final, Response, Stage, SubmitTimeouts};
+
+/// How to reach and drive one modem.
+#[derive(Debug, Clone)]
+pub struct ModemSettings {
+    /// Name used in logs, statuses and routing.
+    pub name: String,
+    /// Device path; prefer a stable `/dev/serial/by-id/...` path.
+    pub device: PathBuf,
+    /// Baud rate.
+    pub baud: u32,
+    /// SIM PIN, if the SIM asks for one.
+    pub pin: Option<String>,
+    /// Extra commands run after the standard initialisation (each must answer OK).
+    pub init: Vec<String>,
+    /// Deadline of ordinary commands.
+    pub command_timeout: Duration,
+    /// Deadline from `AT+CMGS=` to the `> ` prompt.
+    pub prompt_timeout: Duration,
+    /// Deadline from Ctrl-Z to `+CMGS`.
+    pub send_timeout: Duration,
+    /// How long to wait for network registration.
+    pub registration_timeout: Duration,
+    /// Idle health check interval.
+    pub health_interval: Duration,
+    /// Longest wait between two attempts to open the device.
+    pub reopen_max: Duration,
+}
+
+impl ModemSettings {
+    /// Settings with the documented defaults for `device`.
+    pub fn new(name: &str, device: impl Into<PathBuf>) -> Self {
+        ModemSettings {
+            name: name.to_owned(),
+            device: device.into(),
+            baud: 115_200,
+            pin: None,
+            init: Vec::new(),
+            command_timeout: Duration::from_secs(10),
+            prompt_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
+            registration_timeout: Duration::from_secs(120),
+            health_interval: Duration::from_secs(30),
+            reopen_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a failure means for the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Try again later, possibly on another modem.
+    Transient,
+    /// This message will never go through (bad number, barred...): fail the job.
+    Permanent,
+    /// The SIM is in trouble: the modem stops; the job goes to another modem or waits.
+    Sim,
+    /// The SMS may already have gone out: re-sending risks a duplicate.
+    Ambiguous,
+}
+
+/// Classifies an `AT+CMGS` failure.
+pub fn classify(stage: Stage, result: Option<&Final>) -> FailureClass {
+    use FailureClass::*;
+    match result {
+        Some(Final::Cms(500)) if stage == Stage::AfterPdu => Ambiguous,
+        None if stage == Stage::AfterPdu => Ambiguous,
+        Some(Final::Cms(310..=318)) => Sim,
+        Some(Final::Cme(10..=13 | 15..=18)) => Sim,
+        Some(Final::Cms(
+            21 | 27 | 28 | 29 | 30 | 95 | 96 | 97 | 98 | 99 | 195 | 196 | 304 | 305 | 330,
+        )) => Permanent,
+        _ => Transient,
+    }
+}
+
+/// The state of a modem, for routing and status pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Opening or initialising.
+    Starting,
+    /// Registered and answering.
+    Ready,
+    /// Not usable right now; the actor keeps trying.
+    Down(String),
+    /// Stopped for SIM trouble; needs a person (wrong PIN, PUK, no SIM).
+    Stopped(String),
+}
+
+impl Health {
+    /// Whether jobs can be sent now.
+    pub fn is_ready(&self) -> bool {
+        *self == Health::Ready
+    }
+}
+
+/// What a modem says about itself (`wsmb-agent probe`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModemInfo {
+    /// `AT+CGMI`.
+    pub manufacturer: String,
+    /// `AT+CGMM`.
+    pub model: String,
+    /// `AT+CGMR`.
+    pub revision: String,
+    /// `AT+CGSN`.
+    pub imei: String,
+    /// `AT+CPIN?`: READY, SIM PIN, SIM PUK...
+    pub sim: String,
+    /// `AT+COPS?` operator name.
+    pub operator: Option<String>,
+    /// Signal from `AT+CSQ`, in dBm.
+    pub signal_dbm: Option<i32>,
+    /// `AT+CREG?` status, in words.
+    pub registration: String,
+}
+
+impl std::fmt::Display for ModemInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "manufacturer: {}", self.manufacturer)?;
+        writeln!(f, "model:        {}", self.model)?;
+        writeln!(f, "revision:     {}", self.revision)?;
+        writeln!(f, "IMEI:         {}", self.imei)?;
+        writeln!(f, "SIM:          {}", self.sim)?;
+        writeln!(
+            f,
+            "operator:     {}",
+            self.operator.as_deref().unwrap_or("(none)")
+        )?;
+        match self.signal_dbm {
+            Some(d) => writeln!(f, "signal:       {d} dBm")?,
+            None => writeln!(f, "signal:       unknown")?,
+        }
+        write!(f, "registration: {}", self.registration)
+    }
+}
+
+/// The result of sending one part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartOutcome {
+    /// Accepted by the network; the TP-Message-Reference.
+    Sent {
+        /// `+CMGS: <mr>`.
+        mr: u8,
+    },
+    /// The modem answered with an error or not at all.
+    Failed {
+        /// How to treat it.
+        class: FailureClass,
+        /// `+CMS ERROR: 38`, when there was one.
+        code: Option<String>,
+        /// What happened.
+        reason: String,
+    },
+    /// The modem was not usable; nothing was sent.
+    Unavailable(String),
+}
+
+/// One part to send, with the hand-shake that lets the caller record "in flight" between the
+/// prompt and the PDU.
+pub struct PartRequest {
+    /// Hex after the prompt.
+    pub hex: String,
+    /// `AT+CMGS=` length.
+    pub tpdu_len: usize,
+    /// Signalled when the prompt has arrived.
+    pub prompted: oneshot::Sender<()>,
+    /// The caller's go-ahead (true) once it has recorded the part as in flight.
+    pub go: oneshot::Receiver<bool>,
+}
+
+enum Request {
+    Part(PartRequest, oneshot::Sender<PartOutcome>),
+    Probe(oneshot::Sender<Result<ModemInfo, String>>),
+}
+
+/// A handle to a running modem actor.
+#[derive(Clone)]
+pub struct ModemHandle {
+    /// The modem's name.
+    pub name: String,
+    tx: mpsc::Sender<Request>,
+    health: watch::Receiver<Health>,
+}
+
+impl ModemHandle {
+    /// The current health.
+    pub fn health(&self) -> Health {
+        self.health.borrow().clone()
+    }
+
+    /// A receiver that sees every health change.
+    pub fn watch(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    /// Sends one part (see [`PartRequest`]).
+    pub async fn send_part(&self, req: PartRequest) -> PartOutcome {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::Part(req, tx)).await.is_err() {
+            return PartOutcome::Unavailable("modem actor stopped".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| PartOutcome::Unavailable("modem actor stopped".into()))
+    }
+
+    /// Sends one part and records nothing between prompt and PDU (for `wsmb-agent send`).
+    pub async fn send_part_simple(&self, hex: String, tpdu_len: usize) -> PartOutcome {
+        let (prompted, _prompted_rx) = oneshot::channel();
+        let (go_tx, go) = oneshot::channel();
+        let _ = go_tx.send(true);
+        self.send_part(PartRequest {
+            hex,
+            tpdu_len,
+            prompted,
+            go,
+        })
+        .await
+    }
+
+    /// Asks the modem about itself.
+    pub async fn probe(&self) -> Result<ModemInfo, String> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::Probe(tx)).await.is_err() {
+            return Err("modem actor stopped".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("modem actor stopped".into()))
+    }
+}
+
+/// Starts the actor for `settings`.
+pub fn spawn(settings: ModemSettings) -> ModemHandle {
+    let (tx, rx) = mpsc::channel(8);
+    let (health_tx, health) = watch::channel(Health::Starting);
+    let name = settings.name.clone();
+    tokio::spawn(
+        Actor {
+            s: settings,
+            rx,
+            health: health_tx,
+        }
+        .run(),
+    );
+    ModemHandle { name, tx, health }
+}
+
+type Port = AtPort<tokio_serial::SerialStream>;
+
+/// Why initialisation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// Worth retrying later.
+    #[error("{0}")]
+    Retry(String),
+    /// SIM trouble that needs a person. `retry_later`: worth checking again now and then
+    /// (a SIM may be inserted); never after a refused PIN.
+    #[error("{reason}")]
+    Sim {
+        /// What is wrong and what to do.
+        reason: String,
+        /// Whether to check again later.
+        retry_later: bool,
+    },
+}
+
+fn sim(reason: impl Into<String>, retry_later: bool) -> InitError {
+    InitError::Sim {
+        reason: reason.into(),
+        retry_later,
+    }
+}
+
+/// Opens the device.
+pub fn open_port(s: &ModemSettings) -> Result<Port, InitError> {
+    let stream = tokio_serial::new(s.device.to_string_lossy(), s.baud)
+        .timeout(Duration::from_secs(1))
+        .open_native_async()
+        .map_err(|e| {
+            let hint = match e.kind() {
+                tokio_serial::ErrorKind::NoDevice => {
+                    " (is the modem plugged in? prefer a stable path under /dev/serial/by-id/)"
+                }
+                tokio_serial::ErrorKind::Io(std::io::ErrorKind::NotFound) => {
+                    " (no such device: is the modem plugged in? prefer a stable path under /dev/serial/by-id/)"
+                }
+                tokio_serial::ErrorKind::Io(std::io::ErrorKind::PermissionDenied) => {
+                    " (permission denied: add the agent's user to the dialout group)"
+                }
+                _ => "",
+            };
+            InitError::Retry(format!("cannot open {}: {e}{hint}", s.device.display()))
+        })?;
+    Ok(AtPort::new(stream))
+}
+
+fn at_err(e: AtError) -> InitError {
+    InitError::Retry(e.to_string())
+}
+
+async fn expect_ok(at: &mut Port, cmd: &str, t: Duration) -> Result<Response, InitError> {
+    let r = at.command(cmd, t).await.map_err(at_err)?;
+    if r.result.is_ok() {
+        Ok(r)
+    } else {
+        Err(InitError::Retry(format!("{cmd} answered {}", r.result)))
+    }
+}
+
+/// Initialises an open modem up to PDU mode (no registration wait).
+pub async fn prepare(at: &mut Port, s: &ModemSettings) -> Result<(), InitError> {
+    let t = s.command_timeout;
+    // A previous run may have left AT+CMGS waiting for its PDU: ESC cancels it.
+    let _ = at.cancel_prompt().await;
+    let mut alive = false;
+    for _ in 0..5 {
+        match at.command("AT", Duration::from_secs(2).min(t)).await {
+            Ok(r) if r.result.is_ok() => {
+                alive = true;
+                break;
+            }
+            Ok(_) | Err(AtError::Timeout { .. }) => {
+                let _ = at.cancel_prompt().await;
+            }
+            Err(e) => return Err(at_err(e)),
+        }
+    }
+    if !alive {
+        return Err(InitError::Retry("the modem does not answer AT".into()));
+    }
+    expect_ok(at, "ATE0", t).await?;
+    expect_ok(at, "AT+CMEE=1", t).await?;
+    unlock_sim(at, s).await?;
+    for cmd in &s.init {
+        expect_ok(at, cmd, t).await?;
+    }
+    expect_ok(at, "AT+CMGF=0", t).await?;
+    Ok(())
+}
+
+async fn sim_state(at: &mut Port, t: Duration) -> Result<String, InitError> {
+    let r = at.command("AT+CPIN?", t).await.map_err(at_err)?;
+    match &r.result {
+        Final::Ok => Ok(r.value("+CPIN:").unwrap_or("UNKNOWN").to_owned()),
+        Final::Cme(10) => Err(sim("no SIM card (+CME ERROR: 10)", true)),
+        Final::Cme(13) => Err(sim("SIM failure (+CME ERROR: 13)", true)),
+        other => Err(InitError::Retry(format!("AT+CPIN? answered {other}"))),
+    }
+}
+
+async fn unlock_sim(at: &mut Port, s: &ModemSettings) -> Result<(), InitError> {
+    let t = s.command_timeout;
+    let state = sim_state(at, t).await?;
+    match state.as_str() {
+        "READY" => return Ok(()),
+        "SIM PIN" => {}
+        "SIM PUK" => {
+            return Err(sim(
+                "the SIM is PUK-locked (too many wrong PINs): unlock it in a phone",
+                false,
+            ));
+        }
+        other => return Err(sim(format!("the SIM asks for {other}"), false)),
+    }
+    let Some(pin) = &s.pin else {
+        return Err(sim(
+            "the SIM needs a PIN: set `pin` for this modem in the agent config",
+            false,
+        ));
+    };
+    let r = at
+        .command(&format!("AT+CPIN=\"{pin}\""), t)
+        .await
+        .map_err(at_err)?;
+    match r.result {
+        Final::Ok => {}
+        Final::Cme(16) => {
+            return Err(sim(
+                "the SIM refused the PIN (+CME ERROR: 16, wrong PIN); it will not be tried again, \
+                 since three wrong PINs lock the SIM: fix `pin` and restart the agent",
+                false,
+            ));
+        }
+        Final::Cme(12) => {
+            return Err(sim(
+                "the SIM is PUK-locked (+CME ERROR: 12): unlock it in a phone",
+                false,
+            ));
+        }
+        other => {
+            return Err(sim(
+                format!("the SIM refused the PIN ({other}); not retried"),
+                false,
+            ));
+        }
+    }
+    // The SIM takes a moment after the PIN.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if sim_state(at, t).await? == "READY" {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(InitError::Retry(
+        "the SIM did not become ready after the PIN".into(),
+    ))
+}
+
+fn registration_words(stat: u8) -> &'static str {
+    match stat {
+        0 => "not registered, not searching",
+        1 => "registered, home network",
+        2 => "not registered, searching",
+        3 => "registration denied",
+        5 => "registered, roaming",
+        _ => "unknown",
+    }
+}
+
+async fn registration(at: &mut Port, t: Duration) -> Result<u8, InitError> {
+    let r = expect_ok(at, "AT+CREG?", t).await?;
+    let v = r.value("+CREG:").unwrap_or("");
+    // "+CREG: <n>,<stat>[,...]" (or "+CREG: <stat>" from URC-style answers)
+    let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+    let stat = if parts.len() >= 2 { parts[1] } else { parts[0] };
+    stat.parse::<u8>()
+        .map_err(|_| InitError::Retry(format!("cannot read AT+CREG? answer {v:?}")))
+}
+
+/// Waits for network registration (home or roaming) until the deadline.
+pub async fn wait_registration(at: &mut Port, s: &ModemSettings) -> Result<(), InitError> {
+    let deadline = Instant::now() + s.registration_timeout;
+    loop {
+        let stat = registration(at, s.command_timeout).await?;
+        if stat == 1 || stat == 5 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(InitError::Retry(format!(
+                "not registered on the network after {:?} ({})",
+                s.registration_timeout,
+                registration_words(stat)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn signal_dbm(r: &Response) -> Option<i32> {
+    let rssi: i32 = r.value("+CSQ:")?.split(',').next()?.trim().parse().ok()?;
+    match rssi {
+        0..=31 => Some(-113 + 2 * rssi),
+        _ => None,
+    }
+}
+
+/// Reads identity, SIM, operator, signal and registration.
+pub async fn probe(at: &mut Port, t: Duration) -> Result<ModemInfo, InitError> {
+    let mut info = ModemInfo::default();
+    let one = |r: Response| r.lines.first().cloned().unwrap_or_default();
+    info.manufacturer = one(expect_ok(at, "AT+CGMI", t).await?);
+    info.model = one(expect_ok(at, "AT+CGMM", t).await?);
+    info.revision = one(expect_ok(at, "AT+CGMR", t).await?);
+    info.imei = one(expect_ok(at, "AT+CGSN", t).await?);
+    info.sim = match sim_state(at, t).await {
+        Ok(s) => s,
+        Err(e) => e.to_string(),
+    };
+    let cops = at.command("AT+COPS?", t).await.map_err(at_err)?;
+    info.operator = cops
+        .value("+COPS:")
+        .and_then(|v| v.split(',').nth(2))
+        .map(|o| o.trim().trim_matches('"').to_owned());
+    let csq = at.command("AT+CSQ", t).await.map_err(at_err)?;
+    info.signal_dbm = signal_dbm(&csq);
+    info.registration = match registration(at, t).await {
+        Ok(stat) => registration_words(stat).to_owned(),
+        Err(e) => e.to_string(),
+    };
+    Ok(info)
+}
+
+struct Actor {
+    s: ModemSettings,
+    rx: mpsc::Receiver<Request>,
+    health: watch::Sender<Health>,
+}
+
+impl Actor {
+    fn set_health(&self, h: Health) {
+        let changed = *self.health.borrow() != h;
+        if changed {
+            match &h {
+                Health::Ready => info!(modem = %self.s.name, "modem ready"),
+                Health::Down(r) => warn!(modem = %self.s.name, "modem down: {r}"),
+                Health::Stopped(r) => tracing::error!(modem = %self.s.name, "modem stopped: {r}"),
+                Health::Starting => debug!(modem = %self.s.name, "modem starting"),
+            }
+            let _ = self.health.send(h);
+        }
+    }
+
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            self.set_health(Health::Starting);
+            let opened = async {
+                let mut at = open_port(&self.s)?;
+                prepare(&mut at, &self.s).await?;
+                wait_registration(&mut at, &self.s).await?;
+                Ok::<_, InitError>(at)
+            };
+            // Requests that arrive while initialising are answered at once.
+            let result = {
+                tokio::pin!(opened);
+                loop {
+                    tokio::select! {
+                        r = &mut opened => break r,
+                        req = self.rx.recv() => match req {
+                            Some(req) => refuse(req, "modem initialising"),
+                            None => return,
+                        },
+                    }
+                }
+            };
+            let pause = match result {
+                Ok(at) => {
+                    backoff = Duration::from_millis(500);
+                    self.set_health(Health::Ready);
+                    match self.serve(at).await {
+                        Some(reason) => {
+                            self.set_health(Health::Down(reason));
+                            Duration::from_millis(200)
+                        }
+                        None => return,
+                    }
+                }
+                Err(InitError::Sim {
+                    reason,
+                    retry_later,
+                }) => {
+                    self.set_health(Health::Stopped(reason));
+                    // A person must act (insert a SIM, fix the PIN). Check again rarely, and
+                    // never after a refused PIN: that stays until the agent restarts.
+                    if retry_later {
+                        Duration::from_secs(60)
+                    } else {
+                        Duration::MAX
+                    }
+                }
+                Err(InitError::Retry(reason)) => {
+                    self.set_health(Health::Down(reason));
+                    let p = backoff;
+                    backoff = (backoff * 2).min(self.s.reopen_max);
+                    p
+                }
+            };
+            if !self.idle(pause).await {
+                return;
+            }
+        }
+    }
+
+    /// Answers requests with "unavailable" for `pause`. False when the handle is gone.
+    async fn idle(&mut self, pause: Duration) -> bool {
+        let until = tokio::time::Instant::now()
+            .checked_add(pause)
+            .unwrap_or_else(|| {
+                tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365 * 10)
+            });
+        let reason = match &*self.health.borrow() {
+            Health::Down(r) | Health::Stopped(r) => r.clone(),
+            _ => "modem not ready".into(),
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return true,
+                req = self.rx.recv() => match req {
+                    Some(req) => refuse(req, &reason),
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    /// Serves requests until the modem fails (returns why) or the handle is dropped (None).
+    async fn serve(&mut self, mut at: Port) -> Option<String> {
+        let mut health = tokio::time::interval(self.s.health_interval);
+        health.reset();
+        loop {
+            tokio::select! {
+                req = self.rx.recv() => {
+                    let req = req?;
+                    if let Err(reason) = self.handle(&mut at, req).await {
+                        return Some(reason);
+                    }
+                    health.reset();
+                }
+                _ = health.tick() => {
+                    if let Err(reason) = self.check(&mut at).await {
+                        return Some(reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Idle check: the modem answers and is still registered.
+    async fn check(&self, at: &mut Port) -> Result<(), String> {
+        let t = self.s.command_timeout;
+        match at.command("AT+CREG?", t).await {
+            Ok(r) if r.result.is_ok() => {
+                let stat = r
+                    .value("+CREG:")
+                    .and_then(|v| v.split(',').nth(1).or(Some(v)))
+                    .and_then(|s| s.trim().parse::<u8>().ok());
+                match stat {
+                    Some(1 | 5) => Ok(()),
+                    Some(s) => Err(format!("lost the network ({})", registration_words(s))),
+                    None => Ok(()),
+                }
+            }
+            Ok(r) => Err(format!("AT+CREG? answered {}", r.result)),
+            Err(AtError::Timeout { .. }) => self.recover(at).await,
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// After a command timed out: ESC, then `AT` up to three times.
+    async fn recover(&self, at: &mut Port) -> Result<(), String> {
+        for _ in 0..3 {
+            let _ = at.cancel_prompt().await;
+            match at.command("AT", Duration::from_secs(2)).await {
+                Ok(r) if r.result.is_ok() => return Ok(()),
+                Ok(_) | Err(AtError::Timeout { .. }) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("the modem stopped answering".into())
+    }
+
+    /// Handles one request. Err when the modem must be re-opened.
+    async fn handle(&self, at: &mut Port, req: Request) -> Result<(), String> {
+        match req {
+            Request::Probe(reply) => {
+                let r = probe(at, self.s.command_timeout)
+                    .await
+                    .map_err(|e| e.to_string());
+                let failed = r.is_err();
+                let _ = reply.send(r);
+                if failed {
+                    self.recover(at).await?;
+                }
+                Ok(())
+            }
+            Request::Part(part, reply) => {
+                let PartRequest {
+                    hex,
+                    tpdu_len,
+                    prompted,
+                    go,
+                } = part;
+                let arm = async move {
+                    let _ = prompted.send(());
+                    go.await.unwrap_or(false)
+                };
+                let timeouts = SubmitTimeouts {
+                    prompt: self.s.prompt_timeout,
+                    result: self.s.send_timeout,
+                };
+                match at.submit_pdu(tpdu_len, &hex, timeouts, arm).await {
+                    Ok(mr) => {
+                        let _ = reply.send(PartOutcome::Sent { mr });
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let class = classify(e.stage, e.result.as_ref());
+                        let outcome = PartOutcome::Failed {
+                            class,
+                            code: e.result.as_ref().and_then(|r| match r {
+                                Final::Cms(_) | Final::Cme(_) => Some(r.to_string()),
+                                _ => None,
+                            }),
+                            reason: e.what.clone(),
+                        };
+                        let _ = reply.send(outcome);
+                        if e.port_failed {
+                            return Err(e.what);
+                        }
+                        if class == FailureClass::Sim {
+                            return Err(format!("SIM trouble while sending: {}", e.what));
+                        }
+                        if e.result.is_none() {
+                            // A timeout: is the modem still there?
+                            self.recover(at).await?;
+                        }
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn refuse(req: Request, reason: &str) {
+    match req {
+        Request::Part(_, reply) => {
+            let _ = reply.send(PartOutcome::Unavailable(reason.to_owned()));
+        }
+        Request::Probe(reply) => {
+            let _ = reply.send(Err(reason.to_owned()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_follows_the_field_notes() {
+        use FailureClass::*;
+        let c = |stage, r: Option<Final>| classify(stage, r.as_ref());
+        for code in [38, 41, 42, 47, 111, 331, 332, 512, 515, 535, 322] {
+            assert_eq!(
+                c(Stage::AfterPdu, Some(Final::Cms(code))),
+                Transient,
+                "{code}"
+            );
+            assert_eq!(
+                c(Stage::BeforePdu, Some(Final::Cms(code))),
+                Transient,
+                "{code}"
+            );
+        }
+        for code in [21, 28, 30, 195, 196, 304, 305, 330] {
+            assert_eq!(
+                c(Stage::AfterPdu, Some(Final::Cms(code))),
+                Permanent,
+                "{code}"
+            );
+        }
+        for code in 310..=318 {
+            assert_eq!(c(Stage::BeforePdu, Some(Final::Cms(code))), Sim, "{code}");
+        }
+        assert_eq!(c(Stage::BeforePdu, Some(Final::Cme(10))), Sim);
+        assert_eq!(c(Stage::AfterPdu, Some(Final::Cme(14))), Transient);
+        assert_eq!(c(Stage::AfterPdu, Some(Final::Cms(500))), Ambiguous);
+        assert_eq!(c(Stage::AfterPdu, None), Ambiguous);
+        // before the PDU, nothing can have been sent
+        assert_eq!(c(Stage::BeforePdu, Some(Final::Cms(500))), Transient);
+        assert_eq!(c(Stage::BeforePdu, None), Transient);
+        assert_eq!(c(Stage::AfterPdu, Some(Final::Error)), Transient);
+    }
+
+    #[test]
+    fn signal_in_dbm() {
+        let r = |v: &str| Response {
+            lines: vec![format!("+CSQ: {v}")],
+            result: Final::Ok,
+        };
+        assert_eq!(signal_dbm(&r("0,99")), Some(-113));
+        assert_eq!(signal_dbm(&r("21,99")), Some(-71));
+        assert_eq!(signal_dbm(&r("31,0")), Some(-51));
+        assert_eq!(signal_dbm(&r("99,99")), None);
+    }
+}
