@@ -8,6 +8,9 @@
 #![forbid(unsafe_code)]
 
 pub mod at;
+pub mod config;
+pub mod jobs;
 pub mod modem;
 pub mod pdu;
 pub mod sim;
+pub mod store;

@@ -10,6 +10,8 @@
 //! - [`client`]: frames a client sends (`send-message`, `receive-message`, `ping`), parsed in one
 //!   pass without copying, with a precise error for every malformed input.
 //! - [`reply`]: frames the broker sends back (`connect`, `send-result`, `error`).
+//! - [`frames`]: building the frames a client sends.
+//! - [`sms`]: the SMS gateway's payloads: jobs on `sms`, status events on `sms-status`.
 //! - [`time`]: the legacy timestamp format.
 //!
 //! No I/O happens here.
@@ -18,7 +20,9 @@
 
 pub mod client;
 pub mod codes;
+pub mod frames;
 pub mod reply;
+pub mod sms;
 pub mod time;
 
 pub use client::{ClientFrame, Command, FrameError, ItemId, parse_client_frame};

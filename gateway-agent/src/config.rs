@@ -1,0 +1,499 @@
+//! Agent configuration: TOML file (default `/etc/wsmb/agent.toml`), embedded defaults, the
+//! password from `WSMB_PASSWORD`, flags for a one-off run. `deploy/agent.example.toml` documents
+//! every key with its default; a test keeps the two in step.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::modem::ModemSettings;
+
+/// Default config path.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/wsmb/agent.toml";
+/// Environment variable holding the broker password.
+pub const ENV_PASSWORD: &str = "WSMB_PASSWORD";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[broker]`.
+    pub broker: BrokerConfig,
+    /// `[agent]`.
+    pub agent: AgentConfig,
+    /// `[[modem]]`, one per modem.
+    #[serde(rename = "modem")]
+    pub modems: Vec<ModemConfig>,
+    /// `[[route]]`: number prefixes to modem groups.
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// `[log]`.
+    pub log: LogConfig,
+}
+
+/// `[broker]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `ws://` or `wss://` URL of the broker.
+    pub url: String,
+    /// User name (HTTP Basic).
+    pub user: String,
+    /// Password; `WSMB_PASSWORD` overrides it (keep it out of the file).
+    pub password: String,
+    /// Channel the jobs arrive on.
+    pub channel: String,
+    /// Channel the status events are published on.
+    pub status_channel: String,
+    /// Client pings to the broker; the link is considered dead after two missed.
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
+    /// Longest wait between reconnection attempts (back-off with jitter up to this).
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_max: Duration,
+    /// Time allowed to connect and upgrade.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: "ws://127.0.0.1:8888/".into(),
+            user: "agent".into(),
+            password: String::new(),
+            channel: "sms".into(),
+            status_channel: "sms-status".into(),
+            ping_interval: Duration::from_secs(30),
+            reconnect_max: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Where the job queue (SQLite) lives.
+    pub state_dir: PathBuf,
+    /// Country calling code used to write national numbers internationally (`"62"`: `0812...`
+    /// becomes `+62812...`). Empty: national numbers are sent as they are.
+    pub country_code: String,
+    /// The national trunk prefix replaced by the country code.
+    pub national_prefix: String,
+    /// Most SMS parts one job may need.
+    pub max_parts: u32,
+    /// Sending attempts before a job fails.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles with each attempt, capped at 10 minutes.
+    #[serde(deserialize_with = "duration")]
+    pub retry_delay: Duration,
+    /// Send again after an ambiguous answer (`+CMS ERROR: 500`, no answer after sending),
+    /// accepting possible duplicates. Off by default: the job fails and says so.
+    pub retry_ambiguous: bool,
+    /// Numbers that are refused (normalised before comparing).
+    pub block_list: Vec<String>,
+    /// Ask the network for delivery reports.
+    pub status_report: bool,
+    /// Validity period given to the SMSC ("1d", "6h"); empty leaves the SMSC default.
+    pub validity: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            state_dir: PathBuf::from("/var/lib/wsmb-agent"),
+            country_code: String::new(),
+            national_prefix: "0".into(),
+            max_parts: 10,
+            max_attempts: 5,
+            retry_delay: Duration::from_secs(30),
+            retry_ambiguous: false,
+            block_list: Vec::new(),
+            status_report: false,
+            validity: String::new(),
+        }
+    }
+}
+
+/// `[[modem]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModemConfig {
+    /// Name (logs, statuses). Default `modem1`, `modem2`, ... in file order.
+    pub name: String,
+    /// Serial device; prefer `/dev/serial/by-id/...`, which survives re-enumeration.
+    pub device: PathBuf,
+    /// Baud rate.
+    pub baud: u32,
+    /// SIM PIN (empty: none).
+    pub pin: String,
+    /// Routing group.
+    pub group: String,
+    /// Most SMS (parts) per minute through this modem; 0 = no limit.
+    pub rate_per_minute: u32,
+    /// Extra AT commands run after initialisation.
+    pub init: Vec<String>,
+    /// Deadline of ordinary AT commands.
+    #[serde(deserialize_with = "duration")]
+    pub command_timeout: Duration,
+    /// Deadline for the `> ` prompt of `AT+CMGS`.
+    #[serde(deserialize_with = "duration")]
+    pub prompt_timeout: Duration,
+    /// Deadline for `+CMGS` after the PDU.
+    #[serde(deserialize_with = "duration")]
+    pub send_timeout: Duration,
+    /// How long to wait for network registration.
+    #[serde(deserialize_with = "duration")]
+    pub registration_timeout: Duration,
+}
+
+impl Default for ModemConfig {
+    fn default() -> Self {
+        let d = ModemSettings::new("", "");
+        ModemConfig {
+            name: String::new(),
+            device: PathBuf::new(),
+            baud: d.baud,
+            pin: String::new(),
+            group: "default".into(),
+            rate_per_minute: 10,
+            init: Vec::new(),
+            command_timeout: d.command_timeout,
+            prompt_timeout: d.prompt_timeout,
+            send_timeout: d.send_timeout,
+            registration_timeout: d.registration_timeout,
+        }
+    }
+}
+
+impl ModemConfig {
+    /// The actor's settings.
+    pub fn settings(&self) -> ModemSettings {
+        let mut s = ModemSettings::new(&self.name, &self.device);
+        s.baud = self.baud;
+        s.pin = (!self.pin.is_empty()).then(|| self.pin.clone());
+        s.init = self.init.clone();
+        s.command_timeout = self.command_timeout;
+        s.prompt_timeout = self.prompt_timeout;
+        s.send_timeout = self.send_timeout;
+        s.registration_timeout = self.registration_timeout;
+        s
+    }
+}
+
+/// `[[route]]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// International prefixes, e.g. `["+62811", "+62812"]`; the longest match wins.
+    pub prefixes: Vec<String>,
+    /// The modem group that sends these numbers.
+    pub group: String,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// error, warn, info, debug, trace.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Cannot read the file.
+    #[error("cannot read config file {path}: {err}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// Not valid TOML, unknown key, wrong type.
+    #[error("config file {path}: {msg}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// toml's message.
+        msg: String,
+    },
+    /// A value out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Parses TOML.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            msg: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Loads `path`, else the default path if it exists, else defaults.
+    pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
+        let (path, must) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(t) => Ok((Config::from_toml(&t, &path)?, path.display().to_string())),
+            Err(e) if !must && e.kind() == std::io::ErrorKind::NotFound => Ok((
+                Config::default(),
+                format!("embedded defaults ({DEFAULT_CONFIG_PATH} not found)"),
+            )),
+            Err(err) => Err(ConfigError::Io { path, err }),
+        }
+    }
+
+    /// Names unnamed modems `modem1`, `modem2`, ...
+    pub fn fill_names(&mut self) {
+        for (i, m) in self.modems.iter_mut().enumerate() {
+            if m.name.is_empty() {
+                m.name = format!("modem{}", i + 1);
+            }
+        }
+    }
+
+    /// The validity period, parsed.
+    pub fn validity(&self) -> Option<Duration> {
+        humantime::parse_duration(self.agent.validity.trim()).ok()
+    }
+
+    /// Checks everything a `run` needs (modems included).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let url = &self.broker.url;
+        if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+            return bad(format!(
+                "broker.url = {url:?} must start with ws:// or wss:// (e.g. \"wss://broker.example.com/\")"
+            ));
+        }
+        if self.broker.user.is_empty() {
+            return bad("broker.user is empty: set the broker user name".into());
+        }
+        if self.broker.channel.is_empty() || self.broker.status_channel.is_empty() {
+            return bad("broker.channel and broker.status_channel must not be empty".into());
+        }
+        if self.broker.channel == self.broker.status_channel {
+            return bad("broker.status_channel must differ from broker.channel".into());
+        }
+        if self.broker.ping_interval.is_zero() {
+            return bad("broker.ping_interval must be more than 0s".into());
+        }
+        let cc = &self.agent.country_code;
+        if !cc.is_empty() && (cc.len() > 3 || !cc.bytes().all(|b| b.is_ascii_digit())) {
+            return bad(format!(
+                "agent.country_code = {:?} must be 1 to 3 digits without + (e.g. \"62\")",
+                self.agent.country_code
+            ));
+        }
+        if !(1..=255).contains(&self.agent.max_parts) {
+            return bad("agent.max_parts must be 1 to 255".into());
+        }
+        if self.agent.max_attempts == 0 {
+            return bad("agent.max_attempts must be at least 1".into());
+        }
+        if !self.agent.validity.trim().is_empty() && self.validity().is_none() {
+            return bad(format!(
+                "agent.validity = {:?} is not a duration; write e.g. \"1d\" or \"6h\", or leave it empty",
+                self.agent.validity
+            ));
+        }
+        if self.modems.is_empty() {
+            return bad(
+                "no modem configured: add a [[modem]] section with its device, or pass --device PATH"
+                    .into(),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for m in &self.modems {
+            if m.device.as_os_str().is_empty() {
+                return bad(format!(
+                    "modem {:?} has no device: set device = \"/dev/serial/by-id/...\"",
+                    m.name
+                ));
+            }
+            if !names.insert(&m.name) {
+                return bad(format!(
+                    "two modems are named {:?}; names must be unique",
+                    m.name
+                ));
+            }
+            if m.command_timeout.is_zero() || m.prompt_timeout.is_zero() || m.send_timeout.is_zero()
+            {
+                return bad(format!("modem {:?}: timeouts must be more than 0s", m.name));
+            }
+        }
+        for r in &self.routes {
+            if !self.modems.iter().any(|m| m.group == r.group) {
+                return bad(format!(
+                    "route group {:?} has no modem: set group = {:?} on a [[modem]]",
+                    r.group, r.group
+                ));
+            }
+            for p in &r.prefixes {
+                if !p.starts_with('+') || p.len() < 2 || !p[1..].bytes().all(|b| b.is_ascii_digit())
+                {
+                    return bad(format!(
+                        "route prefix {p:?} must be + and digits (international form, e.g. \"+62812\")"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{t:?} is not a duration ({e}); write e.g. \"30s\", \"500ms\" or \"2m\""
+            ))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_documents_every_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml");
+        let text = std::fs::read_to_string(&path).expect("deploy/agent.example.toml");
+        let mut parsed = Config::from_toml(&text, &path).expect("parses");
+        let mut expected = Config::default();
+        // the example fills in one modem and one route; they must use the defaults otherwise
+        assert_eq!(parsed.modems.len(), 1);
+        let m = parsed.modems.remove(0);
+        assert_eq!(
+            m,
+            ModemConfig {
+                name: m.name.clone(),
+                device: m.device.clone(),
+                ..ModemConfig::default()
+            }
+        );
+        parsed.routes.clear();
+        expected.broker.password = parsed.broker.password.clone();
+        assert_eq!(parsed, expected);
+        for key in [
+            "url",
+            "user",
+            "password",
+            "channel",
+            "status_channel",
+            "ping_interval",
+            "reconnect_max",
+            "connect_timeout",
+            "state_dir",
+            "country_code",
+            "national_prefix",
+            "max_parts",
+            "max_attempts",
+            "retry_delay",
+            "retry_ambiguous",
+            "block_list",
+            "status_report",
+            "validity",
+            "name",
+            "device",
+            "baud",
+            "pin",
+            "group",
+            "rate_per_minute",
+            "init",
+            "command_timeout",
+            "prompt_timeout",
+            "send_timeout",
+            "registration_timeout",
+            "prefixes",
+            "level",
+        ] {
+            assert!(text.contains(&format!("{key} =")), "example lacks {key}");
+        }
+    }
+
+    fn valid() -> Config {
+        let mut c = Config::default();
+        c.modems.push(ModemConfig {
+            device: "/dev/ttyUSB0".into(),
+            ..ModemConfig::default()
+        });
+        c.fill_names();
+        c
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        valid().validate().expect("valid");
+        let mut c = valid();
+        c.broker.url = "http://x".into();
+        assert!(
+            c.validate()
+                .expect_err("url")
+                .to_string()
+                .contains("broker.url")
+        );
+        let mut c = valid();
+        c.modems.clear();
+        assert!(
+            c.validate()
+                .expect_err("modems")
+                .to_string()
+                .contains("--device")
+        );
+        let mut c = valid();
+        c.agent.country_code = "+62".into();
+        assert!(
+            c.validate()
+                .expect_err("cc")
+                .to_string()
+                .contains("country_code")
+        );
+        let mut c = valid();
+        c.routes.push(RouteConfig {
+            prefixes: vec!["+62812".into()],
+            group: "nope".into(),
+        });
+        assert!(
+            c.validate()
+                .expect_err("route")
+                .to_string()
+                .contains("nope")
+        );
+        let mut c = valid();
+        c.agent.validity = "forever".into();
+        assert!(
+            c.validate()
+                .expect_err("validity")
+                .to_string()
+                .contains("validity")
+        );
+        let e =
+            Config::from_toml("[agent]\ncolor = 1\n", Path::new("a.toml")).expect_err("unknown");
+        assert!(e.to_string().contains("color"));
+    }
+}

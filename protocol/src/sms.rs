@@ -1,0 +1,309 @@
+//! The SMS gateway's payloads, carried in ordinary `send-message` frames:
+//!
+//! - **jobs**, sent by applications on the `sms` channel: `data` is an array of items
+//!   `{"id", "time", "receiver", "message"}` (the seed README's shape), optionally with
+//!   `expiration` (epoch seconds; the job is dropped as expired after it) and `date_time`
+//!   (informational, as the original author's Pi gateway used). A single object as `data` is
+//!   accepted too.
+//! - **status events**, published by the agent on the status channel (`sms-status`): one item
+//!   per event, `{"id", "status", ...}`, see [`StatusEvent`].
+//!
+//! Only the shape lives here; what makes a job valid (number format, length) is the agent's
+//! business.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A job as read from the wire, fields typed but not yet validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// The application's id (strings as given, numbers as their JSON text).
+    pub id: Option<String>,
+    /// The destination, as given (a JSON number is taken as its digits).
+    pub receiver: Option<String>,
+    /// The text.
+    pub message: Option<String>,
+    /// Epoch seconds after which the job must not be sent.
+    pub expiration: Option<u64>,
+    /// Informational date-time string.
+    pub date_time: Option<String>,
+    /// The application's `time` (epoch seconds).
+    pub time: Option<i64>,
+}
+
+/// Why an item of `data` is not a job at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemError {
+    /// The item's `id`, when it has one.
+    pub id: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Why a forwarded frame carries no jobs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobFrameError {
+    /// Not JSON, not an object.
+    #[error("not a JSON object: {0}")]
+    NotJson(String),
+    /// `command` is not `send-message` (a reply, or something else).
+    #[error("not a send-message frame")]
+    NotAMessage,
+    /// `data` is neither an array nor an object.
+    #[error("data is neither an array nor an object")]
+    BadData,
+}
+
+#[derive(Deserialize)]
+struct Frame {
+    command: Option<Value>,
+    channel: Option<Value>,
+    data: Option<Value>,
+}
+
+/// Reads the jobs of a forwarded `send-message` frame; returns the channel too. Each item is a
+/// job or an [`ItemError`], in order.
+#[allow(clippy::type_complexity)]
+pub fn parse_jobs(
+    text: &str,
+) -> Result<(Option<String>, Vec<Result<Job, ItemError>>), JobFrameError> {
+    let f: Frame = serde_json::from_str(text).map_err(|e| JobFrameError::NotJson(e.to_string()))?;
+    if f.command.as_ref().and_then(Value::as_str) != Some("send-message") {
+        return Err(JobFrameError::NotAMessage);
+    }
+    let channel = f
+        .channel
+        .as_ref()
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let items = match f.data {
+        Some(Value::Array(items)) => items,
+        Some(obj @ Value::Object(_)) => vec![obj],
+        _ => return Err(JobFrameError::BadData),
+    };
+    Ok((channel, items.into_iter().map(job_from_value).collect()))
+}
+
+fn id_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Epoch seconds from a number or a numeric string.
+fn epoch(v: &Value) -> Option<Option<u64>> {
+    match v {
+        Value::Null => Some(None),
+        Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .map(Some),
+        Value::String(s) if s.trim().is_empty() => Some(None),
+        Value::String(s) => s.trim().parse::<u64>().ok().map(Some),
+        _ => None,
+    }
+}
+
+fn job_from_value(v: Value) -> Result<Job, ItemError> {
+    let Value::Object(map) = v else {
+        return Err(ItemError {
+            id: None,
+            reason: "an item of data is not an object".into(),
+        });
+    };
+    let id = map.get("id").and_then(id_of);
+    let err = |reason: String| ItemError {
+        id: id.clone(),
+        reason,
+    };
+    let receiver = match map.get("receiver") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err(err("\"receiver\" must be a string".into())),
+    };
+    let message = match map.get("message") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err(err("\"message\" must be a string".into())),
+    };
+    let expiration = match map.get("expiration") {
+        None => None,
+        Some(v) => epoch(v).ok_or_else(|| {
+            err("\"expiration\" must be epoch seconds (a number or a string of digits)".into())
+        })?,
+    };
+    let date_time = map
+        .get("date_time")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let time = map.get("time").and_then(Value::as_i64);
+    Ok(Job {
+        id,
+        receiver,
+        message,
+        expiration,
+        date_time,
+        time,
+    })
+}
+
+/// The kind of a status event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The agent has the job, stored durably, and will send it.
+    Queued,
+    /// The network accepted every part.
+    Sent,
+    /// The job will not be sent (see `reason`, `error_code`, `ambiguous`).
+    Failed,
+    /// The job's `expiration` passed before it could be sent.
+    Expired,
+    /// A modem changed state (`id` is `modem:<name>`; see `modem_state`).
+    Modem,
+}
+
+/// One status event, an item of the `data` array published on the status channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    /// The job's id (or `modem:<name>` for modem events).
+    pub id: String,
+    /// What happened.
+    pub status: Status,
+    /// When, epoch seconds.
+    pub time: u64,
+    /// The destination, normalised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<String>,
+    /// The modem that sent (or tried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modem: Option<String>,
+    /// For `sent`: the TP-Message-Reference of each part, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub message_references: Vec<u8>,
+    /// For `sent` (and `queued`): the number of SMS parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<u32>,
+    /// For `failed`: a short code (`+CMS ERROR: 28`, `invalid_receiver`, `blocked`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// For `failed`/`expired`/`modem`: what happened, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For `failed`: the SMS may nevertheless have gone out (the modem's answer after sending
+    /// was ambiguous), so it was not sent again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ambiguous: bool,
+    /// Sending attempts made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// For `modem`: `ready`, `down` or `stopped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modem_state: Option<String>,
+}
+
+impl StatusEvent {
+    /// An event with only the required fields set.
+    pub fn new(id: impl Into<String>, status: Status, time: u64) -> Self {
+        StatusEvent {
+            id: id.into(),
+            status,
+            time,
+            receiver: None,
+            modem: None,
+            message_references: Vec::new(),
+            parts: None,
+            error_code: None,
+            reason: None,
+            ambiguous: false,
+            attempts: None,
+            modem_state: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_readme_job() {
+        let text = "{\n    \"command\": \"send-message\",\n    \"channel\": \"sms\",\n    \"data\": [\n        {\n            \"id\": \"6560a1b2c3d4e\",\n            \"time\": 1700000000,\n            \"receiver\": \"08126666666\",\n            \"message\": \"Haloo. Pesan ini dikirim 28 November 2026\"\n        }\n    ]\n}";
+        let (ch, jobs) = parse_jobs(text).expect("jobs");
+        assert_eq!(ch.as_deref(), Some("sms"));
+        assert_eq!(
+            jobs,
+            vec![Ok(Job {
+                id: Some("6560a1b2c3d4e".into()),
+                receiver: Some("08126666666".into()),
+                message: Some("Haloo. Pesan ini dikirim 28 November 2026".into()),
+                expiration: None,
+                date_time: None,
+                time: Some(1_700_000_000),
+            })]
+        );
+    }
+
+    #[test]
+    fn single_object_expiration_and_date_time() {
+        let text = r#"{"command":"send-message","channel":"sms","data":{"id":7,"receiver":628123,"message":"x","expiration":"1800000000","date_time":"2026-11-28 10:00:00"}}"#;
+        let (_, jobs) = parse_jobs(text).expect("jobs");
+        let j = jobs[0].clone().expect("job");
+        assert_eq!(j.id.as_deref(), Some("7"));
+        assert_eq!(j.receiver.as_deref(), Some("628123"));
+        assert_eq!(j.expiration, Some(1_800_000_000));
+        assert_eq!(j.date_time.as_deref(), Some("2026-11-28 10:00:00"));
+    }
+
+    #[test]
+    fn bad_items_are_reported_one_by_one() {
+        let text = r#"{"command":"send-message","channel":"sms","data":["x",{"id":"a","receiver":["1"]},{"id":"b","expiration":"soon"},{"id":"c","receiver":"1","message":"ok"}]}"#;
+        let (_, jobs) = parse_jobs(text).expect("frame");
+        assert!(jobs[0].is_err());
+        assert_eq!(jobs[1].clone().expect_err("bad").id.as_deref(), Some("a"));
+        assert!(
+            jobs[2]
+                .clone()
+                .expect_err("bad")
+                .reason
+                .contains("expiration")
+        );
+        assert!(jobs[3].is_ok());
+        assert!(matches!(parse_jobs("nope"), Err(JobFrameError::NotJson(_))));
+        assert_eq!(
+            parse_jobs(r#"{"command":"connect","response_code":"00","data":[]}"#),
+            Err(JobFrameError::NotAMessage)
+        );
+        assert_eq!(
+            parse_jobs(r#"{"command":"send-message","data":"x"}"#),
+            Err(JobFrameError::BadData)
+        );
+    }
+
+    #[test]
+    fn status_events_serialise_compactly() {
+        let mut e = StatusEvent::new("6560", Status::Sent, 1_800_000_000);
+        e.receiver = Some("+628126666666".into());
+        e.modem = Some("modem1".into());
+        e.message_references = vec![12, 13];
+        e.parts = Some(2);
+        let s = serde_json::to_string(&e).expect("json");
+        assert_eq!(
+            s,
+            r#"{"id":"6560","status":"sent","time":1800000000,"receiver":"+628126666666","modem":"modem1","message_references":[12,13],"parts":2}"#
+        );
+        let back: StatusEvent = serde_json::from_str(&s).expect("parse");
+        assert_eq!(back, e);
+        let mut f = StatusEvent::new("x", Status::Failed, 1);
+        f.ambiguous = true;
+        assert!(
+            serde_json::to_string(&f)
+                .expect("json")
+                .contains("\"ambiguous\":true")
+        );
+    }
+}
