@@ -1,12 +1,7 @@
-//! `wsmb-agent`: the gateway agent. Not built yet: see issue 3 (broker link, durable job queue,
-//! AT engine, PDU codec, modem simulator). This placeholder only keeps the workspace layout.
+//! The `wsmb-agent` binary; everything is in the library.
 
 #![forbid(unsafe_code)]
 
-fn main() {
-    eprintln!(
-        "wsmb-agent {}: not implemented yet (the gateway agent is tracked in issue 3)",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+fn main() -> std::process::ExitCode {
+    wsmb_agent::cli::main()
 }

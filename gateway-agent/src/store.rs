@@ -147,6 +147,7 @@ pub struct Ending {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl Store {
@@ -163,7 +164,19 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            changed: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Resolves after the next outbox change (a new event); a change that happened while nobody
+    /// waited is remembered once.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Wakes whoever waits in [`Store::changed`].
+    pub fn poke(&self) {
+        self.changed.notify_one();
     }
 
     async fn with<T: Send + 'static>(
@@ -179,9 +192,21 @@ impl Store {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    /// Like `with`, for operations that may add outbox events: wakes the publisher.
+    async fn with_events<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let r = self.with(f).await;
+        if r.is_ok() {
+            self.changed.notify_one();
+        }
+        r
+    }
+
     /// Queues a validated job and its `queued` event; duplicates (same id) change nothing.
     pub async fn insert(&self, job: ValidJob) -> Result<Inserted, StoreError> {
-        self.with(move |c| {
+        self.with_events(move |c| {
             let tx = c.transaction()?;
             let n = tx.execute(
                 "INSERT OR IGNORE INTO jobs(id, receiver, message, state, expires_at, received_at, parts)
@@ -209,7 +234,7 @@ impl Store {
         receiver: Option<String>,
         ending: Ending,
     ) -> Result<Inserted, StoreError> {
-        self.with(move |c| {
+        self.with_events(move |c| {
             let tx = c.transaction()?;
             let label = match &id {
                 Some(id) => {
@@ -334,7 +359,7 @@ impl Store {
         modem: &str,
     ) -> Result<bool, StoreError> {
         let (id, modem) = (id.to_owned(), modem.to_owned());
-        self.with(move |c| {
+        self.with_events(move |c| {
             let tx = c.transaction()?;
             let (mrs, receiver, attempts): (String, String, u32) = tx.query_row(
                 "SELECT mrs, receiver, attempts FROM jobs WHERE id = ?1",
@@ -392,7 +417,7 @@ impl Store {
     /// Ends a job as failed or expired, with its event.
     pub async fn finish(&self, id: &str, ending: Ending) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.with(move |c| {
+        self.with_events(move |c| {
             let tx = c.transaction()?;
             let (receiver, attempts, mrs): (String, u32, String) = tx.query_row(
                 "SELECT receiver, attempts, mrs FROM jobs WHERE id = ?1",
@@ -478,7 +503,7 @@ impl Store {
 
     /// Queues a status event that belongs to no job state change (modem events).
     pub async fn event(&self, e: StatusEvent) -> Result<(), StoreError> {
-        self.with(move |c| {
+        self.with_events(move |c| {
             let tx = c.transaction()?;
             push_event(&tx, &e)?;
             tx.commit()

@@ -1,0 +1,331 @@
+//! Command line: `wsmb-agent run | probe | send NUMBER TEXT | check-config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ENV_PASSWORD, ModemConfig};
+use crate::modem::{self, Health, PartOutcome};
+use crate::pdu::{self, Address, SubmitOptions};
+
+/// WSMB gateway agent: sends the broker's SMS jobs through GSM modems.
+#[derive(Debug, Parser)]
+#[command(name = "wsmb-agent", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file [default: /etc/wsmb/agent.toml when it exists, else embedded defaults]
+    #[arg(short, long, value_name = "PATH", global = true)]
+    pub config: Option<PathBuf>,
+    /// Broker URL, overriding broker.url (ws://HOST:PORT/ or wss://HOST/)
+    #[arg(long, value_name = "URL", global = true)]
+    pub broker: Option<String>,
+    /// Broker user, overriding broker.user (the password comes from WSMB_PASSWORD)
+    #[arg(long, value_name = "NAME", global = true)]
+    pub user: Option<String>,
+    /// Jobs channel, overriding broker.channel
+    #[arg(long, value_name = "NAME", global = true)]
+    pub channel: Option<String>,
+    /// One modem at this device, replacing the [[modem]] list
+    #[arg(long, value_name = "PATH", global = true)]
+    pub device: Option<PathBuf>,
+    /// State directory (job queue), overriding agent.state_dir
+    #[arg(long, value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Log filter, overriding log.level
+    #[arg(long, value_name = "FILTER", global = true)]
+    pub log_level: Option<String>,
+    /// What to do (default: run)
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the agent (the default)
+    Run,
+    /// Show each modem's model, IMEI, SIM state, operator, signal and registration
+    Probe,
+    /// Send one SMS now through the first modem, and print the outcome
+    Send {
+        /// Destination number (+628123456789 or national)
+        number: String,
+        /// Text
+        text: String,
+    },
+    /// Check the configuration, print a summary and exit (non-zero when something is wrong)
+    CheckConfig,
+}
+
+/// Loads the config, applies WSMB_PASSWORD and the flags.
+pub fn effective_config(cli: &Cli) -> anyhow::Result<(Config, String)> {
+    let (mut c, origin) = Config::load(cli.config.as_deref())?;
+    if let Ok(p) = std::env::var(ENV_PASSWORD) {
+        c.broker.password = p;
+    }
+    if let Some(v) = &cli.broker {
+        c.broker.url = v.clone();
+    }
+    if let Some(v) = &cli.user {
+        c.broker.user = v.clone();
+    }
+    if let Some(v) = &cli.channel {
+        c.broker.channel = v.clone();
+    }
+    if let Some(d) = &cli.device {
+        let base = c.modems.first().cloned().unwrap_or_default();
+        c.modems = vec![ModemConfig {
+            device: d.clone(),
+            ..base
+        }];
+    }
+    if let Some(d) = &cli.state_dir {
+        c.agent.state_dir = d.clone();
+    }
+    if let Some(l) = &cli.log_level {
+        c.log.level = l.clone();
+    }
+    c.fill_names();
+    Ok((c, origin))
+}
+
+fn init_logging(level: &str) {
+    use std::io::IsTerminal as _;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point of the `wsmb-agent` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (cfg, origin) = match effective_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsmb-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = cfg.validate() {
+        eprintln!("wsmb-agent: {e}");
+        return ExitCode::from(2);
+    }
+    let cmd = cli.command.unwrap_or(Cmd::Run);
+    if let Cmd::CheckConfig = cmd {
+        return check_config(&cfg, &origin);
+    }
+    init_logging(&cfg.log.level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsmb-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cmd {
+            Cmd::Run => {
+                tracing::info!(
+                    "wsmb-agent {} starting; config: {origin}",
+                    env!("CARGO_PKG_VERSION")
+                );
+                crate::agent::run(cfg, stop_signal())
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
+            Cmd::Probe => Ok(probe(&cfg).await),
+            Cmd::Send { number, text } => Ok(send(&cfg, &number, &text).await),
+            Cmd::CheckConfig => Ok(ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("wsmb-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => tracing::info!("SIGTERM received"),
+                _ = i.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+fn check_config(cfg: &Config, origin: &str) -> ExitCode {
+    println!("config: {origin}");
+    println!(
+        "broker: {} as {:?} (password {}), jobs on {:?}, status on {:?}",
+        cfg.broker.url,
+        cfg.broker.user,
+        if cfg.broker.password.is_empty() {
+            "EMPTY: set WSMB_PASSWORD"
+        } else {
+            "set"
+        },
+        cfg.broker.channel,
+        cfg.broker.status_channel
+    );
+    println!("state: {}", cfg.agent.state_dir.display());
+    for m in &cfg.modems {
+        let exists = m.device.exists();
+        println!(
+            "modem {}: {} ({}), group {:?}, {} SMS/min",
+            m.name,
+            m.device.display(),
+            if exists { "present" } else { "NOT FOUND now" },
+            m.group,
+            m.rate_per_minute
+        );
+    }
+    for r in &cfg.routes {
+        println!("route {:?} -> group {:?}", r.prefixes, r.group);
+    }
+    println!("configuration OK");
+    ExitCode::SUCCESS
+}
+
+async fn probe(cfg: &Config) -> ExitCode {
+    let mut ok = true;
+    for m in &cfg.modems {
+        println!("== {} ({})", m.name, m.device.display());
+        let s = m.settings();
+        let mut at = match modem::open_port(&s) {
+            Ok(at) => at,
+            Err(e) => {
+                println!("error: {e}");
+                ok = false;
+                continue;
+            }
+        };
+        if let Err(e) = modem::prepare(&mut at, &s).await {
+            println!("initialisation: {e}");
+            if matches!(e, modem::InitError::Retry(_)) {
+                ok = false;
+                continue;
+            }
+        }
+        match modem::probe(&mut at, s.command_timeout).await {
+            Ok(info) => println!("{info}"),
+            Err(e) => {
+                println!("error: {e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn send(cfg: &Config, number: &str, text: &str) -> ExitCode {
+    let number = match crate::jobs::normalize_number(number, &cfg.agent) {
+        Ok(n) => n,
+        Err(r) => {
+            eprintln!("wsmb-agent: {}", r.reason);
+            return ExitCode::from(2);
+        }
+    };
+    let (addr, parts) = match Address::parse(&number).and_then(|a| {
+        let opts = SubmitOptions {
+            status_report: cfg.agent.status_report,
+            validity: cfg.validity(),
+        };
+        let reference = (std::process::id() % 256) as u8;
+        pdu::encode_submit(&a, text, reference, opts).map(|p| (a, p))
+    }) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("wsmb-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(mc) = cfg.modems.first() else {
+        eprintln!("wsmb-agent: no modem configured");
+        return ExitCode::from(2);
+    };
+    let s = mc.settings();
+    let wait = s.registration_timeout + Duration::from_secs(30);
+    let m = modem::spawn(s);
+    let mut w = m.watch();
+    let ready = tokio::time::timeout(wait, async {
+        loop {
+            let h = w.borrow_and_update().clone();
+            match h {
+                Health::Ready => return Ok(()),
+                Health::Stopped(r) => return Err(r),
+                Health::Down(r) if !r.contains("initialising") => return Err(r),
+                _ => {}
+            }
+            if w.changed().await.is_err() {
+                return Err("modem actor stopped".into());
+            }
+        }
+    })
+    .await;
+    match ready {
+        Ok(Ok(())) => {}
+        Ok(Err(r)) => {
+            eprintln!("wsmb-agent: modem {}: {r}", mc.name);
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {
+            eprintln!("wsmb-agent: modem {} not ready within {wait:?}", mc.name);
+            return ExitCode::FAILURE;
+        }
+    }
+    let total = parts.len();
+    let mut mrs = Vec::new();
+    for p in parts {
+        match m.send_part_simple(p.hex, p.tpdu_len).await {
+            PartOutcome::Sent { mr } => mrs.push(mr.to_string()),
+            PartOutcome::Failed {
+                class,
+                code,
+                reason,
+            } => {
+                eprintln!(
+                    "wsmb-agent: not sent ({class:?}{}): {reason}",
+                    code.map(|c| format!(", {c}")).unwrap_or_default()
+                );
+                return ExitCode::FAILURE;
+            }
+            PartOutcome::Unavailable(r) => {
+                eprintln!("wsmb-agent: modem unavailable: {r}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!(
+        "sent to {addr} through {}: {total} part(s), message reference(s) {}",
+        mc.name,
+        mrs.join(", ")
+    );
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,315 @@
+//! The link to the broker: receive jobs, publish status events.
+//!
+//! One WebSocket connection (`ws://` or `wss://`, Basic auth) registered as a protocol-2
+//! receiver of the jobs channel, so that it can also publish on the status channel without
+//! stopping receiving. Jobs are validated and written to the store before anything else happens
+//! with them. Status events are read from the store's outbox and deleted only when the broker's
+//! `send-result` for them has arrived, so a dropped connection re-sends them (at least once).
+//! The agent pings the broker; silence for two ping intervals drops the connection. Any failure
+//! leads to a reconnect with exponential back-off and jitter, capped at `reconnect_max`, forever.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{Notify, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wsmb_protocol::reply::{BrokerReply, SEND_RESULT};
+use wsmb_protocol::sms::{Status, StatusEvent, parse_jobs};
+use wsmb_protocol::{ResponseCode, frames};
+
+use crate::config::Config;
+use crate::jobs;
+use crate::store::{Ending, Inserted, Store};
+
+/// Most status events per published frame.
+const BATCH: usize = 50;
+/// Most unacknowledged status frames.
+const WINDOW: usize = 8;
+
+/// The link's state, for logs and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    /// Not connected; the reason of the last failure.
+    Down(String),
+    /// Connected and receiving.
+    Up,
+}
+
+/// Validates and stores the jobs of one forwarded frame. Returns how many new jobs were queued.
+pub async fn intake(store: &Store, cfg: &Config, text: &str) -> usize {
+    let items = match parse_jobs(text) {
+        Ok((_, items)) => items,
+        Err(e) => {
+            warn!("ignoring a frame that carries no jobs: {e}");
+            return 0;
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut queued = 0;
+    for item in items {
+        let result = match item {
+            Err(e) => {
+                store
+                    .refuse(
+                        e.id,
+                        None,
+                        Ending {
+                            status: Status::Failed,
+                            code: Some("invalid_job".into()),
+                            reason: e.reason,
+                            ambiguous: false,
+                            modem: None,
+                        },
+                    )
+                    .await
+            }
+            Ok(job) => {
+                let id = job.id.clone().unwrap_or_else(local_id);
+                match jobs::validate(
+                    &id,
+                    job.receiver.as_deref(),
+                    job.message.as_deref(),
+                    job.expiration,
+                    now,
+                    &cfg.agent,
+                ) {
+                    Ok(valid) => {
+                        let r = store.insert(valid).await;
+                        if let Ok(Inserted::New) = r {
+                            queued += 1;
+                        } else if let Ok(Inserted::Duplicate) = r {
+                            debug!(job = %id, "duplicate job ignored");
+                        }
+                        r
+                    }
+                    Err(refusal) => {
+                        info!(job = %id, "refused: {}", refusal.reason);
+                        let status = if refusal.code == "expired" {
+                            Status::Expired
+                        } else {
+                            Status::Failed
+                        };
+                        store
+                            .refuse(
+                                Some(id),
+                                job.receiver.clone(),
+                                Ending {
+                                    status,
+                                    code: Some(refusal.code.to_owned()),
+                                    reason: refusal.reason,
+                                    ambiguous: false,
+                                    modem: None,
+                                },
+                            )
+                            .await
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            // Without the store the job cannot be kept: say so loudly. (With acknowledged
+            // delivery the broker will offer it again.)
+            tracing::error!("could not store a job: {e}");
+        }
+    }
+    queued
+}
+
+/// An id for a job that came without one.
+fn local_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    format!(
+        "local-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    let r = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX);
+    d.mul_f64(0.5 + r / 2.0)
+}
+
+/// Runs the link until `shutdown`.
+pub async fn run(
+    cfg: Arc<Config>,
+    store: Store,
+    wake_dispatcher: Arc<Notify>,
+    state: watch::Sender<LinkState>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = connect(&cfg) => r,
+        };
+        let reason = match outcome {
+            Ok(ws) => {
+                info!(url = %cfg.broker.url, "connected to the broker");
+                backoff = Duration::from_millis(500);
+                let r = serve(ws, &cfg, &store, &wake_dispatcher, &state, &shutdown).await;
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                r
+            }
+            Err(e) => e,
+        };
+        let pause = jitter(backoff);
+        warn!("broker link down: {reason}; reconnecting in {pause:.1?}");
+        let _ = state.send(LinkState::Down(reason));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        backoff = (backoff * 2).min(cfg.broker.reconnect_max);
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(cfg: &Config) -> Result<Ws, String> {
+    use base64::Engine as _;
+    let mut req = cfg
+        .broker
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("bad broker URL {}: {e}", cfg.broker.url))?;
+    let token = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", cfg.broker.user, cfg.broker.password));
+    let header = HeaderValue::from_str(&format!("Basic {token}")).map_err(|_| {
+        "the user name or password contains characters a header cannot carry".to_owned()
+    })?;
+    req.headers_mut().insert("Authorization", header);
+    let connecting = tokio_tungstenite::connect_async(req);
+    let (mut ws, _) = tokio::time::timeout(cfg.broker.connect_timeout, connecting)
+        .await
+        .map_err(|_| format!("no connection within {:?}", cfg.broker.connect_timeout))?
+        .map_err(|e| format!("cannot connect to {}: {e}", cfg.broker.url))?;
+    // Register first: the broker then sends `connect` at once instead of after its welcome
+    // delay.
+    ws.send(Message::text(frames::receive_message(
+        &cfg.broker.channel,
+        true,
+    )))
+    .await
+    .map_err(|e| e.to_string())?;
+    let first = tokio::time::timeout(cfg.broker.connect_timeout, ws.next())
+        .await
+        .map_err(|_| "no connect frame from the broker".to_owned())?;
+    match first {
+        Some(Ok(Message::Text(t))) => match BrokerReply::parse(&t) {
+            Some(r) if r.command == "connect" && r.code() == Some(ResponseCode::Accepted) => Ok(ws),
+            Some(r) if r.command == "connect" => Err(format!(
+                "the broker rejected user {:?} (response {}): check broker.user and WSMB_PASSWORD",
+                cfg.broker.user, r.response_code
+            )),
+            _ => Err(format!("unexpected first frame from the broker: {t}")),
+        },
+        other => Err(format!("the broker closed the connection: {other:?}")),
+    }
+}
+
+async fn serve(
+    mut ws: Ws,
+    cfg: &Config,
+    store: &Store,
+    wake: &Notify,
+    state: &watch::Sender<LinkState>,
+    shutdown: &CancellationToken,
+) -> String {
+    let _ = state.send(LinkState::Up);
+    let mut inflight: VecDeque<Vec<i64>> = VecDeque::new();
+    let mut sent_up_to = 0i64;
+    let mut ping = tokio::time::interval(cfg.broker.ping_interval);
+    ping.reset();
+    let mut last_rx = tokio::time::Instant::now();
+    store.poke(); // publish what is pending
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = ws.close(None).await;
+                return "shutting down".into();
+            }
+            m = ws.next() => {
+                last_rx = tokio::time::Instant::now();
+                match m {
+                    Some(Ok(Message::Text(t))) => {
+                        if let Some(reply) = BrokerReply::parse(&t) {
+                            if reply.command == SEND_RESULT || reply.command == "error" {
+                                if reply.command == "error" {
+                                    warn!("the broker refused a status frame: {t}");
+                                } else if reply.code() == Some(ResponseCode::NoReceiver) {
+                                    debug!("no application listens on {}", cfg.broker.status_channel);
+                                }
+                                if let Some(batch) = inflight.pop_front() {
+                                    if let Err(e) = store.published(batch).await {
+                                        warn!("{e}");
+                                    }
+                                }
+                                store.poke();
+                            }
+                        } else if intake(store, cfg, &t).await > 0 {
+                            wake.notify_one();
+                        }
+                    }
+                    Some(Ok(Message::Binary(b))) => {
+                        if let Ok(t) = std::str::from_utf8(&b) {
+                            if intake(store, cfg, t).await > 0 {
+                                wake.notify_one();
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Close(c))) => return format!("the broker closed the connection ({c:?})"),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return format!("read error: {e}"),
+                    None => return "the broker closed the connection".into(),
+                }
+            }
+            _ = store.changed(), if inflight.len() < WINDOW => {
+                match store.outbox(sent_up_to, BATCH).await {
+                    Ok(events) if !events.is_empty() => {
+                        let seqs: Vec<i64> = events.iter().map(|(s, _)| *s).collect();
+                        let items: Vec<StatusEvent> = events
+                            .iter()
+                            .filter_map(|(_, e)| serde_json::from_str(e).ok())
+                            .collect();
+                        let frame = frames::send_message(&cfg.broker.status_channel, &items);
+                        if let Err(e) = ws.send(Message::text(frame)).await {
+                            return format!("write error: {e}");
+                        }
+                        sent_up_to = seqs.iter().copied().max().unwrap_or(sent_up_to);
+                        if events.len() == BATCH {
+                            store.poke();
+                        }
+                        inflight.push_back(seqs);
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!("{e}"),
+                }
+            }
+            _ = ping.tick() => {
+                if last_rx.elapsed() > cfg.broker.ping_interval * 2 {
+                    return format!("no frame from the broker for {:?}", last_rx.elapsed());
+                }
+                if let Err(e) = ws.send(Message::Ping(Default::default())).await {
+                    return format!("write error: {e}");
+                }
+            }
+        }
+    }
+}
