@@ -240,7 +240,10 @@ async fn serve(
     let mut last_rx = tokio::time::Instant::now();
     store.poke(); // publish what is pending
     loop {
+        // Biased: frames already waiting are read before the silence check runs, so time
+        // spent storing a large batch of jobs is not mistaken for a silent broker.
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => {
                 let _ = ws.close(None).await;
                 return "shutting down".into();

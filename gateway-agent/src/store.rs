@@ -147,6 +147,9 @@ pub struct Ending {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// A second connection for queries: in WAL mode it reads while the writer waits for its
+    /// fsync, so a slow disk (an SD card) never stalls the dispatcher's and the link's reads.
+    reader: Arc<Mutex<Connection>>,
     changed: Arc<tokio::sync::Notify>,
 }
 
@@ -162,8 +165,14 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        let reader = Connection::open_with_flags(
+            dir.join("jobs.sqlite"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
             changed: Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -183,7 +192,21 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = Arc::clone(&self.conn);
+        Self::run(Arc::clone(&self.conn), f).await
+    }
+
+    /// Runs a query on the reading connection.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        Self::run(Arc::clone(&self.reader), f).await
+    }
+
+    async fn run<T: Send + 'static>(
+        conn: Arc<Mutex<Connection>>,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
         tokio::task::spawn_blocking(move || {
             let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut c).map_err(StoreError::from)
@@ -263,7 +286,7 @@ impl Store {
 
     /// Up to `limit` queued jobs due now, oldest first.
     pub async fn due(&self, limit: usize) -> Result<Vec<JobRow>, StoreError> {
-        self.with(move |c| {
+        self.read(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT id, receiver, message, attempts, expires_at, concat_ref, parts_done, mrs, modem, last_failed_modem
                  FROM jobs WHERE state = 'queued' AND next_attempt_ms <= ?1 ORDER BY next_attempt_ms, seq LIMIT ?2",
@@ -290,7 +313,7 @@ impl Store {
 
     /// When the next queued job becomes due (epoch ms), if any.
     pub async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 "SELECT MIN(next_attempt_ms) FROM jobs WHERE state = 'queued'",
                 [],
@@ -513,7 +536,7 @@ impl Store {
 
     /// Up to `limit` unpublished events after `after`, oldest first: (seq, JSON).
     pub async fn outbox(&self, after: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
-        self.with(move |c| {
+        self.read(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT seq, event FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
@@ -538,7 +561,7 @@ impl Store {
 
     /// Counts by state (for logs, probes, tests).
     pub async fn counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut st =
                 c.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state")?;
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -550,7 +573,7 @@ impl Store {
     /// The state of one job.
     pub async fn state(&self, id: &str) -> Result<Option<String>, StoreError> {
         let id = id.to_owned();
-        self.with(move |c| {
+        self.read(move |c| {
             c.query_row("SELECT state FROM jobs WHERE id = ?1", params![id], |r| {
                 r.get(0)
             })

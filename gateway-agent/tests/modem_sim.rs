@@ -18,9 +18,9 @@ fn scratch(tag: &str) -> PathBuf {
 
 fn settings(sim: &Simulator) -> ModemSettings {
     let mut s = ModemSettings::new("m1", sim.path());
-    s.command_timeout = Duration::from_millis(800);
-    s.prompt_timeout = Duration::from_millis(800);
-    s.send_timeout = Duration::from_millis(800);
+    s.command_timeout = Duration::from_secs(2);
+    s.prompt_timeout = Duration::from_secs(2);
+    s.send_timeout = Duration::from_secs(2);
     s.registration_timeout = Duration::from_secs(5);
     s.health_interval = Duration::from_millis(300);
     s.reopen_max = Duration::from_millis(500);
@@ -72,7 +72,7 @@ async fn initialises_with_pin_probes_and_sends() {
     let mut s = settings(&sim);
     s.pin = Some("1234".into());
     let m = modem::spawn(s);
-    wait_health(&m, Health::is_ready, Duration::from_secs(10)).await;
+    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
 
     let info = m.probe().await.expect("probe");
     assert_eq!(info.model, "SIM800 simulator");
@@ -105,7 +105,7 @@ async fn unsolicited_lines_at_awkward_moments_change_nothing() {
         .expect("sim");
     sim.set_noise(true);
     let m = modem::spawn(settings(&sim));
-    wait_health(&m, Health::is_ready, Duration::from_secs(10)).await;
+    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
     assert_eq!(m.probe().await.expect("probe").signal_dbm, Some(-71));
     for i in 0..5 {
         let out = send_text(&m, "08126666666", &format!("pesan {i}")).await;
@@ -181,7 +181,7 @@ async fn a_silent_modem_goes_down_and_comes_back() {
         .await
         .expect("sim");
     let m = modem::spawn(settings(&sim));
-    wait_health(&m, Health::is_ready, Duration::from_secs(10)).await;
+    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
     sim.set_silent(true);
     // a send while silent: the prompt never comes, nothing was sent
     let out = send_text(&m, "0812", "hello").await;
@@ -199,7 +199,7 @@ async fn a_silent_modem_goes_down_and_comes_back() {
     let out = send_text(&m, "0812", "while down").await;
     assert!(matches!(out[0], PartOutcome::Unavailable(_)), "{out:?}");
     sim.set_silent(false);
-    wait_health(&m, Health::is_ready, Duration::from_secs(10)).await;
+    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
     let out = send_text(&m, "0812", "after").await;
     assert!(matches!(out[0], PartOutcome::Sent { .. }), "{out:?}");
     assert_eq!(
@@ -223,7 +223,7 @@ async fn a_modem_that_disappears_is_reopened_when_it_comes_back() {
     let mut s = settings(&sim);
     s.pin = Some("0000".into());
     let m = modem::spawn(s);
-    wait_health(&m, Health::is_ready, Duration::from_secs(10)).await;
+    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
     sim.disappear();
     wait_health(
         &m,
@@ -253,7 +253,7 @@ async fn cms_errors_are_classified_and_the_modem_keeps_working() {
         .await
         .expect("sim");
     let m = modem::spawn(settings(&sim));
-    wait_health(&m, Health::is_ready, Duration::from_secs(10)).await;
+    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
     let cases = [
         (Fault::ErrorAfterPdu(38), FailureClass::Transient),
         (Fault::ErrorAfterPdu(28), FailureClass::Permanent),
@@ -270,7 +270,7 @@ async fn cms_errors_are_classified_and_the_modem_keeps_working() {
             other => panic!("{fault:?}: {other:?}"),
         }
         // and the next message goes through
-        wait_health(&m, Health::is_ready, Duration::from_secs(10)).await;
+        wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
         let out = send_text(&m, "0812", "ok").await;
         assert!(
             matches!(out[0], PartOutcome::Sent { .. }),

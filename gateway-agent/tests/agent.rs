@@ -1,0 +1,454 @@
+//! The agent in this process against a real broker (in-process, real sockets) and simulated
+//! modems on real pseudo-terminals: jobs in, SMS out, every outcome reported on `sms-status`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use wsmb_agent::config::RouteConfig;
+use wsmb_agent::sim::{Fault, SimConfig};
+use wsmb_protocol::sms::Status;
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_queued_sent_and_reported() {
+    let dir = scratch("happy");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    cfg.agent.country_code = "62".into();
+    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    modems_ready(&a).await;
+
+    let text = "Kode OTP Anda 482913. Jangan berikan kode ini kepada siapa pun. €".repeat(3);
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("otp-1", "0812-6666-666", &text)]),
+    )
+    .await;
+    let queued = status.wait("otp-1", Status::Queued, T).await;
+    assert_eq!(queued.receiver.as_deref(), Some("+628126666666"));
+    assert_eq!(queued.parts, Some(2));
+    let sent = status.wait("otp-1", Status::Sent, T).await;
+    assert_eq!(sent.modem.as_deref(), Some("m1"));
+    assert_eq!(sent.parts, Some(2));
+    assert_eq!(sent.message_references.len(), 2);
+    assert_eq!(sent.attempts, Some(1));
+    assert_eq!(sim.messages(), vec![("+628126666666".to_owned(), text)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_jobs_fail_with_a_reason_and_never_block_the_others() {
+    let dir = scratch("invalid");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    cfg.agent.block_list = vec!["+6281111111111".into()];
+    cfg.agent.max_parts = 2;
+    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    send_jobs(
+        b.addr,
+        serde_json::json!([
+            job("bad-number", "call me", "x"),
+            job("empty", "+628123456789", "   "),
+            job("long", "+628123456789", &"x".repeat(400)),
+            job("blocked", "+62 811 1111 1111", "x"),
+            {"id": "expired", "receiver": "+628123456789", "message": "x", "expiration": now - 10},
+            {"id": "no-receiver", "message": "x"},
+            "not even an object",
+            job("good", "+628123456789", "still delivered"),
+        ]),
+    )
+    .await;
+    for (id, code) in [
+        ("bad-number", "invalid_receiver"),
+        ("empty", "empty_message"),
+        ("long", "too_long"),
+        ("blocked", "blocked"),
+        ("no-receiver", "invalid_receiver"),
+    ] {
+        let e = status.wait(id, Status::Failed, T).await;
+        assert_eq!(e.error_code.as_deref(), Some(code), "{id}");
+        assert!(e.reason.as_deref().is_some_and(|r| r.len() > 10), "{id}");
+    }
+    status.wait("expired", Status::Expired, T).await;
+    let e = status.wait("", Status::Failed, T).await;
+    assert_eq!(e.error_code.as_deref(), Some("invalid_job"));
+    status.wait("good", Status::Sent, T).await;
+    assert_eq!(sim.messages().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_object_data_and_duplicate_ids() {
+    let dir = scratch("dedup");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
+        .await
+        .expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    // WSMB's broker requires `data` to be an array, but a legacy broker forwards a single
+    // object, as the original author's Pi gateway sent them: the agent takes both.
+    let cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    let frame = serde_json::json!({"command": "send-message", "channel": "sms", "data": job("same", "+628123456789", "once")});
+    assert_eq!(
+        wsmb_agent::link::intake(&a.store, &cfg, &frame.to_string()).await,
+        1
+    );
+    status.wait("same", Status::Sent, T).await;
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("same", "+628123456789", "once")]),
+    )
+    .await;
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("other", "+628123456789", "two")]),
+    )
+    .await;
+    status.wait("other", Status::Sent, T).await;
+    status.settle(Duration::from_millis(300)).await;
+    assert_eq!(status.of("same"), vec![Status::Queued, Status::Sent]);
+    assert_eq!(sim.messages().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_are_retried_permanent_and_ambiguous_ones_fail() {
+    let dir = scratch("errors");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
+        .await
+        .expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    modems_ready(&a).await;
+
+    sim.push_fault(Fault::ErrorAfterPdu(38));
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("transient", "+628123456789", "t")]),
+    )
+    .await;
+    let e = status.wait("transient", Status::Sent, T).await;
+    assert_eq!(e.attempts, Some(2));
+
+    sim.push_fault(Fault::ErrorAfterPdu(28));
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("permanent", "+628123456789", "p")]),
+    )
+    .await;
+    let e = status.wait("permanent", Status::Failed, T).await;
+    assert_eq!(e.error_code.as_deref(), Some("+CMS ERROR: 28"));
+    assert!(!e.ambiguous);
+
+    sim.push_fault(Fault::ErrorAfterPdu(500));
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("ambiguous", "+628123456789", "a")]),
+    )
+    .await;
+    let e = status.wait("ambiguous", Status::Failed, T).await;
+    assert!(e.ambiguous, "{e:?}");
+    assert!(
+        e.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("may have been sent"))
+    );
+
+    sim.push_fault(Fault::NoResult);
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("silent", "+628123456789", "s")]),
+    )
+    .await;
+    let e = status.wait("silent", Status::Failed, T).await;
+    assert!(e.ambiguous);
+
+    // always failing: gives up after max_attempts (3), and the queue moves on
+    for _ in 0..3 {
+        sim.push_fault(Fault::ErrorAfterPdu(42));
+    }
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("doomed", "+628123456789", "d")]),
+    )
+    .await;
+    let e = status.wait("doomed", Status::Failed, T).await;
+    assert_eq!(e.attempts, Some(3));
+    assert!(
+        e.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("gave up after 3 attempts"))
+    );
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("after", "+628123456789", "fine")]),
+    )
+    .await;
+    status.wait("after", Status::Sent, T).await;
+
+    // what went out: transient once (the 38 attempt did not), permanent no, ambiguous and
+    // silent once each (never twice), after once
+    let texts: Vec<String> = sim.messages().into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, vec!["t", "a", "s", "fine"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_ambiguous_sends_again_and_says_so_in_the_config() {
+    let dir = scratch("retryamb");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    cfg.agent.retry_ambiguous = true;
+    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    modems_ready(&a).await;
+    sim.push_fault(Fault::ErrorAfterPdu(500));
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("dup", "+628123456789", "maybe twice")]),
+    )
+    .await;
+    let e = status.wait("dup", Status::Sent, T).await;
+    assert_eq!(e.attempts, Some(2));
+    assert_eq!(sim.messages().len(), 2, "the duplicate the user accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_prefix_round_robin_and_failover() {
+    let dir = scratch("route");
+    let b = broker().await;
+    let s1 = sim(&dir, "a1", SimConfig::default()).await;
+    let s2 = sim(&dir, "a2", SimConfig::default()).await;
+    let s3 = sim(&dir, "b1", SimConfig::default()).await;
+    let mut m1 = modem("a1", &s1);
+    let mut m2 = modem("a2", &s2);
+    m1.group = "tsel".into();
+    m2.group = "tsel".into();
+    let m3 = modem("b1", &s3);
+    let mut cfg = agent_config(b.addr, &dir, vec![m1, m2, m3]);
+    cfg.routes = vec![RouteConfig {
+        prefixes: vec!["+62812".into(), "+62813".into()],
+        group: "tsel".into(),
+    }];
+    cfg.validate().expect("valid");
+    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    modems_ready(&a).await;
+
+    let mut jobs = Vec::new();
+    for i in 0..6 {
+        jobs.push(job(&format!("t{i}"), "+628121111111", &format!("tsel {i}")));
+    }
+    jobs.push(job("other", "+628571111111", "indosat"));
+    send_jobs(b.addr, serde_json::Value::Array(jobs)).await;
+    for i in 0..6 {
+        status.wait(&format!("t{i}"), Status::Sent, T).await;
+    }
+    let e = status.wait("other", Status::Sent, T).await;
+    assert_eq!(e.modem.as_deref(), Some("b1"));
+    let (n1, n2) = (s1.messages().len(), s2.messages().len());
+    assert_eq!(n1 + n2, 6);
+    assert!(
+        n1 >= 1 && n2 >= 1,
+        "both modems of the group take jobs: a1 {n1}, a2 {n2}"
+    );
+    assert_eq!(s3.messages().len(), 1);
+
+    // failover: a transient error on one modem of the group; another modem of the group sends
+    s1.push_fault(Fault::ErrorAfterPdu(38));
+    s2.push_fault(Fault::ErrorAfterPdu(38));
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("fo", "+628131111111", "failover")]),
+    )
+    .await;
+    let e = status.wait("fo", Status::Sent, T).await;
+    assert_eq!(e.attempts, Some(2));
+    let all: Vec<String> = s1
+        .messages()
+        .into_iter()
+        .chain(s2.messages())
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(all.iter().filter(|t| *t == "failover").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_holds_parts_back() {
+    let dir = scratch("rate");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut m = modem("m1", &sim);
+    m.rate_per_minute = 2;
+    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![m]))
+        .await
+        .expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    modems_ready(&a).await;
+    send_jobs(
+        b.addr,
+        serde_json::json!([
+            job("r1", "+628123456789", "1"),
+            job("r2", "+628123456789", "2"),
+            job("r3", "+628123456789", "3")
+        ]),
+    )
+    .await;
+    status.wait("r1", Status::Sent, T).await;
+    status.wait("r2", Status::Sent, T).await;
+    status.settle(Duration::from_secs(2)).await;
+    assert_eq!(
+        status.of("r3"),
+        vec![Status::Queued],
+        "the third SMS must wait for the minute"
+    );
+    assert_eq!(sim.messages().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_wait_while_the_modem_is_silent_or_gone_and_go_out_after() {
+    let dir = scratch("faults");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
+        .await
+        .expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    modems_ready(&a).await;
+
+    sim.set_silent(true);
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("s1", "+628123456789", "while silent")]),
+    )
+    .await;
+    status.wait("modem:m1", Status::Modem, T).await;
+    status.settle(Duration::from_millis(1500)).await;
+    assert!(!status.of("s1").contains(&Status::Sent));
+    sim.set_silent(false);
+    let e = status
+        .wait("s1", Status::Sent, Duration::from_secs(30))
+        .await;
+    assert_eq!(e.modem.as_deref(), Some("m1"));
+
+    sim.disappear();
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("g1", "+628123456789", "while gone")]),
+    )
+    .await;
+    status.settle(Duration::from_millis(1500)).await;
+    assert!(!status.of("g1").contains(&Status::Sent));
+    sim.reappear().expect("reappear");
+    status
+        .wait("g1", Status::Sent, Duration::from_secs(30))
+        .await;
+    let texts: Vec<String> = sim.messages().into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, vec!["while silent", "while gone"]);
+    let states: Vec<Option<String>> = status
+        .events
+        .iter()
+        .filter(|e| e.status == Status::Modem)
+        .map(|e| e.modem_state.clone())
+        .collect();
+    assert!(
+        states.contains(&Some("down".into())) && states.contains(&Some("ready".into())),
+        "{states:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pin_stops_the_modem_and_the_jobs_stay_queued() {
+    let dir = scratch("pin");
+    let b = broker().await;
+    let sim = sim(
+        &dir,
+        "m1",
+        SimConfig {
+            pin: Some("1234".into()),
+            ..SimConfig::default()
+        },
+    )
+    .await;
+    let mut m = modem("m1", &sim);
+    m.pin = "4321".into();
+    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![m]))
+        .await
+        .expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    send_jobs(b.addr, serde_json::json!([job("p1", "+628123456789", "x")])).await;
+    let e = status.wait("modem:m1", Status::Modem, T).await;
+    let e = if e.modem_state.as_deref() == Some("stopped") {
+        e
+    } else {
+        status.settle(Duration::from_secs(2)).await;
+        status
+            .events
+            .iter()
+            .find(|e| e.modem_state.as_deref() == Some("stopped"))
+            .cloned()
+            .expect("stopped event")
+    };
+    assert!(
+        e.reason.as_deref().is_some_and(|r| r.contains("wrong PIN")),
+        "{e:?}"
+    );
+    status.settle(Duration::from_secs(1)).await;
+    assert_eq!(status.of("p1"), vec![Status::Queued]);
+    assert_eq!(
+        a.store.state("p1").await.expect("state").as_deref(),
+        Some("queued")
+    );
+    assert_eq!(
+        sim.commands()
+            .iter()
+            .filter(|c| c.starts_with("AT+CPIN="))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_produced_while_the_broker_is_away_are_published_after() {
+    let dir = scratch("outbox");
+    let b = broker().await;
+    let addr = b.addr;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let a = wsmb_agent::agent::start(agent_config(addr, &dir, vec![modem("m1", &sim)]))
+        .await
+        .expect("agent");
+    link_up(&a).await;
+    modems_ready(&a).await;
+    // a job sent while the status channel has no listener: 02 from the broker, not an error
+    send_jobs(
+        addr,
+        serde_json::json!([job("early", "+628123456789", "x")]),
+    )
+    .await;
+    sim.wait_messages(1, T).await;
+    let mut status = StatusListener::new(addr).await;
+    send_jobs(addr, serde_json::json!([job("late", "+628123456789", "y")])).await;
+    status.wait("late", Status::Sent, T).await;
+    // the outbox is empty once everything was acknowledged
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(a.store.outbox(0, 10).await.expect("outbox").is_empty());
+}
