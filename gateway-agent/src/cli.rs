@@ -222,11 +222,20 @@ async fn probe(cfg: &Config) -> ExitCode {
                 continue;
             }
         };
-        if let Err(e) = modem::prepare(&mut at, &s).await {
-            println!("initialisation: {e}");
-            if matches!(e, modem::InitError::Retry(_)) {
-                ok = false;
-                continue;
+        match modem::prepare(&mut at, &s).await {
+            Ok(()) => {
+                // A freshly unlocked SIM needs a moment to register: give it a few seconds so
+                // the report shows the settled state.
+                let mut quick = s.clone();
+                quick.registration_timeout = s.registration_timeout.min(Duration::from_secs(10));
+                let _ = modem::wait_registration(&mut at, &quick).await;
+            }
+            Err(e) => {
+                println!("initialisation: {e}");
+                if matches!(e, modem::InitError::Retry(_)) {
+                    ok = false;
+                    continue;
+                }
             }
         }
         match modem::probe(&mut at, s.command_timeout).await {

@@ -316,3 +316,17 @@ async fn serve(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_between_half_and_all_of_the_delay() {
+        let d = Duration::from_secs(10);
+        for _ in 0..200 {
+            let j = jitter(d);
+            assert!(j >= Duration::from_secs(5) && j <= d, "{j:?}");
+        }
+    }
+}

@@ -452,3 +452,77 @@ async fn statuses_produced_while_the_broker_is_away_are_published_after() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(a.store.outbox(0, 10).await.expect("outbox").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_drops_a_silent_broker_and_waits_for_a_late_one() {
+    use futures_util::SinkExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = scratch("link");
+    // A "broker" that accepts, says connect 00, then never reads again (pings unanswered).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let fake = listener.local_addr().expect("addr");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&accepts);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            if let Ok(mut ws) = tokio_tungstenite::accept_async(s).await {
+                let _ = ws
+                    .send(tokio_tungstenite::tungstenite::Message::text(
+                        r#"{"command":"connect","response_code":"00","response_text":"Accepted","data":[]}"#,
+                    ))
+                    .await;
+                held.push(ws);
+            }
+        }
+    });
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut cfg = agent_config(fake, &dir, vec![modem("m1", &sim)]);
+    cfg.broker.ping_interval = Duration::from_millis(300);
+    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
+    let deadline = tokio::time::Instant::now() + T;
+    while accepts.load(Ordering::SeqCst) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not give up on the silent broker"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reason = match a.link.borrow().clone() {
+        wsmb_agent::link::LinkState::Down(r) => r,
+        up => format!("{up:?}"),
+    };
+    assert!(
+        reason.contains("no frame from the broker") || reason.contains("Up"),
+        "{reason}"
+    );
+    a.shutdown.cancel();
+
+    // a broker that is not there yet: the agent keeps trying and connects when it appears
+    let spare = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let later = spare.local_addr().expect("addr");
+    drop(spare);
+    let dir = scratch("late");
+    let sim2 = common::sim(&dir, "m2", SimConfig::default()).await;
+    let a = wsmb_agent::agent::start(agent_config(later, &dir, vec![modem("m2", &sim2)]))
+        .await
+        .expect("agent");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(matches!(
+        *a.link.borrow(),
+        wsmb_agent::link::LinkState::Down(_)
+    ));
+    let mut c = wsmb_broker::Config::default();
+    c.server.listen = later.to_string();
+    c.credentials.lines = vec!["qa:$apr1$v7oipsaf$bHYHIpWTQbVLBGRumBHIG1".into()];
+    let _b = wsmb_broker::start(c)
+        .await
+        .expect("broker on the agent's address");
+    link_up(&a).await;
+}
