@@ -526,3 +526,37 @@ async fn the_link_drops_a_silent_broker_and_waits_for_a_late_one() {
         .expect("broker on the agent's address");
     link_up(&a).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_expires_while_waiting_is_reported_expired_not_sent() {
+    let dir = scratch("expiry");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
+        .await
+        .expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    modems_ready(&a).await;
+    sim.disappear();
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 2;
+    send_jobs(
+        b.addr,
+        serde_json::json!([{"id": "otp-late", "receiver": "+628123456789", "message": "code 1", "expiration": soon.to_string()}]),
+    )
+    .await;
+    status.wait("otp-late", Status::Queued, T).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sim.reappear().expect("reappear");
+    let e = status.wait("otp-late", Status::Expired, T).await;
+    assert!(e.reason.as_deref().is_some_and(|r| r.contains("expired")));
+    status.settle(Duration::from_millis(500)).await;
+    assert!(
+        sim.messages().is_empty(),
+        "an expired OTP must never go out late"
+    );
+}
