@@ -22,6 +22,12 @@ pub struct Cli {
     /// htpasswd file; repeat for several. Replaces credentials.files
     #[arg(long, value_name = "FILE", global = true)]
     pub htpasswd: Vec<PathBuf>,
+    /// Storage backend, overriding storage.backend (memory, sqlite, mysql, postgres)
+    #[arg(long, value_name = "BACKEND", global = true)]
+    pub storage: Option<String>,
+    /// Directory for the SQLite store (DIR/broker.sqlite), overriding storage.path
+    #[arg(long, value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
     /// Log filter, overriding log.level (error, warn, info, debug, trace)
     #[arg(long, value_name = "FILTER", global = true)]
     pub log_level: Option<String>,
@@ -49,6 +55,18 @@ pub fn effective_config(cli: &Cli) -> anyhow::Result<(Config, Origin)> {
     }
     if !cli.htpasswd.is_empty() {
         config.credentials.files = cli.htpasswd.clone();
+    }
+    if let Some(b) = &cli.storage {
+        config.storage.backend = match b.as_str() {
+            "memory" => crate::config::Backend::Memory,
+            "sqlite" => crate::config::Backend::Sqlite,
+            "mysql" | "mariadb" => crate::config::Backend::Mysql,
+            "postgres" | "postgresql" => crate::config::Backend::Postgres,
+            other => anyhow::bail!("--storage {other:?}: use memory, sqlite, mysql or postgres"),
+        };
+    }
+    if let Some(d) = &cli.state_dir {
+        config.storage.path = d.join("broker.sqlite");
     }
     if let Some(l) = &cli.log_level {
         config.log.level = l.clone();

@@ -20,6 +20,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/wsmb/broker.toml";
 /// Environment variable whose htpasswd lines (one per line) replace `credentials.lines`.
 pub const ENV_CREDENTIALS: &str = "WSMB_CREDENTIALS";
 
+/// Environment variable that replaces `storage.password`.
+pub const ENV_DB_PASSWORD: &str = "WSMB_DATABASE_PASSWORD";
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -28,8 +31,83 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[credentials]`.
     pub credentials: CredentialsConfig,
+    /// `[storage]`.
+    pub storage: StorageConfig,
     /// `[log]`.
     pub log: LogConfig,
+}
+
+/// Where messages are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Nothing stored: a message reaches the receivers online, or nobody (the original without
+    /// a database).
+    Memory,
+    /// One SQLite file (WAL), the default.
+    Sqlite,
+    /// MariaDB/MySQL, in the legacy `mq_data` table (with the original's prefix).
+    Mysql,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `memory`, `sqlite`, `mysql` or `postgres`.
+    pub backend: Backend,
+    /// SQLite file.
+    pub path: PathBuf,
+    /// MySQL/PostgreSQL URL: `mysql://USER@HOST:3306/DB`, `postgres://USER@HOST:5432/DB`.
+    pub url: String,
+    /// Database password (kept out of the URL); `WSMB_DATABASE_PASSWORD` replaces it.
+    pub password: String,
+    /// Table prefix: the table is `<prefix>data` (the original's `mq_data`).
+    pub prefix: String,
+    /// Legacy receivers get stored messages in frames of at most this many items...
+    pub limit: usize,
+    /// ...this long apart.
+    #[serde(deserialize_with = "duration")]
+    pub delay_send: Duration,
+    /// A message not acknowledged this long after delivery goes to another receiver.
+    #[serde(deserialize_with = "duration")]
+    pub ack_timeout: Duration,
+    /// Unacknowledged messages per receiver when it does not ask for a `window`.
+    pub window: u32,
+    /// The largest `window` a receiver may ask for.
+    pub max_window: u32,
+    /// Most messages stored for one channel; past it senders get `04`.
+    pub max_stored_per_channel: usize,
+    /// Most messages stored in all; past it senders get `04`.
+    pub max_stored_total: usize,
+    /// Most writes committed in one transaction (group commit).
+    pub commit_batch: usize,
+    /// Longest wait between reconnection attempts to the database.
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: Backend::Sqlite,
+            path: PathBuf::from("/var/lib/wsmb/broker.sqlite"),
+            url: String::new(),
+            password: String::new(),
+            prefix: "mq_".into(),
+            limit: 20,
+            delay_send: Duration::from_millis(100),
+            ack_timeout: Duration::from_secs(30),
+            window: 64,
+            max_window: 1024,
+            max_stored_per_channel: 100_000,
+            max_stored_total: 1_000_000,
+            commit_batch: 1024,
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
 }
 
 /// What to do with a receiver whose outgoing queue stayed full for `slow_receiver_timeout`
@@ -217,8 +295,12 @@ impl Config {
         }
     }
 
-    /// Applies secrets from the environment (`WSMB_CREDENTIALS`). `get` abstracts `std::env`.
+    /// Applies secrets from the environment (`WSMB_CREDENTIALS`, `WSMB_DATABASE_PASSWORD`).
+    /// `get` abstracts `std::env`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(p) = get(ENV_DB_PASSWORD) {
+            self.storage.password = p;
+        }
         if let Some(lines) = get(ENV_CREDENTIALS) {
             self.credentials.lines = lines
                 .lines()
@@ -291,6 +373,53 @@ impl Config {
                  or a live peer could be dropped before it can answer a ping",
                 s.dead_peer_timeout, s.ping_interval
             ));
+        }
+        let st = &self.storage;
+        if st.prefix.len() > 32
+            || !st
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return bad(format!(
+                "storage.prefix = {:?} may hold only letters, digits and _ (at most 32)",
+                st.prefix
+            ));
+        }
+        match st.backend {
+            Backend::Mysql
+                if !st.url.starts_with("mysql://") && !st.url.starts_with("mariadb://") =>
+            {
+                return bad(format!(
+                    "storage.url = {:?}: the mysql backend needs mysql://USER@HOST:3306/DATABASE",
+                    st.url
+                ));
+            }
+            Backend::Postgres
+                if !st.url.starts_with("postgres://") && !st.url.starts_with("postgresql://") =>
+            {
+                return bad(format!(
+                    "storage.url = {:?}: the postgres backend needs postgres://USER@HOST:5432/DATABASE",
+                    st.url
+                ));
+            }
+            Backend::Sqlite if st.path.as_os_str().is_empty() => {
+                return bad(
+                    "storage.path is empty: give the SQLite file, e.g. /var/lib/wsmb/broker.sqlite"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        if st.limit == 0 || st.window == 0 || st.max_window < st.window || st.commit_batch == 0 {
+            return bad(
+                "storage.limit, storage.window and storage.commit_batch must be at least 1, and \
+                 storage.max_window at least storage.window"
+                    .into(),
+            );
+        }
+        if st.ack_timeout.is_zero() {
+            return bad("storage.ack_timeout must be more than 0s".into());
         }
         if self.credentials.bcrypt_concurrency == 0 {
             return bad("credentials.bcrypt_concurrency must be at least 1".into());
@@ -389,6 +518,7 @@ mod tests {
         let mut expected = Config::default();
         expected.credentials.files = parsed.credentials.files.clone();
         expected.credentials.lines = parsed.credentials.lines.clone();
+        expected.storage.url = parsed.storage.url.clone();
         assert_eq!(parsed, expected);
         // ...and mentions every key, commented or not.
         for key in [

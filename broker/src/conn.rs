@@ -58,10 +58,52 @@ enum Stop {
     Quit,
 }
 
-/// A frame on its way to a client, with the bytes it holds against the connection's
-/// `outgoing_queue_bytes` budget (0 for the broker's own replies, which are bounded by
-/// back-pressure instead).
-pub type Outgoing = (Message, usize);
+/// A frame on its way to a client.
+pub struct Outgoing {
+    /// The frame.
+    pub msg: Message,
+    /// Bytes it holds against the connection's `outgoing_queue_bytes` budget (0 for the
+    /// broker's own replies, bounded by back-pressure instead, and for stored messages, bounded
+    /// by the delivery engine).
+    pub bytes: usize,
+    /// Stored messages it carries: the delivery engine is told once it is written.
+    pub written: Option<Written>,
+}
+
+/// "These stored messages were written to this connection", sent by the writer after a flush.
+pub struct Written {
+    /// The delivery engine.
+    pub to: mpsc::UnboundedSender<crate::durable::Cmd>,
+    /// The connection.
+    pub conn: u64,
+    /// The messages.
+    pub keys: Vec<Arc<str>>,
+}
+
+impl Outgoing {
+    /// A reply of the broker's own.
+    pub fn reply(msg: Message) -> Outgoing {
+        Outgoing {
+            msg,
+            bytes: 0,
+            written: None,
+        }
+    }
+
+    /// A forwarded message of `bytes` bytes (counted against the budget).
+    pub fn counted(msg: Message, bytes: usize) -> Outgoing {
+        Outgoing {
+            msg,
+            bytes,
+            written: None,
+        }
+    }
+
+    /// A frame the delivery engine accounts for itself.
+    pub fn data(msg: Message) -> Outgoing {
+        Outgoing::reply(msg)
+    }
+}
 
 /// Shared between a connection's reader, its writer and the router.
 pub struct ConnControl {
@@ -410,7 +452,7 @@ async fn write_loop(
                     shared.stats.dead_peers.fetch_add(1, Ordering::Relaxed);
                     break Stop::Quit;
                 }
-                out.pending.push_back((Message::Ping(Default::default()), 0));
+                out.pending.push_back(Outgoing::reply(Message::Ping(Default::default())));
             }
             r = out.progress(&mut sink, &mut rx, &ctl) => match r {
                 Ok(true) => {}
@@ -451,6 +493,8 @@ async fn write_loop(
 struct Outbox {
     pending: std::collections::VecDeque<Outgoing>,
     unflushed: bool,
+    /// Stored messages handed to the sink, confirmed to the engine after the flush.
+    written: Vec<Written>,
 }
 
 impl Outbox {
@@ -475,16 +519,22 @@ impl Outbox {
                 }
             }
         }
-        while let Some((m, _)) = self.pending.front() {
-            sink.feed(m.clone()).await?;
-            if let Some((_, bytes)) = self.pending.pop_front() {
-                ctl.release(bytes);
+        while let Some(o) = self.pending.front() {
+            sink.feed(o.msg.clone()).await?;
+            if let Some(o) = self.pending.pop_front() {
+                ctl.release(o.bytes);
+                if let Some(w) = o.written {
+                    self.written.push(w);
+                }
             }
             self.unflushed = true;
         }
         if self.unflushed {
             sink.flush().await?;
             self.unflushed = false;
+            for w in self.written.drain(..) {
+                let _ = w.to.send(crate::durable::Cmd::Written(w.conn, w.keys));
+            }
         }
         Ok(true)
     }
@@ -534,6 +584,110 @@ async fn deliver(
         }
     }
     (delivered, busy)
+}
+
+/// A `send-message` with a database: store (group commit), then hand to the delivery engine.
+struct DurableSend<'a> {
+    storage: &'a Arc<crate::storage::Storage>,
+    engine: &'a crate::durable::Engine,
+    channel: &'a str,
+    limit: u32,
+    key: &'a str,
+    ids: &'a [String],
+    payload: &'a Utf8Bytes,
+}
+
+impl DurableSend<'_> {
+    /// Returns (code, receivers it went to at once, stored, reason when refused).
+    async fn run(
+        self,
+        frame: &wsmb_protocol::ClientFrame<'_>,
+        session: &Session,
+    ) -> (ResponseCode, u32, Option<bool>, Option<String>) {
+        use crate::storage::{NewMessage, StoreError};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let expires_at = frame.expiry(now);
+        if expires_at.is_some_and(|e| e <= now) {
+            return (
+                ResponseCode::Expired,
+                0,
+                Some(false),
+                Some("the message had already expired when it arrived".into()),
+            );
+        }
+        let publish = |data_id| crate::durable::Publish {
+            key: self.key.to_owned(),
+            data_id,
+            channel: self.channel.to_owned(),
+            frame: self.payload.clone(),
+            limit: self.limit,
+            expires_at,
+            ids: self.ids.to_vec(),
+            report_to: frame.report.then(|| session.tx.clone()),
+            sender: session.id,
+        };
+        let stored = match self.storage.reserve(self.channel) {
+            Err(StoreError::Full(why)) => {
+                return (ResponseCode::StorageFull, 0, Some(false), Some(why));
+            }
+            Err(StoreError::Unavailable(e)) => Err(e),
+            Ok(()) => {
+                let data = data_text(self.payload.as_str());
+                let m = NewMessage {
+                    key: self.key.to_owned(),
+                    channel: self.channel.to_owned(),
+                    frame: self.payload.as_str().to_owned(),
+                    data,
+                    remaining: self.limit.max(1),
+                    expires_at,
+                };
+                match self.storage.insert(m).await {
+                    Ok(id) => Ok(id),
+                    Err(StoreError::Unavailable(e) | StoreError::Full(e)) => {
+                        self.storage.release(self.channel);
+                        Err(e)
+                    }
+                }
+            }
+        };
+        match stored {
+            Ok(id) => {
+                let n = self.engine.publish(publish(Some(id))).await;
+                (ResponseCode::Accepted, n, Some(true), None)
+            }
+            Err(e) => {
+                // The database is down: still deliver to whoever is online now.
+                let n = self.engine.publish(publish(None)).await;
+                if n > 0 {
+                    (ResponseCode::Accepted, n, Some(false), None)
+                } else {
+                    (
+                        ResponseCode::StorageUnavailable,
+                        0,
+                        Some(false),
+                        Some(format!(
+                            "no receiver is online and the message cannot be stored: {e}; retry later"
+                        )),
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// The `data` array of a frame as JSON text, non-ASCII escaped (for the legacy `data` column).
+fn data_text(frame: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct D<'a> {
+        #[serde(borrow)]
+        data: &'a serde_json::value::RawValue,
+    }
+    serde_json::from_str::<D<'_>>(frame)
+        .map(|d| crate::storage::ascii_json(d.data.get()))
+        .unwrap_or_else(|_| "[]".into())
 }
 
 /// The reader side's state.
@@ -598,7 +752,7 @@ impl Session {
                         ),
                         None,
                     );
-                    let _ = self.tx.try_send((Message::text(frame), 0));
+                    let _ = self.tx.try_send(Outgoing::reply(Message::text(frame)));
                     self.ctl.request(Stop::Close {
                         code: CloseCode::Size,
                         reason: "message too big",
@@ -666,8 +820,18 @@ impl Session {
         }
         match frame.command {
             Command::Ping => {
-                let r = reply::connect(ResponseCode::Accepted, time::now_timestamp());
+                let r = match &shared.storage {
+                    Some(st) => reply::ping_with_storage(time::now_timestamp(), st.health()),
+                    None => reply::connect(ResponseCode::Accepted, time::now_timestamp()),
+                };
                 self.reply(r).await
+            }
+            Command::Ack => {
+                if let Some(engine) = &shared.engine {
+                    let keys = frame.acks.iter().map(|k| k.to_string()).collect();
+                    engine.send(crate::durable::Cmd::Ack(self.id, keys));
+                }
+                true
             }
             Command::ReceiveMessage => {
                 let Some(channel) = frame.channel.as_deref() else {
@@ -691,14 +855,30 @@ impl Session {
                             )
                             .await;
                     }
-                    self.shared.router.subscribe(
-                        channel,
-                        ReceiverHandle {
-                            id: self.id,
-                            tx: self.tx.clone(),
-                            ctl: Arc::clone(&self.ctl),
-                        },
-                    );
+                    match &shared.engine {
+                        Some(engine) => {
+                            let st = &shared.config.storage;
+                            let window = frame.window.unwrap_or(st.window).min(st.max_window);
+                            engine.send(crate::durable::Cmd::Register(
+                                channel.to_owned(),
+                                crate::durable::Receiver {
+                                    conn: self.id,
+                                    tx: self.tx.clone(),
+                                    ctl: Arc::clone(&self.ctl),
+                                    ack: frame.ack,
+                                    window,
+                                },
+                            ));
+                        }
+                        None => self.shared.router.subscribe(
+                            channel,
+                            ReceiverHandle {
+                                id: self.id,
+                                tx: self.tx.clone(),
+                                ctl: Arc::clone(&self.ctl),
+                            },
+                        ),
+                    }
                     self.subscriptions.push(channel.into());
                     debug!(channel, "receiving");
                 }
@@ -716,36 +896,56 @@ impl Session {
                 let limit = frame
                     .number_of_receiver
                     .unwrap_or(self.shared.config.server.number_of_receiver);
-                let msg = Message::Text(payload.clone());
-                let (delivered, busy) = deliver(&shared, channel, limit, self.id, &msg).await;
-                stats
-                    .deliveries
-                    .fetch_add(u64::from(delivered), Ordering::Relaxed);
-                let code = if delivered > 0 {
-                    ResponseCode::Accepted
-                } else if busy > 0 {
-                    ResponseCode::ReceiversBusy
-                } else {
-                    ResponseCode::NoReceiver
-                };
-                if delivered == 0 {
-                    stats.unrouted.fetch_add(1, Ordering::Relaxed);
-                }
                 let message_id = self.shared.message_ids.next();
-                let ids = frame
+                let ids: Vec<String> = frame
                     .items
                     .iter()
                     .enumerate()
-                    .map(|(i, id)| match id {
+                    .map(|(i, item)| match &item.id {
                         ItemId::Given(s) => s.to_string(),
                         ItemId::Missing => format!("{message_id}.{i}"),
                     })
                     .collect();
+                let (code, delivered, stored, reason) = match (&shared.storage, &shared.engine) {
+                    (Some(storage), Some(engine)) => {
+                        let d = DurableSend {
+                            storage,
+                            engine,
+                            channel,
+                            limit,
+                            key: &message_id,
+                            ids: &ids,
+                            payload: &payload,
+                        };
+                        d.run(&frame, self).await
+                    }
+                    _ => {
+                        let msg = Message::Text(payload.clone());
+                        let (delivered, busy) =
+                            deliver(&shared, channel, limit, self.id, &msg).await;
+                        let code = if delivered > 0 {
+                            ResponseCode::Accepted
+                        } else if busy > 0 {
+                            ResponseCode::ReceiversBusy
+                        } else {
+                            ResponseCode::NoReceiver
+                        };
+                        (code, delivered, None, None)
+                    }
+                };
+                stats
+                    .deliveries
+                    .fetch_add(u64::from(delivered), Ordering::Relaxed);
+                if delivered == 0 && stored != Some(true) {
+                    stats.unrouted.fetch_add(1, Ordering::Relaxed);
+                }
                 let result = SendResult {
                     message_id,
                     channel: channel.to_owned(),
                     receivers: delivered,
                     ids,
+                    stored,
+                    reason,
                 };
                 let r = reply::encode(reply::SEND_RESULT, code, &[result]);
                 self.reply(r).await
@@ -756,7 +956,10 @@ impl Session {
     async fn reply(&self, text: String) -> bool {
         // Waiting here is the sender's back-pressure: a client that does not read its replies
         // stops being read.
-        self.tx.send((Message::text(text), 0)).await.is_ok()
+        self.tx
+            .send(Outgoing::reply(Message::text(text)))
+            .await
+            .is_ok()
     }
 
     async fn reply_error(&self, code: ResponseCode, reason: String) -> bool {
@@ -765,7 +968,12 @@ impl Session {
 
     fn unsubscribe_all(&mut self) {
         for c in self.subscriptions.drain(..) {
-            self.shared.router.unsubscribe(&c, self.id);
+            match &self.shared.engine {
+                Some(engine) => {
+                    engine.send(crate::durable::Cmd::Unregister(c.to_string(), self.id))
+                }
+                None => self.shared.router.unsubscribe(&c, self.id),
+            }
         }
     }
 }

@@ -131,7 +131,7 @@ impl Router {
                 out.full.push(r.clone());
                 continue;
             }
-            match r.tx.try_send((msg.clone(), len)) {
+            match r.tx.try_send(Outgoing::counted(msg.clone(), len)) {
                 Ok(()) => out.delivered += 1,
                 Err(e) => {
                     r.ctl.release(len);
@@ -182,7 +182,7 @@ pub async fn send_when_room(r: &ReceiverHandle, msg: &Message, max_bytes: usize)
     match permit {
         Ok(permit) => {
             std::mem::forget(guard);
-            permit.send((msg.clone(), len));
+            permit.send(Outgoing::counted(msg.clone(), len));
             true
         }
         Err(_) => false,
@@ -282,8 +282,8 @@ mod tests {
         assert_eq!((d.delivered, d.missing), (0, 1));
         assert!(!ctl.close_requested());
         // the writer releases what it wrote
-        let (_, n) = rx.try_recv().expect("queued");
-        ctl.release(n);
+        let o = rx.try_recv().expect("queued");
+        ctl.release(o.bytes);
         assert_eq!(r.deliver("c", 0, 0, &m, limit).delivered, 1);
     }
 
@@ -296,10 +296,10 @@ mod tests {
         let waiter = tokio::spawn(async move { send_when_room(&h, &m, 15).await });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!waiter.is_finished(), "must wait for room");
-        let (_, n) = rx.recv().await.expect("first");
-        ctl.release(n);
+        let o = rx.recv().await.expect("first");
+        ctl.release(o.bytes);
         assert!(waiter.await.expect("join"));
-        assert_eq!(rx.recv().await.expect("second").1, 10);
+        assert_eq!(rx.recv().await.expect("second").bytes, 10);
         // cancelled while waiting: nothing stays reserved
         let (h, _rx) = handle(2, 1);
         let m = Message::text("0123456789");

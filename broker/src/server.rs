@@ -91,6 +91,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Message id generator.
     pub message_ids: MessageIds,
+    /// The database (every backend but `memory`).
+    pub storage: Option<Arc<crate::storage::Storage>>,
+    /// Delivery of stored messages (with `storage`).
+    pub engine: Option<crate::durable::Engine>,
     started: Instant,
     next_conn: AtomicU64,
 }
@@ -98,6 +102,8 @@ pub struct Shared {
 #[derive(Serialize)]
 struct Health<'a> {
     status: &'a str,
+    storage: String,
+    stored: usize,
     version: &'a str,
     uptime_seconds: u64,
     connections: u64,
@@ -110,9 +116,24 @@ struct Health<'a> {
 }
 
 impl Shared {
-    /// Shared state for `config`, authenticating with `auth`.
+    /// Shared state for `config`, authenticating with `auth` (memory mode).
     pub fn new(config: Config, auth: Arc<Authenticator>, shutdown: CancellationToken) -> Arc<Self> {
+        Self::with_storage(config, auth, shutdown, None)
+    }
+
+    /// Shared state with an opened database.
+    pub fn with_storage(
+        config: Config,
+        auth: Arc<Authenticator>,
+        shutdown: CancellationToken,
+        storage: Option<Arc<crate::storage::Storage>>,
+    ) -> Arc<Self> {
+        let engine = storage
+            .as_ref()
+            .map(|st| crate::durable::Engine::start(Arc::clone(st), config.storage.clone()));
         Arc::new(Shared {
+            storage,
+            engine,
             config: Arc::new(config),
             router: Router::default(),
             auth,
@@ -127,12 +148,21 @@ impl Shared {
     /// The `/healthz` body.
     pub fn health_json(&self) -> String {
         let (receivers, channels) = self.router.totals();
+        let storage_health = self.storage.as_ref().map(|s| s.health());
         let h = Health {
             status: if self.shutdown.is_cancelled() {
                 "stopping"
+            } else if matches!(storage_health, Some(Err(_))) {
+                "degraded"
             } else {
                 "ok"
             },
+            storage: match (&self.storage, &storage_health) {
+                (None, _) => "memory".into(),
+                (Some(_), Some(Err(e))) => format!("down: {e}"),
+                (Some(st), _) => format!("{:?}", st.backend()).to_lowercase(),
+            },
+            stored: self.storage.as_ref().map_or(0, |s| s.stored()),
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: self.started.elapsed().as_secs(),
             connections: self.stats.connections_open.load(Ordering::Relaxed),
@@ -306,7 +336,26 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
     info!("{} user(s) loaded ({})", table.len(), table.kinds());
     let auth = Arc::new(Authenticator::new(table, config.auth_tuning()));
     let interval = config.credentials.reload_interval;
-    let shared = Shared::new(config, auth, CancellationToken::new());
+    let storage = if config.storage.backend == crate::config::Backend::Memory {
+        None
+    } else {
+        let st = crate::storage::Storage::open(&config.storage).await?;
+        info!("storage: {:?}", config.storage.backend);
+        Some(st)
+    };
+    let shared = Shared::with_storage(config, auth, CancellationToken::new(), storage);
+    if let (Some(st), Some(engine)) = (&shared.storage, &shared.engine) {
+        // Stored messages are loaded in the background: connections are served meanwhile,
+        // and a database that is down at start-up is loaded from when it comes back.
+        let (st, engine) = (Arc::clone(st), engine.clone());
+        tokio::spawn(async move {
+            let rows = st.load_all().await;
+            if !rows.is_empty() {
+                info!("{} stored message(s) to deliver", rows.len());
+            }
+            engine.send(crate::durable::Cmd::Load(rows));
+        });
+    }
     spawn_credentials_watcher(&shared, sources, interval);
     let addr = listener.local_addr()?;
     let task = tokio::spawn(run(listener, Arc::clone(&shared)));

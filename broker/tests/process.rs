@@ -155,7 +155,9 @@ async fn sighup_reloads_credentials() {
     let hp = dir.file("htpasswd", QA_LINE);
     let cfg = dir.file(
         "broker.toml",
-        &format!("[credentials]\nfiles = [\"{hp}\"]\nreload_interval = \"0s\"\n"),
+        &format!(
+            "[credentials]\nfiles = [\"{hp}\"]\nreload_interval = \"0s\"\n[storage]\nbackend = \"memory\"\n"
+        ),
     );
     let p = BrokerProcess::spawn(&["--config", &cfg], &[]);
     let mut keep = connect_as(p.addr, ("qa", "4lt0@1234")).await;

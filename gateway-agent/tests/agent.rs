@@ -519,6 +519,7 @@ async fn the_link_drops_a_silent_broker_and_waits_for_a_late_one() {
         wsmb_agent::link::LinkState::Down(_)
     ));
     let mut c = wsmb_broker::Config::default();
+    c.storage.backend = wsmb_broker::config::Backend::Memory;
     c.server.listen = later.to_string();
     c.credentials.lines = vec!["qa:$apr1$v7oipsaf$bHYHIpWTQbVLBGRumBHIG1".into()];
     let _b = wsmb_broker::start(c)

@@ -31,6 +31,9 @@ pub enum Command {
     ReceiveMessage,
     /// `ping`: ask for a health reply (same shape as `connect`).
     Ping,
+    /// `ack`: a receiver in acknowledged mode confirms messages by their `message_id`s (`data`
+    /// is an array of them).
+    Ack,
 }
 
 impl Command {
@@ -40,6 +43,7 @@ impl Command {
             Command::SendMessage => "send-message",
             Command::ReceiveMessage => "receive-message",
             Command::Ping => "ping",
+            Command::Ack => "ack",
         }
     }
 
@@ -48,6 +52,7 @@ impl Command {
             "send-message" => Some(Command::SendMessage),
             "receive-message" => Some(Command::ReceiveMessage),
             "ping" => Some(Command::Ping),
+            "ack" => Some(Command::Ack),
             _ => None,
         }
     }
@@ -63,6 +68,15 @@ pub enum ItemId<'a> {
     Missing,
 }
 
+/// One element of `data` of a `send-message`: what the broker needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item<'a> {
+    /// Its tracking id.
+    pub id: ItemId<'a>,
+    /// Its `expiration` (epoch seconds, a number or a string of digits), if any.
+    pub expiration: Option<u64>,
+}
+
 /// A validated client frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientFrame<'a> {
@@ -75,10 +89,45 @@ pub struct ClientFrame<'a> {
     /// `null`: the broker's configured default applies.
     pub number_of_receiver: Option<u32>,
     /// For `send-message`: one entry per element of `data`, in order.
-    pub items: Vec<ItemId<'a>>,
+    pub items: Vec<Item<'a>>,
     /// `"protocol": 2` opts the connection into WSMB's additions (several subscriptions, sending
     /// without losing them). Absent for legacy clients.
     pub protocol: Option<u32>,
+    /// `receive-message` with `"ack": true`: acknowledged (at-least-once) delivery.
+    pub ack: bool,
+    /// `receive-message`: most unacknowledged messages this receiver wants at once.
+    pub window: Option<u32>,
+    /// `send-message`: time to live in seconds (`"ttl"`), from the broker's receipt.
+    pub ttl: Option<u64>,
+    /// `send-message`: absolute expiry, epoch seconds (`"expires_at"`).
+    pub expires_at: Option<u64>,
+    /// `send-message` with `"report": true`: tell this sender later when the message expires
+    /// undelivered.
+    pub report: bool,
+    /// `ack`: the acknowledged message ids.
+    pub acks: Vec<Cow<'a, str>>,
+}
+
+impl ClientFrame<'_> {
+    /// When this message expires (epoch seconds), given the time of receipt: the earliest of
+    /// `ttl`, `expires_at`, and, when every item carries an `expiration`, the latest of those.
+    pub fn expiry(&self, now_secs: u64) -> Option<u64> {
+        let mut e = [
+            self.ttl.map(|t| now_secs.saturating_add(t)),
+            self.expires_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if !self.items.is_empty() && self.items.iter().all(|i| i.expiration.is_some()) {
+            let items = self.items.iter().filter_map(|i| i.expiration).max();
+            e = match (e, items) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        e
+    }
 }
 
 /// Why a client frame was refused. The broker answers each with an `error` frame carrying
@@ -111,6 +160,10 @@ pub enum FrameError {
     DataNotArray(&'static str),
     /// `protocol` is not a positive integer.
     InvalidProtocol(String),
+    /// An optional field has the wrong type: (field, what it is, what it should be).
+    InvalidField(&'static str, String, &'static str),
+    /// `data` of an `ack` is not an array of message ids.
+    InvalidAcks,
 }
 
 impl FrameError {
@@ -128,7 +181,10 @@ impl FrameError {
             | FrameError::ChannelTooLong(_) => ResponseCode::InvalidChannel,
             FrameError::InvalidNumberOfReceiver(_) => ResponseCode::InvalidNumberOfReceiver,
             FrameError::MissingData | FrameError::DataNotArray(_) => ResponseCode::InvalidData,
-            FrameError::InvalidProtocol(_) => ResponseCode::InvalidField,
+            FrameError::InvalidProtocol(_) | FrameError::InvalidField(..) => {
+                ResponseCode::InvalidField
+            }
+            FrameError::InvalidAcks => ResponseCode::InvalidData,
         }
     }
 }
@@ -193,6 +249,13 @@ impl fmt::Display for FrameError {
                 f,
                 "\"protocol\" is {v}; use the number {PROTOCOL_V2} or leave it out"
             ),
+            FrameError::InvalidField(field, v, want) => {
+                write!(f, "\"{field}\" is {v}; use {want} or leave it out")
+            }
+            FrameError::InvalidAcks => write!(
+                f,
+                "\"ack\" needs \"data\": an array of the message_id strings to acknowledge"
+            ),
         }
     }
 }
@@ -234,7 +297,7 @@ pub fn parse_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, FrameError> {
         }
         Some(other) => return Err(FrameError::ChannelNotString(other.kind())),
     };
-    if channel.is_none() && command != Command::Ping {
+    if channel.is_none() && !matches!(command, Command::Ping | Command::Ack) {
         return Err(FrameError::MissingChannel);
     }
 
@@ -244,20 +307,65 @@ pub fn parse_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, FrameError> {
         Some(other) => return Err(FrameError::InvalidProtocol(other.describe())),
     };
 
-    let (number_of_receiver, items) = if command == Command::SendMessage {
-        let n = match raw.number_of_receiver {
-            None | Some(Loose::Null) => None,
-            Some(v) => Some(receiver_count(&v)?),
-        };
-        let items = match raw.data {
-            None | Some(Data::Null) => return Err(FrameError::MissingData),
-            Some(Data::Array(items)) => items,
-            Some(Data::Other(kind)) => return Err(FrameError::DataNotArray(kind)),
-        };
-        (n, items)
-    } else {
-        (None, Vec::new())
+    let flag = |v: Option<Loose<'_>>, name: &'static str| match v {
+        None | Some(Loose::Null) => Ok(false),
+        Some(Loose::Bool(b)) => Ok(b),
+        Some(other) => Err(FrameError::InvalidField(
+            name,
+            other.describe(),
+            "true or false",
+        )),
     };
+    let count = |v: Option<Loose<'_>>, name: &'static str, want: &'static str| match v {
+        None | Some(Loose::Null) => Ok(None),
+        Some(Loose::U64(n)) => Ok(Some(n)),
+        Some(Loose::Str(s)) if s.trim().parse::<u64>().is_ok() => Ok(s.trim().parse::<u64>().ok()),
+        Some(other) => Err(FrameError::InvalidField(name, other.describe(), want)),
+    };
+    let ack = flag(raw.ack, "ack")?;
+    let report = flag(raw.report, "report")?;
+    let window = count(raw.window, "window", "a whole number of messages")?
+        .map(|w| w.clamp(1, u64::from(u32::MAX)) as u32);
+    let ttl = count(raw.ttl, "ttl", "a whole number of seconds")?;
+    let expires_at = count(raw.expires_at, "expires_at", "epoch seconds")?;
+
+    let mut number_of_receiver = None;
+    let mut items = Vec::new();
+    let mut acks = Vec::new();
+    match command {
+        Command::SendMessage => {
+            number_of_receiver = match raw.number_of_receiver {
+                None | Some(Loose::Null) => None,
+                Some(v) => Some(receiver_count(&v)?),
+            };
+            items = match raw.data {
+                None | Some(Data::Null) => return Err(FrameError::MissingData),
+                Some(Data::Array(elems)) => elems
+                    .into_iter()
+                    .map(|e| match e {
+                        Elem::Item(item) => item,
+                        Elem::Str(_) | Elem::Other => Item {
+                            id: ItemId::Missing,
+                            expiration: None,
+                        },
+                    })
+                    .collect(),
+                Some(Data::Other(kind)) => return Err(FrameError::DataNotArray(kind)),
+            };
+        }
+        Command::Ack => {
+            let Some(Data::Array(elems)) = raw.data else {
+                return Err(FrameError::InvalidAcks);
+            };
+            for e in elems {
+                match e {
+                    Elem::Str(s) => acks.push(s),
+                    _ => return Err(FrameError::InvalidAcks),
+                }
+            }
+        }
+        Command::ReceiveMessage | Command::Ping => {}
+    }
 
     Ok(ClientFrame {
         command,
@@ -265,6 +373,12 @@ pub fn parse_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, FrameError> {
         number_of_receiver,
         items,
         protocol,
+        ack,
+        window,
+        ttl,
+        expires_at,
+        report,
+        acks,
     })
 }
 
@@ -315,6 +429,11 @@ struct RawFrame<'a> {
     channel: Option<Loose<'a>>,
     number_of_receiver: Option<Loose<'a>>,
     protocol: Option<Loose<'a>>,
+    ack: Option<Loose<'a>>,
+    window: Option<Loose<'a>>,
+    ttl: Option<Loose<'a>>,
+    expires_at: Option<Loose<'a>>,
+    report: Option<Loose<'a>>,
     data: Option<Data<'a>>,
 }
 
@@ -358,9 +477,16 @@ impl Loose<'_> {
 }
 
 enum Data<'a> {
-    Array(Vec<ItemId<'a>>),
+    Array(Vec<Elem<'a>>),
     Null,
     Other(&'static str),
+}
+
+/// One element of `data`: an object (an item), a string (an acknowledged id), or anything else.
+enum Elem<'a> {
+    Item(Item<'a>),
+    Str(Cow<'a, str>),
+    Other,
 }
 
 impl<'de> Deserialize<'de> for TopLevel<'de> {
@@ -380,6 +506,11 @@ impl<'de> Deserialize<'de> for TopLevel<'de> {
                         "channel" => raw.channel = Some(map.next_value()?),
                         "number_of_receiver" => raw.number_of_receiver = Some(map.next_value()?),
                         "protocol" => raw.protocol = Some(map.next_value()?),
+                        "ack" => raw.ack = Some(map.next_value()?),
+                        "window" => raw.window = Some(map.next_value()?),
+                        "ttl" => raw.ttl = Some(map.next_value()?),
+                        "expires_at" => raw.expires_at = Some(map.next_value()?),
+                        "report" => raw.report = Some(map.next_value()?),
                         "data" => raw.data = Some(map.next_value()?),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -475,7 +606,7 @@ impl<'de> Deserialize<'de> for Data<'de> {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(64));
-                while let Some(item) = seq.next_element::<ItemProbe<'de>>()? {
+                while let Some(item) = seq.next_element::<ElemProbe<'de>>()? {
                     items.push(item.0);
                 }
                 Ok(Data::Array(items))
@@ -507,55 +638,70 @@ impl<'de> Deserialize<'de> for Data<'de> {
     }
 }
 
-/// One element of `data`: only its `id` is kept.
-struct ItemProbe<'a>(ItemId<'a>);
+/// One element of `data`: for objects only `id` and `expiration` are kept.
+struct ElemProbe<'a>(Elem<'a>);
 
-impl<'de> Deserialize<'de> for ItemProbe<'de> {
+impl<'de> Deserialize<'de> for ElemProbe<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = ItemProbe<'de>;
+            type Value = ElemProbe<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("an item")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut id = ItemId::Missing;
+                let mut expiration = None;
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if key == "id" {
-                        id = match map.next_value::<Loose<'de>>()? {
-                            Loose::Str(s) => ItemId::Given(s),
-                            Loose::U64(n) => ItemId::Given(Cow::Owned(n.to_string())),
-                            Loose::I64(n) => ItemId::Given(Cow::Owned(n.to_string())),
-                            Loose::F64(n) => ItemId::Given(Cow::Owned(n.to_string())),
-                            _ => ItemId::Missing,
-                        };
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
+                    match key.as_ref() {
+                        "id" => {
+                            id = match map.next_value::<Loose<'de>>()? {
+                                Loose::Str(s) => ItemId::Given(s),
+                                Loose::U64(n) => ItemId::Given(Cow::Owned(n.to_string())),
+                                Loose::I64(n) => ItemId::Given(Cow::Owned(n.to_string())),
+                                Loose::F64(n) => ItemId::Given(Cow::Owned(n.to_string())),
+                                _ => ItemId::Missing,
+                            };
+                        }
+                        "expiration" => {
+                            expiration = match map.next_value::<Loose<'de>>()? {
+                                Loose::U64(n) => Some(n),
+                                Loose::F64(f) if f >= 0.0 => Some(f as u64),
+                                Loose::Str(s) => s.trim().parse::<u64>().ok(),
+                                _ => None,
+                            };
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
                     }
                 }
-                Ok(ItemProbe(id))
+                Ok(ElemProbe(Elem::Item(Item { id, expiration })))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(ElemProbe(Elem::Str(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ElemProbe(Elem::Str(Cow::Owned(v.to_owned()))))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(ItemProbe(ItemId::Missing))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(ItemProbe(ItemId::Missing))
+                Ok(ElemProbe(Elem::Other))
             }
             fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(ItemProbe(ItemId::Missing))
+                Ok(ElemProbe(Elem::Other))
             }
             fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(ItemProbe(ItemId::Missing))
+                Ok(ElemProbe(Elem::Other))
             }
             fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(ItemProbe(ItemId::Missing))
+                Ok(ElemProbe(Elem::Other))
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(ItemProbe(ItemId::Missing))
+                Ok(ElemProbe(Elem::Other))
             }
             fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(ItemProbe(ItemId::Missing))
+                Ok(ElemProbe(Elem::Other))
             }
         }
         d.deserialize_any(V)
@@ -565,6 +711,10 @@ impl<'de> Deserialize<'de> for ItemProbe<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ids<'a>(f: &ClientFrame<'a>) -> Vec<ItemId<'a>> {
+        f.items.iter().map(|i| i.id.clone()).collect()
+    }
 
     fn ok(s: &str) -> ClientFrame<'_> {
         match parse_client_frame(s.as_bytes()) {
@@ -587,7 +737,7 @@ mod tests {
         assert_eq!(f.command, Command::SendMessage);
         assert_eq!(f.channel.as_deref(), Some("sms"));
         assert_eq!(f.number_of_receiver, None);
-        assert_eq!(f.items, vec![ItemId::Given(Cow::Borrowed("5f1a"))]);
+        assert_eq!(ids(&f), vec![ItemId::Given(Cow::Borrowed("5f1a"))]);
         assert_eq!(f.protocol, None);
     }
 
@@ -609,7 +759,7 @@ mod tests {
             r#"{"command":"send-message","channel":"c","data":[{"id":"a\"b"},{"id":42},{"x":1},"s",[1],{"id":null},{"id":-3},{"id":1.5}]}"#,
         );
         assert_eq!(
-            f.items,
+            ids(&f),
             vec![
                 ItemId::Given(Cow::Owned("a\"b".into())),
                 ItemId::Given("42".into()),
@@ -731,6 +881,52 @@ mod tests {
     }
 
     #[test]
+    fn acknowledged_delivery_fields() {
+        let f = ok(
+            r#"{"command":"receive-message","channel":"sms","protocol":2,"ack":true,"window":"16"}"#,
+        );
+        assert!(f.ack);
+        assert_eq!(f.window, Some(16));
+        let f = ok(r#"{"command":"ack","data":["m-1","m-2"]}"#);
+        assert_eq!(f.command, Command::Ack);
+        assert_eq!(f.acks, vec!["m-1", "m-2"]);
+        assert_eq!(f.channel, None);
+        assert_eq!(
+            err(r#"{"command":"ack","data":[1]}"#),
+            FrameError::InvalidAcks
+        );
+        assert_eq!(err(r#"{"command":"ack"}"#), FrameError::InvalidAcks);
+        assert!(matches!(
+            err(r#"{"command":"receive-message","channel":"c","ack":"yes"}"#),
+            FrameError::InvalidField("ack", ..)
+        ));
+        assert!(matches!(
+            err(r#"{"command":"send-message","channel":"c","data":[],"ttl":-5}"#),
+            FrameError::InvalidField("ttl", ..)
+        ));
+    }
+
+    #[test]
+    fn expiry_from_ttl_expires_at_and_items() {
+        let f = ok(r#"{"command":"send-message","channel":"c","ttl":60,"data":[{"id":"a"}]}"#);
+        assert_eq!(f.expiry(1000), Some(1060));
+        let f =
+            ok(r#"{"command":"send-message","channel":"c","ttl":60,"expires_at":1030,"data":[]}"#);
+        assert_eq!(f.expiry(1000), Some(1030));
+        // every item has an expiration: the message lives until the last of them
+        let f = ok(
+            r#"{"command":"send-message","channel":"c","data":[{"expiration":1100},{"expiration":"1200"}]}"#,
+        );
+        assert_eq!(f.expiry(1000), Some(1200));
+        assert_eq!(f.items[1].expiration, Some(1200));
+        // one item without: no item-level expiry
+        let f = ok(r#"{"command":"send-message","channel":"c","data":[{"expiration":1100},{}]}"#);
+        assert_eq!(f.expiry(1000), None);
+        let f = ok(r#"{"command":"send-message","channel":"c","report":true,"data":[]}"#);
+        assert!(f.report);
+    }
+
+    #[test]
     fn protocol_flag() {
         let f = ok(r#"{"command":"receive-message","channel":"sms","protocol":2}"#);
         assert_eq!(f.protocol, Some(2));
@@ -744,7 +940,7 @@ mod tests {
             r#"{{"command":"send-message","channel":"c","data":[{deep}, {{"id":{deep}}}]}}"#
         );
         let f = ok(&frame);
-        assert_eq!(f.items, vec![ItemId::Missing, ItemId::Missing]);
+        assert_eq!(ids(&f), vec![ItemId::Missing, ItemId::Missing]);
         assert_eq!(err(&deep), FrameError::NotAnObject("array"));
         let unbalanced = "[".repeat(100_000);
         assert!(matches!(err(&unbalanced), FrameError::InvalidJson(_)));

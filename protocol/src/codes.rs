@@ -15,6 +15,15 @@ pub enum ResponseCode {
     NoReceiver,
     /// `03`: every receiver of the channel had a full outgoing queue; the message was not taken.
     ReceiversBusy,
+    /// `04`: the broker's store is at its cap (per channel or in total); nothing was dropped to
+    /// make room, and this message was not taken.
+    StorageFull,
+    /// `05`: the message needed storing (no receiver could take it now) but the database is
+    /// unavailable; it was not taken.
+    StorageUnavailable,
+    /// `06`: a stored message expired before it could be delivered (sent to a sender that asked
+    /// for reports).
+    Expired,
     /// `10`: the frame is not valid JSON.
     InvalidJson,
     /// `11`: the frame is JSON but not an object.
@@ -39,11 +48,14 @@ pub enum ResponseCode {
 
 impl ResponseCode {
     /// Every code, in table order.
-    pub const ALL: [ResponseCode; 14] = [
+    pub const ALL: [ResponseCode; 17] = [
         Self::Accepted,
         Self::Rejected,
         Self::NoReceiver,
         Self::ReceiversBusy,
+        Self::StorageFull,
+        Self::StorageUnavailable,
+        Self::Expired,
         Self::InvalidJson,
         Self::NotAnObject,
         Self::InvalidChannel,
@@ -63,6 +75,9 @@ impl ResponseCode {
             Self::Rejected => "01",
             Self::NoReceiver => "02",
             Self::ReceiversBusy => "03",
+            Self::StorageFull => "04",
+            Self::StorageUnavailable => "05",
+            Self::Expired => "06",
             Self::InvalidJson => "10",
             Self::NotAnObject => "11",
             Self::InvalidChannel => "12",
@@ -83,6 +98,9 @@ impl ResponseCode {
             Self::Rejected => "Rejected",
             Self::NoReceiver => "No receiver",
             Self::ReceiversBusy => "Receivers busy",
+            Self::StorageFull => "Storage full",
+            Self::StorageUnavailable => "Storage unavailable",
+            Self::Expired => "Expired",
             Self::InvalidJson => "Invalid JSON",
             Self::NotAnObject => "Not a JSON object",
             Self::InvalidChannel => "Invalid channel",

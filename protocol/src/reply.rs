@@ -20,6 +20,10 @@ pub const CONNECT: &str = "connect";
 pub const SEND_RESULT: &str = "send-result";
 /// `command` of an error reply.
 pub const ERROR: &str = "error";
+/// `command` of a message delivered to a receiver in acknowledged mode.
+pub const DELIVER: &str = "deliver";
+/// `command` of the report of a stored message that expired undelivered.
+pub const EXPIRED: &str = "expired";
 
 #[derive(Serialize)]
 struct Out<'a, D: Serialize> {
@@ -54,11 +58,99 @@ pub fn encode<D: Serialize>(command: &str, code: ResponseCode, data: &[D]) -> St
 pub struct ConnectData {
     /// UTC, seconds precision, `.000Z` (see [`crate::time`]).
     pub time_stamp: String,
+    /// `ping` replies of a broker with a database: `ok`, or `down: <reason>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
 }
 
 /// The `connect` frame (welcome, or `ping` reply) with the given code.
 pub fn connect(code: ResponseCode, time_stamp: String) -> String {
-    encode(CONNECT, code, &[ConnectData { time_stamp }])
+    encode(
+        CONNECT,
+        code,
+        &[ConnectData {
+            time_stamp,
+            storage: None,
+        }],
+    )
+}
+
+/// The `ping` reply of a broker with a database: `00` when it is reachable, `01` when not (as
+/// the legacy broker answered), with the state in `storage`.
+pub fn ping_with_storage(time_stamp: String, storage: Result<(), String>) -> String {
+    let (code, storage) = match storage {
+        Ok(()) => (ResponseCode::Accepted, "ok".to_owned()),
+        Err(e) => (ResponseCode::Rejected, format!("down: {e}")),
+    };
+    encode(
+        CONNECT,
+        code,
+        &[ConnectData {
+            time_stamp,
+            storage: Some(storage),
+        }],
+    )
+}
+
+/// A message for a receiver in acknowledged mode:
+/// `{"command":"deliver","message_id":..,"channel":..,"delivery":n,"frame":<the sender's frame>}`.
+/// `frame` is the sender's JSON verbatim (it must be valid JSON: the broker parsed it);
+/// `delivery` counts attempts (2 and more are redeliveries). Acknowledge with
+/// `{"command":"ack","data":[message_id]}`.
+pub fn deliver(message_id: &str, channel: &str, delivery: u32, frame: &str) -> String {
+    let id = serde_json::to_string(message_id).unwrap_or_else(|_| "\"\"".into());
+    let ch = serde_json::to_string(channel).unwrap_or_else(|_| "\"\"".into());
+    let mut out = String::with_capacity(frame.len() + id.len() + ch.len() + 64);
+    out.push_str("{\"command\":\"deliver\",\"message_id\":");
+    out.push_str(&id);
+    out.push_str(",\"channel\":");
+    out.push_str(&ch);
+    out.push_str(",\"delivery\":");
+    out.push_str(&delivery.to_string());
+    out.push_str(",\"frame\":");
+    out.push_str(frame);
+    out.push('}');
+    out
+}
+
+/// A decoded `deliver` frame (for clients).
+#[derive(Debug, Deserialize)]
+pub struct Delivery {
+    /// The id to acknowledge.
+    pub message_id: String,
+    /// The channel.
+    pub channel: String,
+    /// 1 for the first delivery, more for redeliveries.
+    pub delivery: u32,
+    /// The sender's frame, verbatim.
+    pub frame: Box<serde_json::value::RawValue>,
+}
+
+impl Delivery {
+    /// Decodes a `deliver` frame; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Delivery> {
+        #[derive(Deserialize)]
+        struct Head<'a> {
+            #[serde(borrow)]
+            command: std::borrow::Cow<'a, str>,
+        }
+        let head: Head<'_> = serde_json::from_str(text).ok()?;
+        if head.command != DELIVER {
+            return None;
+        }
+        serde_json::from_str(text).ok()
+    }
+}
+
+/// `data[0]` of an `expired` report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiredData {
+    /// The message.
+    pub message_id: String,
+    /// Its channel.
+    pub channel: String,
+    /// Its item ids.
+    pub ids: Vec<String>,
 }
 
 /// `data[0]` of a `send-result`.
@@ -72,6 +164,12 @@ pub struct SendResult {
     pub receivers: u32,
     /// One id per element of `data`, in order: the item's own `id`, or `<message_id>.<index>`.
     pub ids: Vec<String>,
+    /// With a database: whether the message was stored durably before this reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<bool>,
+    /// Why it was not accepted (codes `04`, `05`, `06`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// `data[0]` of an `error` frame.
@@ -153,6 +251,8 @@ mod tests {
             channel: "sms".into(),
             receivers: 2,
             ids: vec!["a".into(), "m1.1".into()],
+            stored: None,
+            reason: None,
         };
         let s = encode(
             SEND_RESULT,
@@ -179,6 +279,30 @@ mod tests {
                 reason: "bad".into(),
                 command: None
             })
+        );
+    }
+
+    #[test]
+    fn deliveries_embed_the_frame_verbatim() {
+        let frame = "{\n  \"command\": \"send-message\", \"channel\": \"sms\", \"data\": [{\"id\": \"é\"}]\n}";
+        let d = deliver("abc-1", "sms", 2, frame);
+        assert!(d.ends_with(&format!(",\"frame\":{frame}}}")));
+        let back = Delivery::parse(&d).expect("delivery");
+        assert_eq!(
+            (
+                back.message_id.as_str(),
+                back.channel.as_str(),
+                back.delivery
+            ),
+            ("abc-1", "sms", 2)
+        );
+        assert_eq!(back.frame.get(), frame);
+        assert!(Delivery::parse(r#"{"command":"send-message","data":[]}"#).is_none());
+        let p = ping_with_storage("t".into(), Err("connection refused".into()));
+        assert!(
+            p.contains("\"response_code\":\"01\"")
+                && p.contains("\"storage\":\"down: connection refused\""),
+            "{p}"
         );
     }
 

@@ -120,10 +120,11 @@ impl Drop for Proc {
 /// Starts the broker binary on 127.0.0.1:0 with `args`; returns it and its address.
 pub fn start_broker(broker_exe: &str, args: &[&str]) -> (Proc, SocketAddr) {
     let mut cmd = Command::new(broker_exe);
-    cmd.args(args)
-        .args(["--listen", "127.0.0.1:0"])
-        .env_remove("RUST_LOG")
-        .env_remove("WSMB_CREDENTIALS");
+    cmd.args(args).args(["--listen", "127.0.0.1:0"]);
+    if !args.contains(&"--storage") {
+        cmd.args(["--storage", "memory"]);
+    }
+    cmd.env_remove("RUST_LOG").env_remove("WSMB_CREDENTIALS");
     let p = Proc::spawn(cmd).expect("start the broker");
     let line = p
         .wait_line("listening on ", Duration::from_secs(20))

@@ -51,7 +51,7 @@ fn broker() -> (Proc, SocketAddr) {
 fn broker_at(addr: SocketAddr) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-broker"));
     cmd.args(broker_args())
-        .args(["--listen", &addr.to_string()])
+        .args(["--listen", &addr.to_string(), "--storage", "memory"])
         .env_remove("RUST_LOG");
     let p = Proc::spawn(cmd).expect("broker");
     assert!(

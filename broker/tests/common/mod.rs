@@ -27,6 +27,7 @@ pub type Ws = WebSocketStream<TcpStream>;
 pub fn test_config() -> Config {
     let mut c = Config::default();
     c.server.listen = "127.0.0.1:0".into();
+    c.storage.backend = wsmb_broker::config::Backend::Memory;
     c.credentials.lines = vec![
         "qa:$apr1$v7oipsaf$bHYHIpWTQbVLBGRumBHIG1".into(),
         "sha:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=".into(),

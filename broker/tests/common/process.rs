@@ -20,9 +20,11 @@ impl BrokerProcess {
     /// Starts `wsmb-broker ARGS --listen 127.0.0.1:0` and waits until it listens.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = bin();
-        cmd.args(args)
-            .args(["--listen", "127.0.0.1:0"])
-            .env_remove("RUST_LOG")
+        cmd.args(args).args(["--listen", "127.0.0.1:0"]);
+        if !args.contains(&"--storage") && !args.contains(&"--config") {
+            cmd.args(["--storage", "memory"]);
+        }
+        cmd.env_remove("RUST_LOG")
             .env_remove("WSMB_CREDENTIALS")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

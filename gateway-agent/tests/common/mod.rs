@@ -48,6 +48,7 @@ pub async fn broker() -> wsmb_broker::Running {
     logs();
     let mut c = wsmb_broker::Config::default();
     c.server.listen = "127.0.0.1:0".into();
+    c.storage.backend = wsmb_broker::config::Backend::Memory;
     c.credentials.lines = vec!["qa:$apr1$v7oipsaf$bHYHIpWTQbVLBGRumBHIG1".into()];
     wsmb_broker::start(c).await.expect("broker")
 }
