@@ -114,6 +114,7 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(EngineStats::default());
         let state = State {
+            finished_before_load: Some(Default::default()),
             msgs: HashMap::new(),
             chans: HashMap::new(),
             timeouts: BinaryHeap::new(),
@@ -178,6 +179,9 @@ struct Chan {
 }
 
 struct State {
+    /// Until the stored rows are loaded: keys finished meanwhile (a row read before it was
+    /// deleted must not come back).
+    finished_before_load: Option<std::collections::HashSet<Arc<str>>>,
     msgs: HashMap<Arc<str>, Msg>,
     chans: HashMap<Arc<str>, Chan>,
     timeouts: BinaryHeap<Reverse<(Instant, u64, Arc<str>)>>,
@@ -434,6 +438,9 @@ impl State {
         let Some(m) = self.msgs.remove(key) else {
             return;
         };
+        if let Some(done) = &mut self.finished_before_load {
+            done.insert(Arc::clone(&m.key));
+        }
         if let Some(id) = m.data_id {
             self.storage.delete(id);
             self.storage.release(&m.channel);
@@ -544,10 +551,7 @@ impl State {
         let mut expired = Vec::new();
         let mut i = 0;
         let mut scanned = 0;
-        loop {
-            let Some(c) = self.chans.get_mut(channel) else {
-                break;
-            };
+        while let Some(c) = self.chans.get_mut(channel) {
             if c.receivers.is_empty() || i >= c.pending.len() || scanned >= SCAN {
                 break;
             }

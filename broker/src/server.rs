@@ -345,16 +345,22 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
     };
     let shared = Shared::with_storage(config, auth, CancellationToken::new(), storage);
     if let (Some(st), Some(engine)) = (&shared.storage, &shared.engine) {
-        // Stored messages are loaded in the background: connections are served meanwhile,
-        // and a database that is down at start-up is loaded from when it comes back.
         let (st, engine) = (Arc::clone(st), engine.clone());
-        tokio::spawn(async move {
+        let load = async move {
             let rows = st.load_all().await;
             if !rows.is_empty() {
                 info!("{} stored message(s) to deliver", rows.len());
             }
             engine.send(crate::durable::Cmd::Load(rows));
-        });
+        };
+        if shared.storage.as_ref().is_some_and(|s| s.health().is_ok()) {
+            // Loaded before the first connection is accepted.
+            load.await;
+        } else {
+            // A database that is down at start-up: serve live traffic meanwhile, load when it
+            // comes back.
+            tokio::spawn(load);
+        }
     }
     spawn_credentials_watcher(&shared, sources, interval);
     let addr = listener.local_addr()?;

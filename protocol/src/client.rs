@@ -418,6 +418,9 @@ fn truncate(s: &str, max_chars: usize) -> String {
 // Lenient deserialisation: every known field is read into a type that accepts any JSON value, so
 // the only serde errors left are syntax errors; type errors become precise `FrameError`s above.
 
+// Lives on the stack for the duration of one parse; boxing the large variant would cost an
+// allocation per frame on the hot path.
+#[allow(clippy::large_enum_variant)]
 enum TopLevel<'a> {
     Object(RawFrame<'a>),
     Other(&'static str),

@@ -123,7 +123,7 @@ impl SqlDb {
             }
         };
         on_pool!(&self.pool, p => {
-            let rows = sqlx::query(safe(&sql)).bind(&self.table).fetch_all(p).await?;
+            let rows = sqlx::query(safe(sql)).bind(&self.table).fetch_all(p).await?;
             rows.iter()
                 .map(|r| {
                     Ok((

@@ -2,6 +2,7 @@
 //! real WebSocket clients.
 #![allow(dead_code)]
 
+pub mod db;
 pub mod legacy;
 pub mod process;
 
