@@ -334,6 +334,9 @@ impl Storage {
     }
 }
 
+/// How often an idle writer checks that the database is still there.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
 /// The group-commit writer: takes every write waiting, commits them in one transaction.
 async fn writer(
     db: Arc<Db>,
@@ -372,9 +375,18 @@ async fn writer(
         let mut ops = std::mem::take(&mut retry);
         let mut replies = Vec::new();
         if ops.is_empty() {
-            match rx.recv().await {
-                Some(w) => push(w, &mut ops, &mut replies),
-                None => return,
+            // Idle: check the database now and then, so that `ping` and `/healthz` tell the
+            // truth even without traffic.
+            match tokio::time::timeout(IDLE_CHECK, rx.recv()).await {
+                Ok(Some(w)) => push(w, &mut ops, &mut replies),
+                Ok(None) => return,
+                Err(_) => {
+                    if let Err(e) = db.ping().await {
+                        warn!("database unavailable: {e}");
+                        let _ = health.send(Err(e.0));
+                    }
+                    continue;
+                }
             }
         }
         while ops.len() < cfg.commit_batch {

@@ -40,7 +40,18 @@ pub async fn broker() -> Running {
     broker_with(|_| {}).await
 }
 
+/// Logs to the test output when WSMB_TEST_LOG is set (e.g. WSMB_TEST_LOG=debug).
+pub fn logs() {
+    if let Ok(level) = std::env::var("WSMB_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub async fn broker_with(f: impl FnOnce(&mut Config)) -> Running {
+    logs();
     let mut c = test_config();
     f(&mut c);
     c.validate().expect("valid test config");
