@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wsmb_protocol::reply::{BrokerReply, SEND_RESULT};
+use wsmb_protocol::reply::{BrokerReply, Delivery, SEND_RESULT};
 use wsmb_protocol::sms::{Status, StatusEvent, parse_jobs};
 use wsmb_protocol::{ResponseCode, frames};
 
@@ -31,6 +31,8 @@ use crate::store::{Ending, Inserted, Store};
 const BATCH: usize = 50;
 /// Most unacknowledged status frames.
 const WINDOW: usize = 8;
+/// Most jobs the broker may have in flight to this agent (acknowledged mode).
+const WINDOW_JOBS: u32 = 32;
 
 /// The link's state, for logs and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,13 +43,19 @@ pub enum LinkState {
     Up,
 }
 
-/// Validates and stores the jobs of one forwarded frame. Returns how many new jobs were queued.
-pub async fn intake(store: &Store, cfg: &Config, text: &str) -> usize {
+/// Validates and stores the jobs of one forwarded frame. Returns how many new jobs were
+/// queued, or an error when a job could not be stored (then the frame must not be
+/// acknowledged: the broker will offer it again).
+pub async fn intake(
+    store: &Store,
+    cfg: &Config,
+    text: &str,
+) -> Result<usize, crate::store::StoreError> {
     let items = match parse_jobs(text) {
         Ok((_, items)) => items,
         Err(e) => {
             warn!("ignoring a frame that carries no jobs: {e}");
-            return 0;
+            return Ok(0);
         }
     };
     let now = std::time::SystemTime::now()
@@ -116,12 +124,13 @@ pub async fn intake(store: &Store, cfg: &Config, text: &str) -> usize {
             }
         };
         if let Err(e) = result {
-            // Without the store the job cannot be kept: say so loudly. (With acknowledged
-            // delivery the broker will offer it again.)
+            // Without the store the job cannot be kept: say so loudly and do not acknowledge;
+            // a broker with acknowledged delivery offers it again.
             tracing::error!("could not store a job: {e}");
+            return Err(e);
         }
     }
-    queued
+    Ok(queued)
 }
 
 /// An id for a job that came without one.
@@ -201,10 +210,11 @@ async fn connect(cfg: &Config) -> Result<Ws, String> {
         .map_err(|_| format!("no connection within {:?}", cfg.broker.connect_timeout))?
         .map_err(|e| format!("cannot connect to {}: {e}", cfg.broker.url))?;
     // Register first: the broker then sends `connect` at once instead of after its welcome
-    // delay.
-    ws.send(Message::text(frames::receive_message(
+    // delay. Acknowledged mode: a broker with a database keeps each job until this agent has
+    // stored it; a broker without one (or the legacy broker) simply forwards the frames.
+    ws.send(Message::text(frames::receive_message_acked(
         &cfg.broker.channel,
-        true,
+        WINDOW_JOBS,
     )))
     .await
     .map_err(|e| e.to_string())?;
@@ -266,13 +276,26 @@ async fn serve(
                                 }
                                 store.poke();
                             }
-                        } else if intake(store, cfg, &t).await > 0 {
+                        } else if let Some(d) = Delivery::parse(&t) {
+                            // Acknowledged only once the jobs are stored.
+                            match intake(store, cfg, d.frame.get()).await {
+                                Ok(n) => {
+                                    if n > 0 {
+                                        wake.notify_one();
+                                    }
+                                    if let Err(e) = ws.send(Message::text(frames::ack(&[&d.message_id]))).await {
+                                        return format!("write error: {e}");
+                                    }
+                                }
+                                Err(_) => warn!(message = %d.message_id, "not acknowledged: the broker will offer it again"),
+                            }
+                        } else if intake(store, cfg, &t).await.is_ok_and(|n| n > 0) {
                             wake.notify_one();
                         }
                     }
                     Some(Ok(Message::Binary(b))) => {
                         if let Ok(t) = std::str::from_utf8(&b) {
-                            if intake(store, cfg, t).await > 0 {
+                            if intake(store, cfg, t).await.is_ok_and(|n| n > 0) {
                                 wake.notify_one();
                             }
                         }

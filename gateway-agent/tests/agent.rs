@@ -103,7 +103,9 @@ async fn single_object_data_and_duplicate_ids() {
     let cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
     let frame = serde_json::json!({"command": "send-message", "channel": "sms", "data": job("same", "+628123456789", "once")});
     assert_eq!(
-        wsmb_agent::link::intake(&a.store, &cfg, &frame.to_string()).await,
+        wsmb_agent::link::intake(&a.store, &cfg, &frame.to_string())
+            .await
+            .expect("stored"),
         1
     );
     status.wait("same", Status::Sent, T).await;
@@ -560,4 +562,48 @@ async fn a_job_that_expires_while_waiting_is_reported_expired_not_sent() {
         sim.messages().is_empty(),
         "an expired OTP must never go out late"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_sent_while_the_agent_is_away_wait_in_the_broker_until_the_agent_has_them() {
+    let dir = scratch("durable");
+    let mut c = wsmb_broker::Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.credentials.lines = vec!["qa:$apr1$v7oipsaf$bHYHIpWTQbVLBGRumBHIG1".into()];
+    c.storage.path = dir.join("broker.sqlite");
+    let b = wsmb_broker::start(c).await.expect("broker with SQLite");
+    for i in 0..3 {
+        send_jobs(
+            b.addr,
+            serde_json::json!([job(
+                &format!("d{i}"),
+                "+628123456789",
+                &format!("durable {i}")
+            )]),
+        )
+        .await;
+    }
+    let stored = || b.shared.storage.as_ref().expect("storage").stored();
+    assert_eq!(stored(), 3);
+    let mut status = StatusListener::new(b.addr).await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
+        .await
+        .expect("agent");
+    for i in 0..3 {
+        status.wait(&format!("d{i}"), Status::Sent, T).await;
+    }
+    // acknowledged once stored by the agent: nothing left in the broker
+    let deadline = tokio::time::Instant::now() + T;
+    while stored() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} still stored",
+            stored()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let texts: Vec<String> = sim.messages().into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, vec!["durable 0", "durable 1", "durable 2"]);
+    a.shutdown.cancel();
 }

@@ -10,6 +10,10 @@ struct Out<'a, D: Serialize> {
     channel: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     protocol: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ack: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window: Option<u32>,
     data: &'a [D],
 }
 
@@ -23,9 +27,30 @@ fn encode<D: Serialize>(
         command,
         channel,
         protocol,
+        ack: false,
+        window: None,
         data,
     })
     .unwrap_or_default()
+}
+
+/// `receive-message` in acknowledged mode (protocol 2): the broker sends `deliver` frames and
+/// keeps each message until it is acknowledged with [`ack`]; at most `window` unacknowledged.
+pub fn receive_message_acked(channel: &str, window: u32) -> String {
+    serde_json::to_string(&Out::<()> {
+        command: "receive-message",
+        channel: Some(channel),
+        protocol: Some(crate::client::PROTOCOL_V2),
+        ack: true,
+        window: Some(window),
+        data: &[],
+    })
+    .unwrap_or_default()
+}
+
+/// `ack` of delivered messages.
+pub fn ack(message_ids: &[&str]) -> String {
+    encode("ack", None, None, message_ids)
 }
 
 /// `receive-message` on `channel`; `protocol2` adds `"protocol":2` (several channels, and
@@ -72,5 +97,11 @@ mod tests {
         assert_eq!(f.command, Command::SendMessage);
         assert_eq!(f.items.len(), 1);
         assert_eq!(ping(), r#"{"command":"ping","data":[]}"#);
+        let r = receive_message_acked("sms", 32);
+        let f = parse_client_frame(r.as_bytes()).expect("parse");
+        assert!(f.ack && f.window == Some(32) && f.protocol == Some(2));
+        let a = ack(&["m-1", "m-2"]);
+        let f = parse_client_frame(a.as_bytes()).expect("parse");
+        assert_eq!((f.command, f.acks.len()), (Command::Ack, 2));
     }
 }
