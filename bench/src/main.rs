@@ -54,6 +54,10 @@ enum Cmd {
         /// Receiving connections
         #[arg(long, default_value_t = 1)]
         receivers: u64,
+        /// Receivers in acknowledged mode (a broker with a database): each delivery is
+        /// acknowledged, in batches
+        #[arg(long)]
+        ack: bool,
     },
     /// Latency percentiles at a fixed rate
     Latency {
@@ -89,10 +93,15 @@ async fn connect(cli: &Cli) -> anyhow::Result<Ws> {
     }
 }
 
-async fn receiver(cli: &Cli, channel: &str) -> anyhow::Result<Ws> {
+async fn receiver(cli: &Cli, channel: &str, ack: bool) -> anyhow::Result<Ws> {
     let mut ws = connect(cli).await?;
+    let mode = if ack {
+        r#","protocol":2,"ack":true,"window":1024"#
+    } else {
+        ""
+    };
     ws.send(Message::text(format!(
-        r#"{{"command":"receive-message","channel":"{channel}","data":[]}}"#
+        r#"{{"command":"receive-message","channel":"{channel}"{mode},"data":[]}}"#
     )))
     .await?;
     ws.send(Message::text(r#"{"command":"ping"}"#)).await?;
@@ -131,9 +140,22 @@ async fn main() -> anyhow::Result<()> {
             messages,
             senders,
             receivers,
-        } => throughput(cli.clone(), messages, senders, receivers).await,
+            ack,
+        } => throughput(cli.clone(), messages, senders, receivers, ack).await,
         Cmd::Latency { rate, seconds } => latency(cli.clone(), rate, seconds).await,
     }
+}
+
+/// The `message_id` of a `deliver` frame.
+fn message_id(text: &str) -> Option<&str> {
+    let i = text.find("\"message_id\":\"")? + 14;
+    let rest = &text[i..];
+    Some(&rest[..rest.find('"')?])
+}
+
+fn ack_frame(ids: &mut Vec<String>) -> String {
+    let list: Vec<String> = ids.drain(..).map(|i| format!("\"{i}\"")).collect();
+    format!(r#"{{"command":"ack","data":[{}]}}"#, list.join(","))
 }
 
 async fn throughput(
@@ -141,19 +163,46 @@ async fn throughput(
     messages: u64,
     senders: u64,
     receivers: u64,
+    ack: bool,
 ) -> anyhow::Result<()> {
     let channel = "bench-throughput";
     let got = Arc::new(AtomicU64::new(0));
     let mut rx_tasks = Vec::new();
     for _ in 0..receivers {
-        let mut ws = receiver(&cli, channel).await?;
+        let ws = receiver(&cli, channel, ack).await?;
         let got = Arc::clone(&got);
         rx_tasks.push(tokio::spawn(async move {
-            while let Some(Ok(m)) = ws.next().await {
-                if matches!(m, Message::Text(_))
-                    && got.fetch_add(1, Ordering::Relaxed) + 1 >= messages
+            let (mut sink, mut stream) = ws.split();
+            let mut ids: Vec<String> = Vec::new();
+            loop {
+                // Acknowledge in batches: when 256 are pending, or when no frame is waiting.
+                let next = match tokio::time::timeout(Duration::from_millis(2), stream.next()).await
                 {
-                    break;
+                    Ok(n) => n,
+                    Err(_) => {
+                        if !ids.is_empty()
+                            && sink.send(Message::text(ack_frame(&mut ids))).await.is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                match next {
+                    Some(Ok(Message::Text(t))) => {
+                        if ack {
+                            let Some(id) = message_id(&t) else { continue };
+                            ids.push(id.to_owned());
+                            if ids.len() >= 256
+                                && sink.send(Message::text(ack_frame(&mut ids))).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                        got.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
                 }
             }
         }));
@@ -194,7 +243,8 @@ async fn throughput(
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "throughput: {total} messages of {} bytes, {senders} sender(s) -> {receivers} receiver(s): {:.0} msgs/s ({secs:.2} s)",
+        "throughput{}: {total} messages of {} bytes, {senders} sender(s) -> {receivers} receiver(s): {:.0} msgs/s ({secs:.2} s)",
+        if ack { " (acknowledged)" } else { "" },
         cli.size,
         total as f64 / secs
     );
@@ -209,7 +259,7 @@ async fn throughput(
 
 async fn latency(cli: Arc<Cli>, rate: u64, seconds: u64) -> anyhow::Result<()> {
     let channel = "bench-latency";
-    let mut rx = receiver(&cli, channel).await?;
+    let mut rx = receiver(&cli, channel, false).await?;
     let ws = connect(&cli).await?;
     let (mut sink, mut stream) = ws.split();
     tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });

@@ -378,6 +378,13 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> anyhow::
     let ctl = Arc::new(ConnControl::new());
     ctl.touch();
     let (sink, stream) = ws.split();
+    let (replies, pending) = if shared.storage.is_some() {
+        let (t, r) = mpsc::channel(MAX_PENDING_COMMITS);
+        (Some(t), Some(r))
+    } else {
+        (None, None)
+    };
+    let completer = complete(pending, tx.clone(), Arc::clone(shared));
     let mut session = Session {
         id,
         shared: Arc::clone(shared),
@@ -385,10 +392,15 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> anyhow::
         subscriptions: Vec::new(),
         tx,
         ctl: Arc::clone(&ctl),
+        replies,
     };
     let writer = write_loop(sink, rx, Arc::clone(&ctl), Arc::clone(shared));
-    let reader = session.read_loop(stream, first);
-    tokio::join!(reader, writer);
+    let reader = async {
+        session.read_loop(stream, first).await;
+        // no more replies: the completer finishes what is pending and stops
+        session.replies = None;
+    };
+    tokio::join!(reader, writer, completer);
     session.unsubscribe_all();
     debug!("closed");
     Ok(())
@@ -586,95 +598,183 @@ async fn deliver(
     (delivered, busy)
 }
 
-/// A `send-message` with a database: store (group commit), then hand to the delivery engine.
+/// Most sends of one connection waiting for their commit.
+const MAX_PENDING_COMMITS: usize = 256;
+
+/// A reply in the durable pipeline.
+enum Pending {
+    /// Ready to go.
+    Ready(String),
+    /// A send waiting for its commit.
+    Stored(Box<StoredSend>),
+}
+
+/// A `send-message` submitted to the database.
+struct StoredSend {
+    commit: tokio::sync::oneshot::Receiver<Result<i64, crate::storage::StoreError>>,
+    publish: crate::durable::Publish,
+}
+
+fn count_send(stats: &crate::server::Stats, delivered: u32, stored: Option<bool>) {
+    stats
+        .deliveries
+        .fetch_add(u64::from(delivered), Ordering::Relaxed);
+    if delivered == 0 && stored != Some(true) {
+        stats.unrouted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn send_result(
+    code: ResponseCode,
+    message_id: String,
+    channel: String,
+    ids: Vec<String>,
+    receivers: u32,
+    stored: bool,
+    reason: Option<String>,
+) -> String {
+    let result = SendResult {
+        message_id,
+        channel,
+        receivers,
+        ids,
+        stored: Some(stored),
+        reason,
+    };
+    reply::encode(reply::SEND_RESULT, code, &[result])
+}
+
+/// Sends the replies of one connection in order; a stored send is published to the delivery
+/// engine once committed (or, when the database failed, to whoever is online).
+async fn complete(
+    rx: Option<mpsc::Receiver<Pending>>,
+    tx: mpsc::Sender<Outgoing>,
+    shared: Arc<Shared>,
+) {
+    let (Some(mut rx), Some(engine), Some(storage)) =
+        (rx, shared.engine.clone(), shared.storage.clone())
+    else {
+        return;
+    };
+    while let Some(p) = rx.recv().await {
+        let text = match p {
+            Pending::Ready(t) => t,
+            Pending::Stored(s) => {
+                let StoredSend {
+                    commit,
+                    mut publish,
+                } = *s;
+                let committed = commit.await.unwrap_or_else(|_| {
+                    Err(crate::storage::StoreError::Unavailable(
+                        "the storage writer stopped".into(),
+                    ))
+                });
+                // What the reply needs; the engine needs the ids only for an expiry report.
+                let (key, channel) = (publish.key.clone(), publish.channel.clone());
+                let ids = if publish.report_to.is_some() {
+                    publish.ids.clone()
+                } else {
+                    std::mem::take(&mut publish.ids)
+                };
+                let (code, n, stored, reason) = match committed {
+                    Ok(id) => {
+                        publish.data_id = Some(id);
+                        (
+                            ResponseCode::Accepted,
+                            engine.publish(publish).await,
+                            true,
+                            None,
+                        )
+                    }
+                    Err(e) => {
+                        storage.release(&publish.channel);
+                        // The database is down: still deliver to whoever is online now.
+                        match engine.publish(publish).await {
+                            0 => (
+                                ResponseCode::StorageUnavailable,
+                                0,
+                                false,
+                                Some(format!(
+                                    "no receiver is online and the message cannot be stored: \
+                                     {e}; retry later"
+                                )),
+                            ),
+                            n => (ResponseCode::Accepted, n, false, None),
+                        }
+                    }
+                };
+                count_send(&shared.stats, n, Some(stored));
+                send_result(code, key, channel, ids, n, stored, reason)
+            }
+        };
+        if tx.send(Outgoing::reply(Message::text(text))).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A `send-message` with a database, before its commit.
 struct DurableSend<'a> {
     storage: &'a Arc<crate::storage::Storage>,
-    engine: &'a crate::durable::Engine,
     channel: &'a str,
     limit: u32,
-    key: &'a str,
-    ids: &'a [String],
+    key: String,
+    ids: Vec<String>,
     payload: &'a Utf8Bytes,
 }
 
 impl DurableSend<'_> {
-    /// Returns (code, receivers it went to at once, stored, reason when refused).
-    async fn run(
-        self,
-        frame: &wsmb_protocol::ClientFrame<'_>,
-        session: &Session,
-    ) -> (ResponseCode, u32, Option<bool>, Option<String>) {
+    /// Checks expiry and caps, and submits the insert (group commit).
+    fn prepare(self, frame: &wsmb_protocol::ClientFrame<'_>, session: &Session) -> Pending {
         use crate::storage::{NewMessage, StoreError};
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let expires_at = frame.expiry(now);
-        if expires_at.is_some_and(|e| e <= now) {
-            return (
-                ResponseCode::Expired,
-                0,
-                Some(false),
-                Some("the message had already expired when it arrived".into()),
-            );
-        }
-        let publish = |data_id| crate::durable::Publish {
-            key: self.key.to_owned(),
-            data_id,
+        let publish = crate::durable::Publish {
+            key: self.key,
+            data_id: None,
             channel: self.channel.to_owned(),
             frame: self.payload.clone(),
             limit: self.limit,
             expires_at,
-            ids: self.ids.to_vec(),
+            ids: self.ids,
             report_to: frame.report.then(|| session.tx.clone()),
             sender: session.id,
         };
-        let stored = match self.storage.reserve(self.channel) {
-            Err(StoreError::Full(why)) => {
-                return (ResponseCode::StorageFull, 0, Some(false), Some(why));
-            }
-            Err(StoreError::Unavailable(e)) => Err(e),
-            Ok(()) => {
-                let data = data_text(self.payload.as_str());
-                let m = NewMessage {
-                    key: self.key.to_owned(),
-                    channel: self.channel.to_owned(),
-                    frame: self.payload.as_str().to_owned(),
-                    data,
-                    remaining: self.limit.max(1),
-                    expires_at,
-                };
-                match self.storage.insert(m).await {
-                    Ok(id) => Ok(id),
-                    Err(StoreError::Unavailable(e) | StoreError::Full(e)) => {
-                        self.storage.release(self.channel);
-                        Err(e)
-                    }
-                }
-            }
+        let refuse = |code, why: String| {
+            Pending::Ready(send_result(
+                code,
+                publish.key.clone(),
+                publish.channel.clone(),
+                publish.ids.clone(),
+                0,
+                false,
+                Some(why),
+            ))
         };
-        match stored {
-            Ok(id) => {
-                let n = self.engine.publish(publish(Some(id))).await;
-                (ResponseCode::Accepted, n, Some(true), None)
-            }
-            Err(e) => {
-                // The database is down: still deliver to whoever is online now.
-                let n = self.engine.publish(publish(None)).await;
-                if n > 0 {
-                    (ResponseCode::Accepted, n, Some(false), None)
-                } else {
-                    (
-                        ResponseCode::StorageUnavailable,
-                        0,
-                        Some(false),
-                        Some(format!(
-                            "no receiver is online and the message cannot be stored: {e}; retry later"
-                        )),
-                    )
-                }
-            }
+        if expires_at.is_some_and(|e| e <= now) {
+            return refuse(
+                ResponseCode::Expired,
+                "the message had already expired when it arrived".into(),
+            );
         }
+        if let Err(StoreError::Full(why) | StoreError::Unavailable(why)) =
+            self.storage.reserve(self.channel)
+        {
+            return refuse(ResponseCode::StorageFull, why);
+        }
+        let m = NewMessage {
+            key: publish.key.clone(),
+            channel: publish.channel.clone(),
+            frame: self.payload.clone(),
+            data: data_text(self.payload.as_str()),
+            remaining: self.limit.max(1),
+            expires_at,
+        };
+        let commit = self.storage.submit(m);
+        Pending::Stored(Box::new(StoredSend { commit, publish }))
     }
 }
 
@@ -699,6 +799,8 @@ struct Session {
     subscriptions: Vec<Box<str>>,
     tx: mpsc::Sender<Outgoing>,
     ctl: Arc<ConnControl>,
+    /// With a database: replies in order, some waiting for their commit.
+    replies: Option<mpsc::Sender<Pending>>,
 }
 
 impl Session {
@@ -906,46 +1008,37 @@ impl Session {
                         ItemId::Missing => format!("{message_id}.{i}"),
                     })
                     .collect();
-                let (code, delivered, stored, reason) = match (&shared.storage, &shared.engine) {
-                    (Some(storage), Some(engine)) => {
-                        let d = DurableSend {
-                            storage,
-                            engine,
-                            channel,
-                            limit,
-                            key: &message_id,
-                            ids: &ids,
-                            payload: &payload,
-                        };
-                        d.run(&frame, self).await
+                if let (Some(storage), Some(replies)) = (&shared.storage, &self.replies) {
+                    // Durable: the reply waits for the commit, in order, while this reader
+                    // goes on with the next frames (many sends share one commit).
+                    let pending = DurableSend {
+                        storage,
+                        channel,
+                        limit,
+                        key: message_id,
+                        ids,
+                        payload: &payload,
                     }
-                    _ => {
-                        let msg = Message::Text(payload.clone());
-                        let (delivered, busy) =
-                            deliver(&shared, channel, limit, self.id, &msg).await;
-                        let code = if delivered > 0 {
-                            ResponseCode::Accepted
-                        } else if busy > 0 {
-                            ResponseCode::ReceiversBusy
-                        } else {
-                            ResponseCode::NoReceiver
-                        };
-                        (code, delivered, None, None)
-                    }
-                };
-                stats
-                    .deliveries
-                    .fetch_add(u64::from(delivered), Ordering::Relaxed);
-                if delivered == 0 && stored != Some(true) {
-                    stats.unrouted.fetch_add(1, Ordering::Relaxed);
+                    .prepare(&frame, self);
+                    return replies.send(pending).await.is_ok();
                 }
+                let msg = Message::Text(payload.clone());
+                let (delivered, busy) = deliver(&shared, channel, limit, self.id, &msg).await;
+                let code = if delivered > 0 {
+                    ResponseCode::Accepted
+                } else if busy > 0 {
+                    ResponseCode::ReceiversBusy
+                } else {
+                    ResponseCode::NoReceiver
+                };
+                count_send(&shared.stats, delivered, None);
                 let result = SendResult {
                     message_id,
                     channel: channel.to_owned(),
                     receivers: delivered,
                     ids,
-                    stored,
-                    reason,
+                    stored: None,
+                    reason: None,
                 };
                 let r = reply::encode(reply::SEND_RESULT, code, &[result]);
                 self.reply(r).await
@@ -955,11 +1048,16 @@ impl Session {
 
     async fn reply(&self, text: String) -> bool {
         // Waiting here is the sender's back-pressure: a client that does not read its replies
-        // stops being read.
-        self.tx
-            .send(Outgoing::reply(Message::text(text)))
-            .await
-            .is_ok()
+        // stops being read. With a database, replies queue behind pending commits, so they
+        // keep the order of the frames.
+        match &self.replies {
+            Some(r) => r.send(Pending::Ready(text)).await.is_ok(),
+            None => self
+                .tx
+                .send(Outgoing::reply(Message::text(text)))
+                .await
+                .is_ok(),
+        }
     }
 
     async fn reply_error(&self, code: ResponseCode, reason: String) -> bool {

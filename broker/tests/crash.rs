@@ -131,25 +131,16 @@ async fn crash_and_restart(backend: Backend) {
     )
     .await;
     let mut after: HashMap<String, String> = HashMap::new(); // message id -> frame
-    loop {
-        match recv_text_within(&mut rx, Duration::from_secs(3)).await {
-            Some(t) => {
-                if let Some(d) = Delivery::parse(&t) {
-                    send(
-                        &mut rx,
-                        &format!(r#"{{"command":"ack","data":["{}"]}}"#, d.message_id),
-                    )
-                    .await;
-                    assert!(
-                        after
-                            .insert(d.message_id.clone(), d.frame.get().to_owned())
-                            .is_none(),
-                        "delivered twice after the restart: {}",
-                        d.message_id
-                    );
-                }
-            }
-            None => break,
+    while let Some(t) = recv_text_within(&mut rx, Duration::from_secs(3)).await {
+        if let Some(d) = Delivery::parse(&t) {
+            let ack = format!(r#"{{"command":"ack","data":["{}"]}}"#, d.message_id);
+            send(&mut rx, &ack).await;
+            let first = after.insert(d.message_id.clone(), d.frame.get().to_owned());
+            assert!(
+                first.is_none(),
+                "delivered twice after the restart: {}",
+                d.message_id
+            );
         }
     }
     let before = before.lock().expect("lock").clone();

@@ -33,8 +33,8 @@ pub struct NewMessage {
     pub key: String,
     /// Its channel.
     pub channel: String,
-    /// The sender's frame, verbatim.
-    pub frame: String,
+    /// The sender's frame, verbatim (shared with the frame in memory, not copied).
+    pub frame: tokio_tungstenite::tungstenite::Utf8Bytes,
     /// Its `data` array as JSON with non-ASCII escaped (the legacy column may be latin1).
     pub data: String,
     /// Deliveries owed.
@@ -269,16 +269,28 @@ impl Storage {
         self.total.load(Ordering::Relaxed)
     }
 
+    /// Submits a message for the next commit; the receiver resolves when it is committed
+    /// (at once with an error when the database is down).
+    pub fn submit(&self, m: NewMessage) -> oneshot::Receiver<Result<i64, StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.health() {
+            let _ = tx.send(Err(StoreError::Unavailable(e)));
+            return rx;
+        }
+        if let Err(mpsc::error::SendError(Write::Insert(_, tx))) =
+            self.tx.send(Write::Insert(m, tx))
+        {
+            let _ = tx.send(Err(StoreError::Unavailable(
+                "the storage writer stopped".into(),
+            )));
+        }
+        rx
+    }
+
     /// Stores a message; resolves when it is committed.
     pub async fn insert(&self, m: NewMessage) -> Result<i64, StoreError> {
-        if let Err(e) = self.health() {
-            return Err(StoreError::Unavailable(e));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Write::Insert(m, tx))
-            .map_err(|_| StoreError::Unavailable("the storage writer stopped".into()))?;
-        rx.await
+        self.submit(m)
+            .await
             .unwrap_or_else(|_| Err(StoreError::Unavailable("the storage writer stopped".into())))
     }
 

@@ -108,7 +108,7 @@ impl SqliteDb {
                             ins.execute(params![
                                 m.channel,
                                 m.data,
-                                m.frame,
+                                m.frame.as_str(),
                                 m.remaining,
                                 m.expires_at.map(|e| e as i64),
                                 m.key
