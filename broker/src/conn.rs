@@ -371,10 +371,13 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> anyhow::
     };
 
     debug!("accepted");
-    let frame = reply::connect(ResponseCode::Accepted, time::now_timestamp());
-    ws.send(Message::text(frame)).await?;
-
     let (tx, rx) = mpsc::channel(cfg.outgoing_queue);
+    // The welcome is the first frame of the queue: the writer sends it once the reader has
+    // taken every frame already received. Writing to a client that sent its frames and closed
+    // makes its kernel answer with a reset, which would discard what it sent and we had not
+    // read yet.
+    let welcome = reply::connect(ResponseCode::Accepted, time::now_timestamp());
+    let _ = tx.try_send(Outgoing::reply(Message::text(welcome)));
     let ctl = Arc::new(ConnControl::new());
     ctl.touch();
     let (sink, stream) = ws.split();
@@ -707,9 +710,8 @@ async fn complete(
                 send_result(code, key, channel, ids, n, stored, reason)
             }
         };
-        if tx.send(Outgoing::reply(Message::text(text))).await.is_err() {
-            return;
-        }
+        // The client may be gone; what it sent is still published, only the reply is lost.
+        let _ = tx.send(Outgoing::reply(Message::text(text))).await;
     }
 }
 
@@ -811,7 +813,10 @@ impl Session {
         loop {
             let next = match pending.take() {
                 Some(m) => Some(m),
+                // Biased: frames already received are handled even when the writer is done
+                // (a client that sent and closed loses nothing it sent).
                 None => tokio::select! {
+                    biased;
                     m = stream.next() => m,
                     _ = done.cancelled() => break,
                     _ = shutdown.cancelled() => break,
@@ -1020,7 +1025,9 @@ impl Session {
                         payload: &payload,
                     }
                     .prepare(&frame, self);
-                    return replies.send(pending).await.is_ok();
+                    // (the completer outlives the reader, so this cannot fail while reading)
+                    let _ = replies.send(pending).await;
+                    return true;
                 }
                 let msg = Message::Text(payload.clone());
                 let (delivered, busy) = deliver(&shared, channel, limit, self.id, &msg).await;
@@ -1046,18 +1053,21 @@ impl Session {
         }
     }
 
+    /// Queues a reply. Always true: a client that can no longer take replies (it closed its
+    /// side) still has the frames it sent handled.
     async fn reply(&self, text: String) -> bool {
         // Waiting here is the sender's back-pressure: a client that does not read its replies
         // stops being read. With a database, replies queue behind pending commits, so they
         // keep the order of the frames.
-        match &self.replies {
+        let _ = match &self.replies {
             Some(r) => r.send(Pending::Ready(text)).await.is_ok(),
             None => self
                 .tx
                 .send(Outgoing::reply(Message::text(text)))
                 .await
                 .is_ok(),
-        }
+        };
+        true
     }
 
     async fn reply_error(&self, code: ResponseCode, reason: String) -> bool {

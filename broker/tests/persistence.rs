@@ -401,6 +401,29 @@ async fn rows_left_by_the_original_broker_are_delivered(backend: Backend) {
     db::cleanup(&st).await;
 }
 
+async fn a_sender_that_writes_and_closes_loses_nothing(backend: Backend) {
+    use tokio::io::AsyncWriteExt;
+    let st = db::storage(backend, "fireforget");
+    let b = start(&st, |_| {}).await;
+    let mut s = raw_upgraded(b.addr).await;
+    for i in 0..3 {
+        let f = format!(r#"{{"command":"send-message","channel":"ff","data":[{{"id":"{i}"}}]}}"#);
+        s.write_all(&masked_text(&f)).await.expect("write");
+    }
+    // no close frame, no reading: only the end of its half of the connection
+    s.shutdown().await.expect("shutdown");
+    db::wait_rows(&st, 3).await;
+    let mut rx = ack_receiver(b.addr, "ff", None).await;
+    for i in 0..3 {
+        let (id, _, f) = next_delivery(&mut rx).await;
+        assert!(f.contains(&format!("\"id\":\"{i}\"")), "{f}");
+        ack(&mut rx, &[&id]).await;
+    }
+    db::wait_rows(&st, 0).await;
+    stop(b).await;
+    db::cleanup(&st).await;
+}
+
 macro_rules! per_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -440,4 +463,5 @@ per_backend!(
     caps_refuse_new_messages_and_drop_nothing,
     acknowledged_sends_survive_a_restart,
     rows_left_by_the_original_broker_are_delivered,
+    a_sender_that_writes_and_closes_loses_nothing,
 );

@@ -424,16 +424,6 @@ async fn client_waiting_for_connect_gets_it_within_250ms() {
     }
 }
 
-/// The upgrade request of the legacy PHP client (legacy-protocol.md section 5).
-fn legacy_request(host: &str, user: &str, pass: &str) -> String {
-    format!(
-        "GET / HTTP/1.1\r\nHost: {host}\r\npragma: no-cache\r\nUpgrade: WebSocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Version: 13\r\nAuthorization: {}\r\n\r\n",
-        basic(user, pass)
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upgrade_response_travels_alone() {
     // A client that reads right after writing its request gets exactly the 101 response: the
@@ -705,18 +695,6 @@ async fn bcrypt_users_log_in_and_storms_hit_the_cache() {
     assert_eq!(reply(&mut ws).await.response_code, "01");
 }
 
-/// Upgrades a raw socket as `qa` and returns it after the 101.
-async fn raw_upgraded(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(legacy_request("x", "qa", "4lt0@1234").as_bytes())
-        .await
-        .expect("write");
-    let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.expect("101");
-    assert!(String::from_utf8_lossy(&buf[..n]).contains(" 101 "));
-    s
-}
-
 /// Reads server frames until a close frame; returns its code.
 async fn raw_close_code(s: &mut tokio::net::TcpStream) -> u16 {
     let mut all = Vec::new();
@@ -930,4 +908,35 @@ async fn a_fast_sender_is_slowed_to_its_receiver_and_nothing_is_lost() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_writes_and_closes_at_once_loses_nothing() {
+    let b = broker().await;
+    let mut rx = connect(b.addr).await;
+    receive_on(&mut rx, "f").await;
+    let frames: Vec<String> = (0..3)
+        .map(|i| format!(r#"{{"command":"send-message","channel":"f","data":[{{"id":"{i}"}}]}}"#))
+        .collect();
+    // frames right behind the upgrade request, in the same write, then close without reading
+    let mut s = tokio::net::TcpStream::connect(b.addr)
+        .await
+        .expect("connect");
+    let mut bytes = legacy_request("x", "qa", "4lt0@1234").into_bytes();
+    for f in &frames {
+        bytes.extend(masked_text(f));
+    }
+    s.write_all(&bytes).await.expect("write");
+    drop(s);
+    // and the usual order: read the 101, write, close
+    let mut s = raw_upgraded(b.addr).await;
+    for f in &frames {
+        s.write_all(&masked_text(f)).await.expect("write");
+    }
+    drop(s);
+    for round in 0..2 {
+        for f in &frames {
+            assert_eq!(&recv_text(&mut rx).await, f, "round {round}");
+        }
+    }
 }

@@ -71,23 +71,29 @@ pub async fn exec(c: &StorageConfig, sql: &str) {
             let conn = rusqlite::Connection::open(&c.path).expect("sqlite");
             conn.execute_batch(sql).expect("statement");
         }
+        // One connection per statement, closed right after: many tests run at once and a pool
+        // per call would leave connections lingering past the server's limit.
         Backend::Mysql => {
-            let pool = sqlx::MySqlPool::connect(&c.url)
+            use sqlx::Connection;
+            let mut conn = sqlx::MySqlConnection::connect(&c.url)
                 .await
                 .unwrap_or_else(|e| panic!("MariaDB at {} (started by .ci/run): {e}", c.url));
             sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
-                .execute(&pool)
+                .execute(&mut conn)
                 .await
                 .expect("statement");
+            let _ = conn.close().await;
         }
         Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&c.url)
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&c.url)
                 .await
                 .unwrap_or_else(|e| panic!("PostgreSQL at {} (started by .ci/run): {e}", c.url));
             sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
-                .execute(&pool)
+                .execute(&mut conn)
                 .await
                 .expect("statement");
+            let _ = conn.close().await;
         }
         Backend::Memory => {}
     }
@@ -102,20 +108,26 @@ pub async fn rows(c: &StorageConfig) -> i64 {
             conn.query_row(&sql, [], |r| r.get(0)).expect("count")
         }
         Backend::Mysql => {
-            let pool = sqlx::MySqlPool::connect(&c.url).await.expect("mysql");
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .fetch_one(&pool)
+            use sqlx::Connection;
+            let mut conn = sqlx::MySqlConnection::connect(&c.url).await.expect("mysql");
+            let n = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut conn)
                 .await
                 .expect("count")
-                .get::<i64, _>(0)
+                .get::<i64, _>(0);
+            let _ = conn.close().await;
+            n
         }
         Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&c.url).await.expect("postgres");
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .fetch_one(&pool)
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&c.url).await.expect("postgres");
+            let n = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut conn)
                 .await
                 .expect("count")
-                .get::<i64, _>(0)
+                .get::<i64, _>(0);
+            let _ = conn.close().await;
+            n
         }
         Backend::Memory => 0,
     }
@@ -123,7 +135,7 @@ pub async fn rows(c: &StorageConfig) -> i64 {
 
 /// Waits until the table holds `n` rows.
 pub async fn wait_rows(c: &StorageConfig, n: i64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let got = rows(c).await;
         if got == n {

@@ -165,3 +165,35 @@ pub async fn expect_close(ws: &mut Ws) -> Option<u16> {
         }
     }
 }
+
+/// The upgrade request of the legacy PHP client (legacy-protocol.md section 5).
+pub fn legacy_request(host: &str, user: &str, pass: &str) -> String {
+    format!(
+        "GET / HTTP/1.1\r\nHost: {host}\r\npragma: no-cache\r\nUpgrade: WebSocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\nAuthorization: {}\r\n\r\n",
+        basic(user, pass)
+    )
+}
+
+/// Upgrades a raw socket as `qa` and returns it after the 101.
+pub async fn raw_upgraded(addr: std::net::SocketAddr) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(legacy_request("x", "qa", "4lt0@1234").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.expect("101");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains(" 101 "));
+    s
+}
+
+/// A masked client text frame (short payloads).
+pub fn masked_text(body: &str) -> Vec<u8> {
+    let b = body.as_bytes();
+    assert!(b.len() < 126);
+    let mut f = vec![0x81, 0x80 | b.len() as u8, 9, 8, 7, 6];
+    f.extend(b.iter().enumerate().map(|(i, x)| x ^ [9, 8, 7, 6][i % 4]));
+    f
+}
