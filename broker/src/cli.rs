@@ -88,7 +88,7 @@ pub fn main() -> ExitCode {
     match cli.command.unwrap_or(Cmd::Run) {
         Cmd::CheckConfig => check_config(&config, &origin),
         Cmd::Run => {
-            init_logging(&config.log.level);
+            wsmb_common::init_logging(&config.log.level);
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -131,19 +131,6 @@ fn check_config(config: &Config, origin: &Origin) -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-fn init_logging(level: &str) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
-    use std::io::IsTerminal as _;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 async fn run(config: Config, origin: Origin) -> anyhow::Result<()> {

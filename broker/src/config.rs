@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+use wsmb_common::duration;
+pub use wsmb_common::{ConfigError, LogConfig, Origin};
 
 use crate::auth::{AuthTuning, CredentialSources};
 
@@ -213,86 +215,15 @@ impl Default for CredentialsConfig {
     }
 }
 
-/// `[log]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// A `tracing` filter: `error`, `warn`, `info`, `debug`, `trace`, or per-module directives.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-        }
-    }
-}
-
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {err}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The OS error.
-        err: std::io::Error,
-    },
-    /// The file is not valid TOML or has an unknown key or a wrong type.
-    #[error("config file {path}: {msg}")]
-    Parse {
-        /// The path.
-        path: PathBuf,
-        /// toml's message, with line and column.
-        msg: String,
-    },
-    /// A value is out of range.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// Where the configuration came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// A file.
-    File(PathBuf),
-    /// Embedded defaults (no file given, and no file at the default path).
-    Defaults,
-}
-
-impl std::fmt::Display for Origin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Origin::File(p) => write!(f, "{}", p.display()),
-            Origin::Defaults => write!(f, "embedded defaults ({DEFAULT_CONFIG_PATH} not found)"),
-        }
-    }
-}
-
 impl Config {
     /// Parses TOML text.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            msg: e.to_string().trim_end().to_owned(),
-        })
+        wsmb_common::from_toml(text, path)
     }
 
     /// Loads `path`, or the default path when it exists, or the embedded defaults.
     pub fn load(path: Option<&Path>) -> Result<(Config, Origin), ConfigError> {
-        let (path, must_exist) = match path {
-            Some(p) => (p.to_owned(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok((Config::from_toml(&text, &path)?, Origin::File(path))),
-            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => {
-                Ok((Config::default(), Origin::Defaults))
-            }
-            Err(err) => Err(ConfigError::Io { path, err }),
-        }
+        wsmb_common::load(path, DEFAULT_CONFIG_PATH)
     }
 
     /// Applies secrets from the environment (`WSMB_CREDENTIALS`, `WSMB_DATABASE_PASSWORD`).
@@ -424,13 +355,7 @@ impl Config {
         if self.credentials.bcrypt_concurrency == 0 {
             return bad("credentials.bcrypt_concurrency must be at least 1".into());
         }
-        if !valid_log_filter(&self.log.level) {
-            return bad(format!(
-                "log.level = {:?} is not a valid filter; use error, warn, info, debug or trace",
-                self.log.level
-            ));
-        }
-        Ok(())
+        self.log.validate()
     }
 
     /// The listen address (valid after [`Config::validate`]).
@@ -466,39 +391,8 @@ impl Config {
     }
 }
 
-/// A filter of comma-separated `LEVEL` or `target=LEVEL` directives. (tracing's own parser
-/// takes a bare word such as `loud` as a target name, which would silently log nothing.)
-fn valid_log_filter(s: &str) -> bool {
-    use std::str::FromStr;
-    use tracing_subscriber::filter::LevelFilter;
-    !s.trim().is_empty()
-        && s.split(',').all(|d| {
-            let level = d.rsplit_once('=').map_or(d, |(_, l)| l).trim();
-            LevelFilter::from_str(level).is_ok()
-        })
-        && tracing_subscriber::EnvFilter::try_new(s).is_ok()
-}
-
 /// The health-check path, answered on the broker's port.
 pub const HEALTH_PATH: &str = "/healthz";
-
-/// Durations as `"30s"`, `"100ms"`, `"1m 30s"` (humantime), or a bare number of seconds.
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Secs(u64),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Secs(s) => Ok(Duration::from_secs(s)),
-        Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{t:?} is not a duration ({e}); write e.g. \"30s\", \"100ms\" or \"2m\""
-            ))
-        }),
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -598,9 +492,6 @@ mod tests {
                 .to_string()
                 .contains("log.level")
         );
-        for ok in ["debug", "WARN", "wsmb_broker=debug,info", "off"] {
-            assert!(valid_log_filter(ok), "{ok}");
-        }
     }
 
     #[test]

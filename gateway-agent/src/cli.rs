@@ -87,23 +87,7 @@ pub fn effective_config(cli: &Cli) -> anyhow::Result<(Config, String)> {
         c.log.level = l.clone();
     }
     c.fill_names();
-    Ok((c, origin))
-}
-
-fn init_logging(level: &str) {
-    use std::io::IsTerminal as _;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_new(level)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+    Ok((c, origin.to_string()))
 }
 
 /// Entry point of the `wsmb-agent` binary.
@@ -124,7 +108,7 @@ pub fn main() -> ExitCode {
     if let Cmd::CheckConfig = cmd {
         return check_config(&cfg, &origin);
     }
-    init_logging(&cfg.log.level);
+    wsmb_common::init_logging(&cfg.log.level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+use wsmb_common::duration;
+pub use wsmb_common::{ConfigError, LogConfig, Origin};
 
 use crate::modem::ModemSettings;
 
@@ -194,69 +196,15 @@ pub struct RouteConfig {
     pub group: String,
 }
 
-/// `[log]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// error, warn, info, debug, trace.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-        }
-    }
-}
-
-/// A configuration problem.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Cannot read the file.
-    #[error("cannot read config file {path}: {err}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The error.
-        err: std::io::Error,
-    },
-    /// Not valid TOML, unknown key, wrong type.
-    #[error("config file {path}: {msg}")]
-    Parse {
-        /// The path.
-        path: PathBuf,
-        /// toml's message.
-        msg: String,
-    },
-    /// A value out of range.
-    #[error("{0}")]
-    Invalid(String),
-}
-
 impl Config {
     /// Parses TOML.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            msg: e.to_string().trim_end().to_owned(),
-        })
+        wsmb_common::from_toml(text, path)
     }
 
     /// Loads `path`, else the default path if it exists, else defaults.
-    pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
-        let (path, must) = match path {
-            Some(p) => (p.to_owned(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(t) => Ok((Config::from_toml(&t, &path)?, path.display().to_string())),
-            Err(e) if !must && e.kind() == std::io::ErrorKind::NotFound => Ok((
-                Config::default(),
-                format!("embedded defaults ({DEFAULT_CONFIG_PATH} not found)"),
-            )),
-            Err(err) => Err(ConfigError::Io { path, err }),
-        }
+    pub fn load(path: Option<&Path>) -> Result<(Config, Origin), ConfigError> {
+        wsmb_common::load(path, DEFAULT_CONFIG_PATH)
     }
 
     /// Names unnamed modems `modem1`, `modem2`, ...
@@ -338,6 +286,7 @@ impl Config {
                 return bad(format!("modem {:?}: timeouts must be more than 0s", m.name));
             }
         }
+        self.log.validate()?;
         for r in &self.routes {
             if !self.modems.iter().any(|m| m.group == r.group) {
                 return bad(format!(
@@ -355,23 +304,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Secs(u64),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Secs(s) => Ok(Duration::from_secs(s)),
-        Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{t:?} is not a duration ({e}); write e.g. \"30s\", \"500ms\" or \"2m\""
-            ))
-        }),
     }
 }
 
