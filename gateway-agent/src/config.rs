@@ -57,6 +57,9 @@ pub struct BrokerConfig {
     /// Time allowed to connect and upgrade.
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// For `wss://`: a PEM file of certificates to trust besides the public roots: a private
+    /// CA, or the broker's own (self-signed) certificate. Empty: public roots only.
+    pub ca_file: PathBuf,
 }
 
 impl Default for BrokerConfig {
@@ -70,6 +73,7 @@ impl Default for BrokerConfig {
             ping_interval: Duration::from_secs(30),
             reconnect_max: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            ca_file: PathBuf::new(),
         }
     }
 }
@@ -229,6 +233,9 @@ impl Config {
             return bad(format!(
                 "broker.url = {url:?} must start with ws:// or wss:// (e.g. \"wss://broker.example.com/\")"
             ));
+        }
+        if !self.broker.ca_file.as_os_str().is_empty() {
+            crate::link::trust_store(&self.broker.ca_file).map_err(ConfigError::Invalid)?;
         }
         if self.broker.user.is_empty() {
             return bad("broker.user is empty: set the broker user name".into());

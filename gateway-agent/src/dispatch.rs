@@ -108,7 +108,12 @@ pub async fn run(
         })
         .collect();
     for s in &slots {
-        spawn_health_watcher(s.modem.clone(), store.clone(), Arc::clone(&wake));
+        spawn_health_watcher(
+            s.modem.name.clone(),
+            s.modem.watch(),
+            store.clone(),
+            Arc::clone(&wake),
+        );
     }
     let mut routes: Vec<(String, String)> = cfg
         .routes
@@ -484,9 +489,15 @@ async fn send_job(
     }
 }
 
-fn spawn_health_watcher(modem: ModemHandle, store: Store, wake: Arc<Notify>) {
+/// Reports modem state changes as status events. Holds only the health receiver, so the
+/// modem's actor stops once the agent drops its handles.
+fn spawn_health_watcher(
+    name: String,
+    mut w: tokio::sync::watch::Receiver<Health>,
+    store: Store,
+    wake: Arc<Notify>,
+) {
     tokio::spawn(async move {
-        let mut w = modem.watch();
         let mut last: Option<Health> = None;
         loop {
             let h = w.borrow_and_update().clone();
@@ -500,9 +511,8 @@ fn spawn_health_watcher(modem: ModemHandle, store: Store, wake: Arc<Notify>) {
                 .as_ref()
                 .is_some_and(|l| std::mem::discriminant(l) == std::mem::discriminant(&h));
             if let (Some((state, reason)), false) = (state, same_kind) {
-                let mut e =
-                    StatusEvent::new(format!("modem:{}", modem.name), Status::Modem, now_secs());
-                e.modem = Some(modem.name.clone());
+                let mut e = StatusEvent::new(format!("modem:{name}"), Status::Modem, now_secs());
+                e.modem = Some(name.clone());
                 e.modem_state = Some(state.to_owned());
                 e.reason = reason;
                 if let Err(err) = store.event(e).await {

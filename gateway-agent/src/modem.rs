@@ -298,6 +298,13 @@ pub fn open_port(s: &ModemSettings) -> Result<Port, InitError> {
         .timeout(Duration::from_secs(1))
         .open_native_async()
         .map_err(|e| {
+            let busy = e.to_string().to_lowercase();
+            if busy.contains("exclusive lock") || busy.contains("busy") {
+                return InitError::Retry(format!(
+                    "cannot open {}: {e} (another program, or another wsmb-agent, is using it)",
+                    s.device.display()
+                ));
+            }
             let hint = match e.kind() {
                 tokio_serial::ErrorKind::NoDevice => {
                     " (is the modem plugged in? prefer a stable path under /dev/serial/by-id/)"

@@ -607,3 +607,90 @@ async fn jobs_sent_while_the_agent_is_away_wait_in_the_broker_until_the_agent_ha
     assert_eq!(texts, vec!["durable 0", "durable 1", "durable 2"]);
     a.shutdown.cancel();
 }
+
+/// A TLS front (socat with a self-signed certificate for `localhost`, made by openssl) to the
+/// in-process broker. Returns the TLS port, the certificate file and the socat process.
+fn tls_front(
+    dir: &std::path::Path,
+    broker: std::net::SocketAddr,
+) -> (u16, std::path::PathBuf, std::process::Child) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (installed by .ci/run)")
+        .success();
+    assert!(ok, "openssl req failed");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let child = std::process::Command::new("socat")
+        .arg(format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+            cert.display(),
+            key.display()
+        ))
+        .arg(format!("TCP:{broker}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("socat (installed by .ci/run)");
+    (port, cert, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_works_over_wss_with_a_private_certificate() {
+    let dir = scratch("wss");
+    let b = broker().await;
+    let (port, cert, mut socat) = tls_front(&dir, b.addr);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+
+    // without the certificate: refused, and the reason says why
+    let mut cfg = agent_config(b.addr, &dir.join("a"), vec![modem("m1", &sim)]);
+    cfg.broker.url = format!("wss://localhost:{port}/");
+    let a = wsmb_agent::agent::start(cfg.clone()).await.expect("agent");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let state = a.link.borrow().clone();
+    assert!(
+        matches!(&state, wsmb_agent::link::LinkState::Down(r) if r.to_lowercase().contains("certificate")),
+        "{state:?}"
+    );
+    a.shutdown.cancel();
+    let _ = a.task.await;
+    drop(a.modems); // releases the modem's port
+
+    // trusting it: up, and a job goes through
+    cfg.broker.ca_file = cert;
+    cfg.agent.state_dir = dir.join("b");
+    cfg.validate().expect("valid");
+    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
+    let mut status = StatusListener::new(b.addr).await;
+    link_up(&a).await;
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("tls-1", "+628123456789", "over TLS")]),
+    )
+    .await;
+    status.wait("tls-1", Status::Sent, T).await;
+    let _ = socat.kill();
+    let _ = socat.wait();
+}
