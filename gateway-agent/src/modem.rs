@@ -342,7 +342,8 @@ pub async fn prepare(at: &mut Port, s: &ModemSettings) -> Result<(), InitError> 
     let _ = at.cancel_prompt().await;
     let mut alive = false;
     for _ in 0..5 {
-        match at.command("AT", Duration::from_secs(2).min(t)).await {
+        // ATV1: verbose result codes (OK, not 0), answered in the new form; harmless otherwise.
+        match at.command("ATV1", Duration::from_secs(2).min(t)).await {
             Ok(r) if r.result.is_ok() => {
                 alive = true;
                 break;
@@ -354,7 +355,9 @@ pub async fn prepare(at: &mut Port, s: &ModemSettings) -> Result<(), InitError> 
         }
     }
     if !alive {
-        return Err(InitError::Retry("the modem does not answer AT".into()));
+        return Err(InitError::Retry(
+            "the modem does not answer AT commands".into(),
+        ));
     }
     expect_ok(at, "ATE0", t).await?;
     expect_ok(at, "AT+CMEE=1", t).await?;
@@ -540,6 +543,16 @@ impl Actor {
                 Ok::<_, InitError>(at)
             };
             // Requests that arrive while initialising are answered at once.
+            let opened = async {
+                let mut at = opened.await?;
+                // Signal quality, for the logs and the modem's status event.
+                let signal = at
+                    .command("AT+CSQ", self.s.command_timeout)
+                    .await
+                    .ok()
+                    .and_then(|r| signal_dbm(&r));
+                Ok::<_, InitError>((at, signal))
+            };
             let result = {
                 tokio::pin!(opened);
                 loop {
@@ -553,8 +566,12 @@ impl Actor {
                 }
             };
             let pause = match result {
-                Ok(at) => {
+                Ok((at, signal)) => {
                     backoff = Duration::from_millis(500);
+                    match signal {
+                        Some(dbm) => info!(modem = %self.s.name, "signal {dbm} dBm"),
+                        None => info!(modem = %self.s.name, "signal unknown"),
+                    }
                     self.set_health(Health::Ready);
                     match self.serve(at).await {
                         Some(reason) => {

@@ -332,7 +332,7 @@ impl Simulator {
         let ok = "OK".to_owned();
         let registered = m.registered(&self.inner.cfg);
         let result: Option<String> = match upper.as_str() {
-            "AT" | "ATZ" | "AT&F" | "ATQ0" | "ATV1" => Some(ok),
+            "AT" | "ATZ" | "AT&F" | "ATQ0" | "ATV1" | "ATE0V1" => Some(ok),
             "ATE0" => {
                 m.echo = false;
                 Some(ok)
