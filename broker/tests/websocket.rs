@@ -915,28 +915,43 @@ async fn a_sender_that_writes_and_closes_at_once_loses_nothing() {
     let b = broker().await;
     let mut rx = connect(b.addr).await;
     receive_on(&mut rx, "f").await;
-    let frames: Vec<String> = (0..3)
-        .map(|i| format!(r#"{{"command":"send-message","channel":"f","data":[{{"id":"{i}"}}]}}"#))
-        .collect();
+    let frames = |conn: &str| -> Vec<String> {
+        (0..3)
+            .map(|i| {
+                format!(
+                    r#"{{"command":"send-message","channel":"f","data":[{{"id":"{conn}{i}"}}]}}"#
+                )
+            })
+            .collect()
+    };
+    let (early, usual) = (frames("a"), frames("b"));
     // frames right behind the upgrade request, in the same write, then close without reading
     let mut s = tokio::net::TcpStream::connect(b.addr)
         .await
         .expect("connect");
     let mut bytes = legacy_request("x", "qa", "4lt0@1234").into_bytes();
-    for f in &frames {
+    for f in &early {
         bytes.extend(masked_text(f));
     }
     s.write_all(&bytes).await.expect("write");
     drop(s);
     // and the usual order: read the 101, write, close
     let mut s = raw_upgraded(b.addr).await;
-    for f in &frames {
+    for f in &usual {
         s.write_all(&masked_text(f)).await.expect("write");
     }
     drop(s);
-    for round in 0..2 {
-        for f in &frames {
-            assert_eq!(&recv_text(&mut rx).await, f, "round {round}");
-        }
+    // the two connections are handled concurrently: each one's frames arrive complete and in order
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(recv_text(&mut rx).await);
+    }
+    for sent in [&early, &usual] {
+        let seen: Vec<&String> = got.iter().filter(|g| sent.contains(g)).collect();
+        assert_eq!(
+            seen,
+            sent.iter().collect::<Vec<_>>(),
+            "all received: {got:?}"
+        );
     }
 }
