@@ -282,56 +282,51 @@ async fn send_job(
 ) {
     let store = &ctx.store;
     let log_err = |e: crate::store::StoreError| warn!(job = %job.id, "job store: {e}");
-    let ending = |status, code: Option<&str>, reason: String, ambiguous| Ending {
-        status,
-        code: code.map(str::to_owned),
-        reason,
-        ambiguous,
-        modem: Some(modem.name.clone()),
+    // the job's last word: recorded with its status event, or logged when the store fails
+    let finish = async |status, code: &str, reason: String, ambiguous| {
+        let end = Ending {
+            status,
+            code: Some(code.to_owned()),
+            reason,
+            ambiguous,
+            modem: Some(modem.name.clone()),
+        };
+        let _ = store.finish(&job.id, end).await.map_err(log_err);
     };
-    if job.expires_at.is_some_and(|e| e <= now_secs()) {
+    // back to the queue, not before `delay_ms`, away from this modem when there is another
+    let retry = async |delay_ms: i64, reason: String, count_attempt| {
         let _ = store
-            .finish(
+            .retry_later(
                 &job.id,
-                ending(
-                    Status::Expired,
-                    Some("expired"),
-                    "the job expired before it could be sent".into(),
-                    false,
-                ),
+                delay_ms,
+                Some(modem.name.clone()),
+                reason,
+                count_attempt,
             )
             .await
             .map_err(log_err);
+    };
+    if job.expires_at.is_some_and(|e| e <= now_secs()) {
+        finish(
+            Status::Expired,
+            "expired",
+            "the job expired before it could be sent".into(),
+            false,
+        )
+        .await;
         return;
     }
     let addr = match Address::parse(&job.receiver) {
         Ok(a) => a,
         Err(e) => {
-            let _ = store
-                .finish(
-                    &job.id,
-                    ending(
-                        Status::Failed,
-                        Some("invalid_receiver"),
-                        e.to_string(),
-                        false,
-                    ),
-                )
-                .await
-                .map_err(log_err);
+            finish(Status::Failed, "invalid_receiver", e.to_string(), false).await;
             return;
         }
     };
     let parts_needed = match pdu::plan(&job.message) {
         Ok(p) => p.parts.len() as u32,
         Err(e) => {
-            let _ = store
-                .finish(
-                    &job.id,
-                    ending(Status::Failed, Some("too_long"), e.to_string(), false),
-                )
-                .await
-                .map_err(log_err);
+            finish(Status::Failed, "too_long", e.to_string(), false).await;
             return;
         }
     };
@@ -346,13 +341,7 @@ async fn send_job(
     let parts = match pdu::encode_submit(&addr, &job.message, reference, ctx.opts) {
         Ok(p) => p,
         Err(e) => {
-            let _ = store
-                .finish(
-                    &job.id,
-                    ending(Status::Failed, Some("too_long"), e.to_string(), false),
-                )
-                .await
-                .map_err(log_err);
+            finish(Status::Failed, "too_long", e.to_string(), false).await;
             return;
         }
     };
@@ -404,10 +393,7 @@ async fn send_job(
             }
             PartOutcome::Unavailable(reason) => {
                 debug!(job = %job.id, "modem unavailable: {reason}");
-                let _ = store
-                    .retry_later(&job.id, 1_000, Some(modem.name.clone()), reason, false)
-                    .await
-                    .map_err(log_err);
+                retry(1_000, reason, false).await;
                 return;
             }
             PartOutcome::Failed {
@@ -419,13 +405,7 @@ async fn send_job(
                 match class {
                     FailureClass::Permanent => {
                         warn!(job = %job.id, "failed permanently: {reason}");
-                        let _ = store
-                            .finish(
-                                &job.id,
-                                ending(Status::Failed, Some(&code_s), reason, false),
-                            )
-                            .await
-                            .map_err(log_err);
+                        finish(Status::Failed, &code_s, reason, false).await;
                     }
                     FailureClass::Ambiguous if !ctx.cfg.agent.retry_ambiguous => {
                         warn!(job = %job.id, "ambiguous answer, not sending again: {reason}");
@@ -434,35 +414,24 @@ async fn send_job(
                              (agent.retry_ambiguous = false)"
                         );
                         let code = code.unwrap_or_else(|| "timeout".into());
-                        let _ = store
-                            .finish(&job.id, ending(Status::Failed, Some(&code), reason, true))
-                            .await
-                            .map_err(log_err);
+                        finish(Status::Failed, &code, reason, true).await;
                     }
                     FailureClass::Sim => {
                         warn!(job = %job.id, modem = %modem.name, "SIM trouble: {reason}");
-                        let _ = store
-                            .retry_later(&job.id, 1_000, Some(modem.name.clone()), reason, false)
-                            .await
-                            .map_err(log_err);
+                        retry(1_000, reason, false).await;
                     }
                     FailureClass::Transient | FailureClass::Ambiguous => {
                         if attempts >= ctx.cfg.agent.max_attempts {
                             warn!(job = %job.id, "giving up after {attempts} attempts: {reason}");
                             let reason =
                                 format!("gave up after {attempts} attempts; last error: {reason}");
-                            let _ = store
-                                .finish(
-                                    &job.id,
-                                    ending(
-                                        Status::Failed,
-                                        Some(&code_s),
-                                        reason,
-                                        class == FailureClass::Ambiguous,
-                                    ),
-                                )
-                                .await
-                                .map_err(log_err);
+                            finish(
+                                Status::Failed,
+                                &code_s,
+                                reason,
+                                class == FailureClass::Ambiguous,
+                            )
+                            .await;
                         } else {
                             let delay = if alternatives && attempts == 1 && job.modem.is_none() {
                                 Duration::ZERO
@@ -470,16 +439,7 @@ async fn send_job(
                                 retry_delay(&ctx.cfg, attempts)
                             };
                             info!(job = %job.id, "will retry in {delay:?}: {reason}");
-                            let _ = store
-                                .retry_later(
-                                    &job.id,
-                                    delay.as_millis() as i64,
-                                    Some(modem.name.clone()),
-                                    reason,
-                                    true,
-                                )
-                                .await
-                                .map_err(log_err);
+                            retry(delay.as_millis() as i64, reason, true).await;
                         }
                     }
                 }

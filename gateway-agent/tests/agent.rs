@@ -19,10 +19,7 @@ async fn a_job_is_queued_sent_and_reported() {
     let sim = sim(&dir, "m1", SimConfig::default()).await;
     let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
     cfg.agent.country_code = "62".into();
-    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
-    let mut status = StatusListener::new(b.addr).await;
-    link_up(&a).await;
-    modems_ready(&a).await;
+    let (_agent, mut status) = start_ready(cfg, b.addr).await;
 
     let text = "Kode OTP Anda 482913. Jangan berikan kode ini kepada siapa pun. €".repeat(3);
     send_jobs(
@@ -130,12 +127,8 @@ async fn transient_errors_are_retried_permanent_and_ambiguous_ones_fail() {
     let dir = scratch("errors");
     let b = broker().await;
     let sim = sim(&dir, "m1", SimConfig::default()).await;
-    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
-        .await
-        .expect("agent");
-    let mut status = StatusListener::new(b.addr).await;
-    link_up(&a).await;
-    modems_ready(&a).await;
+    let (_agent, mut status) =
+        start_ready(agent_config(b.addr, &dir, vec![modem("m1", &sim)]), b.addr).await;
 
     sim.push_fault(Fault::ErrorAfterPdu(38));
     send_jobs(
@@ -215,10 +208,7 @@ async fn retry_ambiguous_sends_again_and_says_so_in_the_config() {
     let sim = sim(&dir, "m1", SimConfig::default()).await;
     let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
     cfg.agent.retry_ambiguous = true;
-    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
-    let mut status = StatusListener::new(b.addr).await;
-    link_up(&a).await;
-    modems_ready(&a).await;
+    let (_agent, mut status) = start_ready(cfg, b.addr).await;
     sim.push_fault(Fault::ErrorAfterPdu(500));
     send_jobs(
         b.addr,
@@ -248,10 +238,7 @@ async fn routes_by_prefix_round_robin_and_failover() {
         group: "tsel".into(),
     }];
     cfg.validate().expect("valid");
-    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
-    let mut status = StatusListener::new(b.addr).await;
-    link_up(&a).await;
-    modems_ready(&a).await;
+    let (_agent, mut status) = start_ready(cfg, b.addr).await;
 
     let mut jobs = Vec::new();
     for i in 0..6 {
@@ -298,12 +285,7 @@ async fn rate_limit_holds_parts_back() {
     let sim = sim(&dir, "m1", SimConfig::default()).await;
     let mut m = modem("m1", &sim);
     m.rate_per_minute = 2;
-    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![m]))
-        .await
-        .expect("agent");
-    let mut status = StatusListener::new(b.addr).await;
-    link_up(&a).await;
-    modems_ready(&a).await;
+    let (_agent, mut status) = start_ready(agent_config(b.addr, &dir, vec![m]), b.addr).await;
     send_jobs(
         b.addr,
         serde_json::json!([
@@ -329,12 +311,8 @@ async fn jobs_wait_while_the_modem_is_silent_or_gone_and_go_out_after() {
     let dir = scratch("faults");
     let b = broker().await;
     let sim = sim(&dir, "m1", SimConfig::default()).await;
-    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
-        .await
-        .expect("agent");
-    let mut status = StatusListener::new(b.addr).await;
-    link_up(&a).await;
-    modems_ready(&a).await;
+    let (_agent, mut status) =
+        start_ready(agent_config(b.addr, &dir, vec![modem("m1", &sim)]), b.addr).await;
 
     sim.set_silent(true);
     send_jobs(
@@ -535,12 +513,8 @@ async fn a_job_that_expires_while_waiting_is_reported_expired_not_sent() {
     let dir = scratch("expiry");
     let b = broker().await;
     let sim = sim(&dir, "m1", SimConfig::default()).await;
-    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
-        .await
-        .expect("agent");
-    let mut status = StatusListener::new(b.addr).await;
-    link_up(&a).await;
-    modems_ready(&a).await;
+    let (_agent, mut status) =
+        start_ready(agent_config(b.addr, &dir, vec![modem("m1", &sim)]), b.addr).await;
     sim.disappear();
     let soon = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

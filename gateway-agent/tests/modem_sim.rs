@@ -27,6 +27,28 @@ fn settings(sim: &Simulator) -> ModemSettings {
     s
 }
 
+/// A simulator in a fresh scratch directory.
+async fn start_sim(tag: &str, cfg: SimConfig) -> Simulator {
+    Simulator::start(scratch(tag).join("modem"), cfg)
+        .await
+        .expect("sim")
+}
+
+/// A simulated SIM locked with `pin`.
+fn locked(pin: &str) -> SimConfig {
+    SimConfig {
+        pin: Some(pin.into()),
+        ..SimConfig::default()
+    }
+}
+
+/// Spawns the modem actor and waits until it is ready to send.
+async fn ready(s: ModemSettings) -> ModemHandle {
+    let m = modem::spawn(s);
+    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
+    m
+}
+
 async fn wait_health(m: &ModemHandle, want: impl Fn(&Health) -> bool, within: Duration) -> Health {
     let mut w = m.watch();
     let deadline = tokio::time::Instant::now() + within;
@@ -59,20 +81,10 @@ async fn send_text(m: &ModemHandle, number: &str, text: &str) -> Vec<PartOutcome
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initialises_with_pin_probes_and_sends() {
-    let dir = scratch("basic");
-    let sim = Simulator::start(
-        dir.join("modem"),
-        SimConfig {
-            pin: Some("1234".into()),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .expect("sim");
+    let sim = start_sim("basic", locked("1234")).await;
     let mut s = settings(&sim);
     s.pin = Some("1234".into());
-    let m = modem::spawn(s);
-    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
+    let m = ready(s).await;
 
     let info = m.probe().await.expect("probe");
     assert_eq!(info.model, "SIM800 simulator");
@@ -99,13 +111,9 @@ async fn initialises_with_pin_probes_and_sends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsolicited_lines_at_awkward_moments_change_nothing() {
-    let dir = scratch("noise");
-    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
-        .await
-        .expect("sim");
+    let sim = start_sim("noise", SimConfig::default()).await;
     sim.set_noise(true);
-    let m = modem::spawn(settings(&sim));
-    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
+    let m = ready(settings(&sim)).await;
     assert_eq!(m.probe().await.expect("probe").signal_dbm, Some(-71));
     for i in 0..5 {
         let out = send_text(&m, "08126666666", &format!("pesan {i}")).await;
@@ -116,16 +124,7 @@ async fn unsolicited_lines_at_awkward_moments_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_pin_stops_the_modem_and_is_never_retried() {
-    let dir = scratch("pin");
-    let sim = Simulator::start(
-        dir.join("modem"),
-        SimConfig {
-            pin: Some("1234".into()),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .expect("sim");
+    let sim = start_sim("pin", locked("1234")).await;
     let mut s = settings(&sim);
     s.pin = Some("9999".into());
     let m = modem::spawn(s);
@@ -154,16 +153,7 @@ async fn a_wrong_pin_stops_the_modem_and_is_never_retried() {
     );
 
     // no PIN configured for a locked SIM: stopped with advice
-    let dir = scratch("nopin");
-    let sim = Simulator::start(
-        dir.join("modem"),
-        SimConfig {
-            pin: Some("1234".into()),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .expect("sim");
+    let sim = start_sim("nopin", locked("1234")).await;
     let m = modem::spawn(settings(&sim));
     let h = wait_health(
         &m,
@@ -176,12 +166,8 @@ async fn a_wrong_pin_stops_the_modem_and_is_never_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_modem_goes_down_and_comes_back() {
-    let dir = scratch("silent");
-    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
-        .await
-        .expect("sim");
-    let m = modem::spawn(settings(&sim));
-    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
+    let sim = start_sim("silent", SimConfig::default()).await;
+    let m = ready(settings(&sim)).await;
     sim.set_silent(true);
     // a send while silent: the prompt never comes, nothing was sent
     let out = send_text(&m, "0812", "hello").await;
@@ -210,20 +196,10 @@ async fn a_silent_modem_goes_down_and_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_modem_that_disappears_is_reopened_when_it_comes_back() {
-    let dir = scratch("gone");
-    let sim = Simulator::start(
-        dir.join("modem"),
-        SimConfig {
-            pin: Some("0000".into()),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .expect("sim");
+    let sim = start_sim("gone", locked("0000")).await;
     let mut s = settings(&sim);
     s.pin = Some("0000".into());
-    let m = modem::spawn(s);
-    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
+    let m = ready(s).await;
     sim.disappear();
     wait_health(
         &m,
@@ -248,12 +224,8 @@ async fn a_modem_that_disappears_is_reopened_when_it_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cms_errors_are_classified_and_the_modem_keeps_working() {
-    let dir = scratch("cms");
-    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
-        .await
-        .expect("sim");
-    let m = modem::spawn(settings(&sim));
-    wait_health(&m, Health::is_ready, Duration::from_secs(20)).await;
+    let sim = start_sim("cms", SimConfig::default()).await;
+    let m = ready(settings(&sim)).await;
     let cases = [
         (Fault::ErrorAfterPdu(38), FailureClass::Transient),
         (Fault::ErrorAfterPdu(28), FailureClass::Permanent),
@@ -289,16 +261,14 @@ async fn cms_errors_are_classified_and_the_modem_keeps_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_has_a_deadline() {
-    let dir = scratch("reg");
-    let sim = Simulator::start(
-        dir.join("modem"),
+    let sim = start_sim(
+        "reg",
         SimConfig {
             registration_delay: Duration::from_secs(3600),
             ..SimConfig::default()
         },
     )
-    .await
-    .expect("sim");
+    .await;
     let mut s = settings(&sim);
     s.registration_timeout = Duration::from_millis(700);
     let m = modem::spawn(s);

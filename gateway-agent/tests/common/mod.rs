@@ -256,3 +256,16 @@ pub async fn modems_ready(a: &wsmb_agent::agent::Running) {
         .unwrap_or_else(|_| panic!("modem {} not ready: {:?}", m.name, m.health()));
     }
 }
+
+/// Starts the agent, listens to its status channel, and waits until it is connected and every
+/// modem is ready: the usual opening of a test.
+pub async fn start_ready(
+    cfg: Config,
+    broker: SocketAddr,
+) -> (wsmb_agent::agent::Running, StatusListener) {
+    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
+    let status = StatusListener::new(broker).await;
+    link_up(&a).await;
+    modems_ready(&a).await;
+    (a, status)
+}
