@@ -269,7 +269,9 @@ impl Simulator {
                     Ok(n) => n,
                 },
             };
+            tracing::trace!(generation, input = %String::from_utf8_lossy(&buf[..n]).escape_debug(), "sim read");
             let out = self.feed(&mut m, &buf[..n]);
+            tracing::trace!(generation, output = %String::from_utf8_lossy(&out).escape_debug(), "sim answer");
             if !out.is_empty() && master.write_all(&out).await.is_err() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
