@@ -21,6 +21,40 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+/// How long a read waits for a readiness wake-up before looking at the port directly.
+const READ_SLICE: Duration = Duration::from_millis(250);
+
+/// A port the engine can drive: async reads and writes, plus an optional direct read that
+/// bypasses the runtime's readiness tracking.
+///
+/// Why: on some serial drivers and pseudo-terminals a readiness edge can be missed (seen on
+/// Linux ptys under load: the modem's `+CMGS` answer sat in the kernel buffer while the read
+/// slept until its deadline, turning a sent SMS into an ambiguous timeout). The engine
+/// therefore waits in short slices and, when a slice ends without a wake-up, tries one
+/// non-blocking read itself. A port without such a read (tests over in-memory pipes) keeps the
+/// default, which finds nothing.
+pub trait ModemIo: AsyncRead + AsyncWrite + Unpin {
+    /// Reads what is pending right now without waiting: `None` when unsupported or when
+    /// nothing is pending.
+    fn try_read_now(&mut self, _buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+        None
+    }
+}
+
+impl ModemIo for tokio_serial::SerialStream {
+    fn try_read_now(&mut self, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+        match self.try_read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+            // A serial port opened with a read timeout reports "nothing yet" as TimedOut.
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => None,
+            other => Some(other),
+        }
+    }
+}
+
+impl ModemIo for tokio::io::DuplexStream {}
+
 /// Prefixes of unsolicited result codes. Lines starting with one of these are URCs unless the
 /// running command asked for that prefix (`AT+CREG?` expects `+CREG:`).
 const URC_PREFIXES: &[&str] = &[
@@ -212,7 +246,7 @@ pub struct AtPort<P> {
     urc_awaiting_data: bool,
 }
 
-impl<P: AsyncRead + AsyncWrite + Unpin> AtPort<P> {
+impl<P: ModemIo> AtPort<P> {
     /// Wraps an open port.
     pub fn new(port: P) -> Self {
         AtPort {
@@ -258,12 +292,30 @@ impl<P: AsyncRead + AsyncWrite + Unpin> AtPort<P> {
         false
     }
 
+    /// Reads once, waiting until `deadline`. Returns whether anything arrived.
     async fn fill(&mut self, deadline: Instant) -> Result<bool, AtError> {
         let mut chunk = [0u8; 512];
-        match tokio::time::timeout_at(deadline, self.port.read(&mut chunk)).await {
-            Err(_) => Ok(false),
-            Ok(Ok(0)) => Err(AtError::Closed),
-            Ok(Ok(n)) => {
+        let read = loop {
+            let slice = deadline.min(Instant::now() + READ_SLICE);
+            match tokio::time::timeout_at(slice, self.port.read(&mut chunk)).await {
+                Ok(r) => break r,
+                Err(_) => {
+                    if let Some(r) = self.port.try_read_now(&mut chunk) {
+                        if matches!(r, Ok(n) if n > 0) {
+                            tracing::debug!("modem data found without a readiness wake-up");
+                        }
+                        break r;
+                    }
+                    if slice >= deadline {
+                        return Ok(false);
+                    }
+                }
+            }
+        };
+        match read {
+            Ok(0) => Err(AtError::Closed),
+            Ok(n) => {
+                tracing::trace!(read = %String::from_utf8_lossy(&chunk[..n]).escape_debug(), "modem said");
                 self.buf.extend_from_slice(&chunk[..n]);
                 // A modem that floods without line endings cannot grow this forever.
                 if self.buf.len() > 64 * 1024 {
@@ -272,7 +324,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin> AtPort<P> {
                 }
                 Ok(true)
             }
-            Ok(Err(e)) => Err(AtError::Io(e)),
+            Err(e) => Err(AtError::Io(e)),
         }
     }
 
@@ -342,6 +394,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin> AtPort<P> {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), AtError> {
+        tracing::trace!(write = %String::from_utf8_lossy(bytes).escape_debug(), "to modem");
         self.port.write_all(bytes).await?;
         self.port.flush().await?;
         Ok(())
@@ -778,6 +831,77 @@ mod tests {
             at.command("AT", T).await,
             Err(AtError::Closed) | Err(AtError::Io(_))
         ));
+    }
+
+    /// A port whose readiness wake-up never comes (the lost edge seen on ptys): reads stay
+    /// pending forever, and only a direct read finds the answer written to it.
+    struct NoWakeups {
+        pending: Vec<u8>,
+    }
+
+    impl AsyncRead for NoWakeups {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for NoWakeups {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if buf.ends_with(b"\r") {
+                self.pending.extend_from_slice(b"\r\nOK\r\n");
+            }
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    impl ModemIo for NoWakeups {
+        fn try_read_now(&mut self, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+            if self.pending.is_empty() {
+                return None;
+            }
+            let n = self.pending.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            Some(Ok(n))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_a_wakeup_is_found_before_the_deadline() {
+        let mut at = AtPort::new(NoWakeups {
+            pending: Vec::new(),
+        });
+        let start = Instant::now();
+        let r = at
+            .command("AT", Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert!(r.result.is_ok(), "{r:?}");
+        assert!(
+            start.elapsed() <= READ_SLICE * 2,
+            "found only after {:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
