@@ -268,6 +268,12 @@ impl Simulator {
                     }
                     Ok(n) => n,
                 },
+                // The same defence as the agent's AT engine against a lost readiness wake-up:
+                // look at the pty directly now and then.
+                _ = tokio::time::sleep(Duration::from_millis(250)) => match master.try_read(&mut buf) {
+                    Ok(n) if n > 0 => n,
+                    _ => continue,
+                },
             };
             tracing::trace!(generation, input = %String::from_utf8_lossy(&buf[..n]).escape_debug(), "sim read");
             let out = self.feed(&mut m, &buf[..n]);
