@@ -218,6 +218,16 @@ impl Simulator {
         self.lock().commands.clone()
     }
 
+    /// How many PIN entries (`AT+CPIN=...`) the simulator was sent: a refused PIN must never
+    /// be tried again, and a modem that comes back must be unlocked again.
+    pub fn pin_attempts(&self) -> usize {
+        self.lock()
+            .commands
+            .iter()
+            .filter(|c| c.starts_with("AT+CPIN="))
+            .count()
+    }
+
     /// Queues a fault for a coming `AT+CMGS`.
     pub fn push_fault(&self, f: Fault) {
         self.lock().faults.push_back(f);

@@ -139,11 +139,7 @@ async fn a_wrong_pin_stops_the_modem_and_is_never_retried() {
     };
     assert!(reason.contains("wrong PIN"), "{reason}");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let tries = sim
-        .commands()
-        .iter()
-        .filter(|c| c.starts_with("AT+CPIN="))
-        .count();
+    let tries = sim.pin_attempts();
     assert_eq!(tries, 1, "the PIN was tried {tries} times");
     // jobs get a prompt answer, not a hang
     let out = send_text(&m, "0812", "x").await;
@@ -213,13 +209,7 @@ async fn a_modem_that_disappears_is_reopened_when_it_comes_back() {
     let out = send_text(&m, "+6281", "back").await;
     assert!(matches!(out[0], PartOutcome::Sent { .. }), "{out:?}");
     // the SIM was unlocked again after the "reboot"
-    assert_eq!(
-        sim.commands()
-            .iter()
-            .filter(|c| c.starts_with("AT+CPIN="))
-            .count(),
-        2
-    );
+    assert_eq!(sim.pin_attempts(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
