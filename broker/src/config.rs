@@ -89,6 +89,18 @@ pub struct StorageConfig {
     /// Longest wait between reconnection attempts to the database.
     #[serde(deserialize_with = "duration")]
     pub reconnect_max: Duration,
+    /// Longest a commit may take; past it the database counts as down.
+    #[serde(deserialize_with = "duration")]
+    pub commit_timeout: Duration,
+    /// How long a commit waits for more writes to join it (0 = commit at once; writes that
+    /// arrive during a commit join the next one anyway).
+    #[serde(deserialize_with = "duration")]
+    pub commit_delay: Duration,
+    /// Most channels with stored messages; past it senders to a new channel get `04`.
+    pub max_channels: usize,
+    /// This broker's name in the claims it writes (`<node>/<connection>`). Brokers sharing one
+    /// database need different names.
+    pub node: String,
 }
 
 impl Default for StorageConfig {
@@ -108,6 +120,10 @@ impl Default for StorageConfig {
             max_stored_total: 1_000_000,
             commit_batch: 1024,
             reconnect_max: Duration::from_secs(30),
+            commit_timeout: Duration::from_secs(10),
+            commit_delay: Duration::ZERO,
+            max_channels: 10_000,
+            node: "local".into(),
         }
     }
 }
@@ -165,6 +181,9 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, how long to wait for queued frames to be flushed.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// A write to a client that does not finish within this drops the connection.
+    #[serde(deserialize_with = "duration")]
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -185,6 +204,7 @@ impl Default for ServerConfig {
             ping_interval: Duration::from_secs(30),
             dead_peer_timeout: Duration::from_secs(75),
             shutdown_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -352,6 +372,26 @@ impl Config {
         if st.ack_timeout.is_zero() {
             return bad("storage.ack_timeout must be more than 0s".into());
         }
+        if st.commit_timeout.is_zero() || s.write_timeout.is_zero() {
+            return bad(
+                "storage.commit_timeout and server.write_timeout must be more than 0s".into(),
+            );
+        }
+        if st.max_channels == 0 {
+            return bad("storage.max_channels must be at least 1".into());
+        }
+        if st.node.is_empty()
+            || st.node.len() > 64
+            || !st
+                .node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return bad(format!(
+                "storage.node = {:?} must be 1 to 64 letters, digits, '-', '_' or '.'",
+                st.node
+            ));
+        }
         if self.credentials.bcrypt_concurrency == 0 {
             return bad("credentials.bcrypt_concurrency must be at least 1".into());
         }
@@ -428,6 +468,11 @@ mod tests {
             "ping_interval",
             "dead_peer_timeout",
             "shutdown_timeout",
+            "write_timeout",
+            "commit_timeout",
+            "commit_delay",
+            "max_channels",
+            "node",
             "files",
             "lines",
             "reload_interval",

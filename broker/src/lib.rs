@@ -1,18 +1,26 @@
 //! `wsmb-broker`: a lightweight WebSocket message broker that today's WSMessageBrocker clients
 //! use unchanged.
 //!
-//! Where things live:
+//! Where things live (a message's path: `conn` reads it, `delivery` routes and stores it,
+//! `outbox` queues it for each receiver, `conn` writes it):
 //! - [`config`]: the TOML configuration, defaults, validation.
 //! - [`auth`]: htpasswd users (`{SHA}`, `$apr1$`, bcrypt), constant-time checks, reloading.
 //! - [`http`]: the request head, routing to WebSocket, `/healthz` or an HTTP error.
-//! - [`conn`]: one connection: welcome timing, reading frames, writing in batches, closing.
-//! - [`router`]: channels, receivers, fair choice of receivers (memory mode).
-//! - [`storage`]: the database (SQLite, MariaDB/MySQL, PostgreSQL), group commit.
-//! - [`durable`]: delivery of stored messages: acknowledgements, redelivery, expiry.
-//! - [`server`]: accept loop, shared state, graceful shutdown.
+//! - [`ws`]: RFC 6455 framing (reading client frames, writing server frames), no buffers held
+//!   while idle.
+//! - [`conn`]: the session: one connection from the handshake to the close; welcome timing,
+//!   commands, replies in order, writing with deadlines.
+//! - [`outbox`]: a connection's outgoing queue, bounded in count and bytes; shared by the
+//!   session and the delivery engine, importing neither.
+//! - [`delivery`]: the delivery engine: channels, receivers, rotation and receiver limits,
+//!   memory and durable backends, acknowledgements, expiry.
+//! - [`storage`]: the database (SQLite, MariaDB/MySQL, PostgreSQL), claims, group commit.
+//! - [`state`], [`stats`]: what every connection shares; counters.
+//! - [`server`]: accept loop, start-up, credential reloading, graceful shutdown.
 //! - [`cli`]: the `wsmb-broker` command line.
 //!
-//! The wire format itself lives in the `wsmb-protocol` crate.
+//! Imports go one way: `server` → `conn` → `delivery` → `storage`; `outbox` and `ws` are
+//! leaves. The wire format itself lives in the `wsmb-protocol` crate.
 
 #![forbid(unsafe_code)]
 
@@ -20,11 +28,14 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod conn;
-pub mod durable;
+pub mod delivery;
 pub mod http;
-pub mod router;
+pub mod outbox;
 pub mod server;
+pub mod state;
+pub mod stats;
 pub mod storage;
+pub mod ws;
 
 pub use config::Config;
 pub use server::{Running, start, start_on};

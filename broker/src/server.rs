@@ -7,10 +7,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -19,163 +18,9 @@ use tracing::{error, info, warn};
 
 use crate::auth::{Authenticator, CredentialSources};
 use crate::config::Config;
-use crate::router::Router;
-
-/// Counters, exposed on `/healthz` (and later as metrics).
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Open WebSocket/HTTP connections.
-    pub connections_open: AtomicU64,
-    /// Connections accepted since start.
-    pub connections_total: AtomicU64,
-    /// Connections refused because `max_connections` was reached.
-    pub connections_refused: AtomicU64,
-    /// Upgrades refused for bad credentials.
-    pub auth_rejected: AtomicU64,
-    /// `send-message` frames accepted for routing.
-    pub messages_in: AtomicU64,
-    /// Messages queued to receivers (one per receiver).
-    pub deliveries: AtomicU64,
-    /// `send-message` frames that reached no receiver.
-    pub unrouted: AtomicU64,
-    /// Frames answered with an `error`.
-    pub rejected_frames: AtomicU64,
-    /// Receivers closed for a full queue.
-    pub slow_consumers: AtomicU64,
-    /// Connections dropped after `dead_peer_timeout` of silence.
-    pub dead_peers: AtomicU64,
-}
-
-/// Generates message ids: `<broker start in ms, hex>-<sequence>`, unique across restarts as long
-/// as the clock does not go back.
-pub struct MessageIds {
-    prefix: String,
-    seq: AtomicU64,
-}
-
-impl Default for MessageIds {
-    fn default() -> Self {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        MessageIds {
-            prefix: format!("{ms:x}"),
-            seq: AtomicU64::new(1),
-        }
-    }
-}
-
-impl MessageIds {
-    /// The next id.
-    pub fn next(&self) -> String {
-        format!(
-            "{}-{}",
-            self.prefix,
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-}
-
-/// State shared by every connection.
-pub struct Shared {
-    /// The configuration in force.
-    pub config: Arc<Config>,
-    /// Channels and receivers.
-    pub router: Router,
-    /// Credentials.
-    pub auth: Arc<Authenticator>,
-    /// Counters.
-    pub stats: Stats,
-    /// Cancelled on SIGTERM/SIGINT (or by a test).
-    pub shutdown: CancellationToken,
-    /// Message id generator.
-    pub message_ids: MessageIds,
-    /// The database (every backend but `memory`).
-    pub storage: Option<Arc<crate::storage::Storage>>,
-    /// Delivery of stored messages (with `storage`).
-    pub engine: Option<crate::durable::Engine>,
-    started: Instant,
-    next_conn: AtomicU64,
-}
-
-#[derive(Serialize)]
-struct Health<'a> {
-    status: &'a str,
-    storage: String,
-    stored: usize,
-    version: &'a str,
-    uptime_seconds: u64,
-    connections: u64,
-    receivers: usize,
-    channels: usize,
-    users: usize,
-    messages_in: u64,
-    deliveries: u64,
-    unrouted: u64,
-}
-
-impl Shared {
-    /// Shared state for `config`, authenticating with `auth` (memory mode).
-    pub fn new(config: Config, auth: Arc<Authenticator>, shutdown: CancellationToken) -> Arc<Self> {
-        Self::with_storage(config, auth, shutdown, None)
-    }
-
-    /// Shared state with an opened database.
-    pub fn with_storage(
-        config: Config,
-        auth: Arc<Authenticator>,
-        shutdown: CancellationToken,
-        storage: Option<Arc<crate::storage::Storage>>,
-    ) -> Arc<Self> {
-        let engine = storage
-            .as_ref()
-            .map(|st| crate::durable::Engine::start(Arc::clone(st), config.storage.clone()));
-        Arc::new(Shared {
-            storage,
-            engine,
-            config: Arc::new(config),
-            router: Router::default(),
-            auth,
-            stats: Stats::default(),
-            shutdown,
-            message_ids: MessageIds::default(),
-            started: Instant::now(),
-            next_conn: AtomicU64::new(1),
-        })
-    }
-
-    /// The `/healthz` body.
-    pub fn health_json(&self) -> String {
-        let (receivers, channels) = self.router.totals();
-        let storage_health = self.storage.as_ref().map(|s| s.health());
-        let h = Health {
-            status: if self.shutdown.is_cancelled() {
-                "stopping"
-            } else if matches!(storage_health, Some(Err(_))) {
-                "degraded"
-            } else {
-                "ok"
-            },
-            storage: match (&self.storage, &storage_health) {
-                (None, _) => "memory".into(),
-                (Some(_), Some(Err(e))) => format!("down: {e}"),
-                (Some(st), _) => format!("{:?}", st.backend()).to_lowercase(),
-            },
-            stored: self.storage.as_ref().map_or(0, |s| s.stored()),
-            version: env!("CARGO_PKG_VERSION"),
-            uptime_seconds: self.started.elapsed().as_secs(),
-            connections: self.stats.connections_open.load(Ordering::Relaxed),
-            receivers,
-            channels,
-            users: self.auth.user_count(),
-            messages_in: self.stats.messages_in.load(Ordering::Relaxed),
-            deliveries: self.stats.deliveries.load(Ordering::Relaxed),
-            unrouted: self.stats.unrouted.load(Ordering::Relaxed),
-        };
-        serde_json::to_string(&h).unwrap_or_else(|_| "{\"status\":\"ok\"}".into())
-    }
-}
+use crate::delivery::{DeliveryConfig, Engine};
+use crate::state::Shared;
+use crate::stats::Stats;
 
 /// Accepts connections until `shared.shutdown` is cancelled, then waits for them to close.
 pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
@@ -205,7 +50,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
             tracker.spawn(refuse(stream));
             continue;
         };
-        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let id = shared.next_conn();
         let sh = Arc::clone(&shared);
         tracker.spawn(async move {
             sh.stats.connections_open.fetch_add(1, Ordering::Relaxed);
@@ -336,32 +181,22 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
     info!("{} user(s) loaded ({})", table.len(), table.kinds());
     let auth = Arc::new(Authenticator::new(table, config.auth_tuning()));
     let interval = config.credentials.reload_interval;
-    let storage = if config.storage.backend == crate::config::Backend::Memory {
+    let store = if config.storage.backend == crate::config::Backend::Memory {
         None
     } else {
-        let st = crate::storage::Storage::open(&config.storage).await?;
+        let st = crate::storage::Storage::open(&config.storage, &config.storage.node).await?;
         info!("storage: {:?}", config.storage.backend);
         Some(st)
     };
-    let shared = Shared::with_storage(config, auth, CancellationToken::new(), storage);
-    if let (Some(st), Some(engine)) = (&shared.storage, &shared.engine) {
-        let (st, engine) = (Arc::clone(st), engine.clone());
-        let load = async move {
-            let rows = st.load_all().await;
-            if !rows.is_empty() {
-                info!("{} stored message(s) to deliver", rows.len());
-            }
-            engine.send(crate::durable::Cmd::Load(rows));
-        };
-        if shared.storage.as_ref().is_some_and(|s| s.health().is_ok()) {
-            // Loaded before the first connection is accepted.
-            load.await;
-        } else {
-            // A database that is down at start-up: serve live traffic meanwhile, load when it
-            // comes back.
-            tokio::spawn(load);
-        }
-    }
+    let shutdown = CancellationToken::new();
+    let stats = Arc::new(Stats::default());
+    let engine = Engine::new(
+        DeliveryConfig::from_config(&config),
+        store,
+        Arc::clone(&stats),
+        shutdown.clone(),
+    );
+    let shared = Shared::new(Arc::new(config), auth, engine, stats, shutdown);
     spawn_credentials_watcher(&shared, sources, interval);
     let addr = listener.local_addr()?;
     let task = tokio::spawn(run(listener, Arc::clone(&shared)));

@@ -106,12 +106,12 @@ async fn sender_gets_a_send_result_with_ids() {
     // limited to one receiver
     send(
         &mut tx,
-        r#"{"command":"send-message","channel":"sms","number_of_receiver":1,"data":[]}"#,
+        r#"{"command":"send-message","channel":"sms","number_of_receiver":1,"data":[{"id":"one"}]}"#,
     )
     .await;
     let res: SendResult = reply(&mut tx).await.first().expect("result");
     assert_eq!(res.receivers, 1);
-    assert!(res.ids.is_empty());
+    assert_eq!(res.ids, vec!["one"]);
 
     // nobody on the channel: not accepted, and said so
     send(&mut tx, &sms("empty", "z")).await;
@@ -145,7 +145,7 @@ async fn number_of_receiver_from_frame_or_config() {
         } else {
             format!(r#""number_of_receiver":{v},"#)
         };
-        format!(r#"{{"command":"send-message","channel":"c",{nor}"data":[]}}"#)
+        format!(r#"{{"command":"send-message","channel":"c",{nor}"data":[{{}}]}}"#)
     };
     for (v, want) in [
         ("", 2),
@@ -806,7 +806,7 @@ async fn skip_policy_keeps_a_full_receiver_and_passes_it_over() {
         assert!(recv_text(&mut good).await.contains(&format!("g{i}")));
     }
     // the stuck receiver was kept
-    assert_eq!(b.shared.router.receivers("sms"), 2);
+    assert_eq!(b.shared.engine.receivers("sms"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -838,8 +838,9 @@ async fn channels_per_connection_are_bounded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn empty_data_without_receivers_is_answered_not_fatal() {
-    // "data": [] with nobody listening killed the original (with its database on).
+async fn empty_data_gets_a_clear_error_not_a_crash() {
+    // "data": [] with nobody listening killed the original (with its database on). Now it is
+    // a clear error (15), the same in memory mode and with a database (persistence.rs).
     let b = broker().await;
     let mut tx = connect(b.addr).await;
     send(
@@ -850,8 +851,13 @@ async fn empty_data_without_receivers_is_answered_not_fatal() {
     let r = reply(&mut tx).await;
     assert_eq!(
         (r.command.as_str(), r.response_code.as_str()),
-        ("send-result", "02")
+        ("error", "15")
     );
+    let e: wsmb_protocol::reply::ErrorData = r.first().expect("reason");
+    assert!(e.reason.contains("empty"), "{}", e.reason);
+    // the connection keeps working
+    send(&mut tx, r#"{"command":"ping"}"#).await;
+    assert_eq!(reply(&mut tx).await.response_code, "00");
     connect(b.addr).await;
 }
 
@@ -935,8 +941,12 @@ async fn a_sender_that_writes_and_closes_at_once_loses_nothing() {
     }
     s.write_all(&bytes).await.expect("write");
     drop(s);
-    // and the usual order: read the 101, write, close
+    // and the usual order: read the 101, write, close. (Without TCP_NODELAY the client's
+    // kernel may still hold frames back for Nagle when the broker's reply arrives; closing a
+    // socket with unread data sends a reset that discards them on the client's side, where no
+    // server can see them.)
     let mut s = raw_upgraded(b.addr).await;
+    s.set_nodelay(true).expect("nodelay");
     for f in &usual {
         s.write_all(&masked_text(f)).await.expect("write");
     }

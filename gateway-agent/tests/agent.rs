@@ -551,7 +551,7 @@ async fn jobs_sent_while_the_agent_is_away_wait_in_the_broker_until_the_agent_ha
         )
         .await;
     }
-    let stored = || b.shared.storage.as_ref().expect("storage").stored();
+    let stored = || b.shared.engine.store().expect("storage").stored();
     assert_eq!(stored(), 3);
     let mut status = StatusListener::new(b.addr).await;
     let sim = sim(&dir, "m1", SimConfig::default()).await;

@@ -158,6 +158,8 @@ pub enum FrameError {
     MissingData,
     /// `data` of a `send-message` is not an array; names what it is.
     DataNotArray(&'static str),
+    /// `data` of a `send-message` is an empty array: nothing to send.
+    EmptyData,
     /// `protocol` is not a positive integer.
     InvalidProtocol(String),
     /// An optional field has the wrong type: (field, what it is, what it should be).
@@ -180,7 +182,9 @@ impl FrameError {
             | FrameError::EmptyChannel
             | FrameError::ChannelTooLong(_) => ResponseCode::InvalidChannel,
             FrameError::InvalidNumberOfReceiver(_) => ResponseCode::InvalidNumberOfReceiver,
-            FrameError::MissingData | FrameError::DataNotArray(_) => ResponseCode::InvalidData,
+            FrameError::MissingData | FrameError::DataNotArray(_) | FrameError::EmptyData => {
+                ResponseCode::InvalidData
+            }
             FrameError::InvalidProtocol(_) | FrameError::InvalidField(..) => {
                 ResponseCode::InvalidField
             }
@@ -240,6 +244,11 @@ impl fmt::Display for FrameError {
                 f,
                 "\"send-message\" needs \"data\": an array of items, e.g. \
                  [{{\"id\":\"1\",\"receiver\":\"+628...\",\"message\":\"...\"}}]"
+            ),
+            FrameError::EmptyData => write!(
+                f,
+                "\"data\" is an empty array: there is nothing to send; put at least one item in \
+                 it, e.g. [{{\"id\":\"1\",\"receiver\":\"+628...\",\"message\":\"...\"}}]"
             ),
             FrameError::DataNotArray(kind) => write!(
                 f,
@@ -352,6 +361,9 @@ pub fn parse_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, FrameError> {
                     .collect(),
                 Some(Data::Other(kind)) => return Err(FrameError::DataNotArray(kind)),
             };
+            if items.is_empty() {
+                return Err(FrameError::EmptyData);
+            }
         }
         Command::Ack => {
             let Some(Data::Array(elems)) = raw.data else {
@@ -780,7 +792,7 @@ mod tests {
     fn number_of_receiver_like_the_legacy_broker() {
         let n = |v: &str| {
             let s = format!(
-                r#"{{"command":"send-message","channel":"c","data":[],"number_of_receiver":{v}}}"#
+                r#"{{"command":"send-message","channel":"c","data":[{{}}],"number_of_receiver":{v}}}"#
             );
             parse_client_frame(s.as_bytes()).map(|f| f.number_of_receiver)
         };
@@ -855,6 +867,11 @@ mod tests {
             err(r#"{"command":"send-message","channel":"c","data":"x"}"#),
             FrameError::DataNotArray("string")
         );
+        assert_eq!(
+            err(r#"{"command":"send-message","channel":"c","data":[]}"#),
+            FrameError::EmptyData
+        );
+        assert_eq!(FrameError::EmptyData.code(), ResponseCode::InvalidData);
         assert!(matches!(
             err(r#"{"command":"ping","protocol":"2"}"#),
             FrameError::InvalidProtocol(_)
@@ -913,8 +930,9 @@ mod tests {
     fn expiry_from_ttl_expires_at_and_items() {
         let f = ok(r#"{"command":"send-message","channel":"c","ttl":60,"data":[{"id":"a"}]}"#);
         assert_eq!(f.expiry(1000), Some(1060));
-        let f =
-            ok(r#"{"command":"send-message","channel":"c","ttl":60,"expires_at":1030,"data":[]}"#);
+        let f = ok(
+            r#"{"command":"send-message","channel":"c","ttl":60,"expires_at":1030,"data":[{}]}"#,
+        );
         assert_eq!(f.expiry(1000), Some(1030));
         // every item has an expiration: the message lives until the last of them
         let f = ok(
@@ -925,7 +943,7 @@ mod tests {
         // one item without: no item-level expiry
         let f = ok(r#"{"command":"send-message","channel":"c","data":[{"expiration":1100},{}]}"#);
         assert_eq!(f.expiry(1000), None);
-        let f = ok(r#"{"command":"send-message","channel":"c","report":true,"data":[]}"#);
+        let f = ok(r#"{"command":"send-message","channel":"c","report":true,"data":[{}]}"#);
         assert!(f.report);
     }
 

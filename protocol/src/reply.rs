@@ -163,7 +163,13 @@ pub struct SendResult {
     /// How many receivers it was handed to (0 when not accepted).
     pub receivers: u32,
     /// One id per element of `data`, in order: the item's own `id`, or `<message_id>.<index>`.
+    /// Empty when they would not fit in a reply (see `ids_omitted`).
+    #[serde(default)]
     pub ids: Vec<String>,
+    /// Set (to the number of items) when the message had so many items that their ids were
+    /// left out of this reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids_omitted: Option<u64>,
     /// With a database: whether the message was stored durably before this reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored: Option<bool>,
@@ -251,6 +257,7 @@ mod tests {
             channel: "sms".into(),
             receivers: 2,
             ids: vec!["a".into(), "m1.1".into()],
+            ids_omitted: None,
             stored: None,
             reason: None,
         };

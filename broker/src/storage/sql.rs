@@ -10,7 +10,7 @@ use sqlx::Row;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{DbError, Op, StoredRow};
+use super::{Claim, DbError, Op, OpResult, Recovered, StoredRow};
 use crate::config::{Backend, StorageConfig};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -167,19 +167,17 @@ impl SqlDb {
                 )))
                 .execute(self.pg()?)
                 .await?;
-                sqlx::query(safe(format!(
-                    "CREATE INDEX IF NOT EXISTS {t}_channel ON {t}(channel)"
-                )))
-                .execute(self.pg()?)
-                .await?;
             }
         }
         let have = self.columns().await?;
-        let add: [(&str, &str, &str); 4] = [
+        let add: [(&str, &str, &str); 7] = [
             ("frame", "LONGTEXT CHARACTER SET utf8mb4 NULL", "TEXT"),
             ("remaining", "INT NULL", "INTEGER"),
             ("expires_at", "BIGINT NULL", "BIGINT"),
             ("msg_key", "VARCHAR(64) NULL", "VARCHAR(64)"),
+            ("claimed_by", "VARCHAR(128) NULL", "VARCHAR(128)"),
+            ("claimed_until", "BIGINT NULL", "BIGINT"),
+            ("deliveries", "INT NULL", "INTEGER"),
         ];
         for (col, mysql, pg) in add {
             if !have.iter().any(|(c, _)| c == col) {
@@ -208,129 +206,347 @@ impl SqlDb {
                 }
             }
         }
+        // Indexes: the next rows of a channel (InnoDB's secondary key on `channel` carries the
+        // primary key, so it serves); rows by expiry.
+        let indexes = self.indexes().await?;
+        let want: [(&str, &str, &str); 2] = [
+            ("channel_id", "(channel, data_id)", "(channel, data_id)"),
+            (
+                "expires",
+                "(expires_at)",
+                "(expires_at) WHERE expires_at IS NOT NULL",
+            ),
+        ];
+        for (name, mysql, pg) in want {
+            let name = format!("{t}_{name}");
+            if self.dialect == Dialect::Mysql && name.ends_with("_channel_id") {
+                continue;
+            }
+            if indexes.iter().any(|i| i.eq_ignore_ascii_case(&name)) {
+                continue;
+            }
+            let sql = match self.dialect {
+                Dialect::Mysql => format!("CREATE INDEX `{name}` ON `{t}` {mysql}"),
+                Dialect::Postgres => format!("CREATE INDEX IF NOT EXISTS {name} ON {t} {pg}"),
+            };
+            on_pool!(&self.pool, p => sqlx::query(safe(&sql)).execute(p).await.map(|_| ()))?;
+        }
         Ok(())
     }
 
-    pub(super) async fn apply(&self, ops: Vec<Op>) -> Result<Vec<i64>, DbError> {
+    async fn indexes(&self) -> Result<Vec<String>, DbError> {
+        let sql = match self.dialect {
+            Dialect::Mysql => {
+                "SELECT DISTINCT index_name FROM information_schema.statistics
+                 WHERE table_schema = DATABASE() AND table_name = ?"
+            }
+            Dialect::Postgres => {
+                "SELECT indexname::text FROM pg_indexes
+                 WHERE schemaname = current_schema() AND tablename = $1"
+            }
+        };
+        on_pool!(&self.pool, p => {
+            let rows = sqlx::query(safe(sql)).bind(&self.table).fetch_all(p).await?;
+            rows.iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(DbError::from)
+        })
+    }
+
+    pub(super) async fn recover(&self, node: &str) -> Result<Recovered, DbError> {
         let t = &self.table;
-        let (ins, del, rem) = match self.dialect {
+        let pattern = format!("{}/%", super::sqlite::like_escape(node));
+        let (release, max, count) = match self.dialect {
             Dialect::Mysql => (
                 format!(
-                    "INSERT INTO `{t}`(channel, data, created, frame, remaining, expires_at, msg_key)
-                     VALUES (?, ?, NOW(), ?, ?, ?, ?)"
+                    "UPDATE `{t}` SET claimed_by = NULL, claimed_until = NULL
+                     WHERE claimed_by LIKE ?"
                 ),
-                format!("DELETE FROM `{t}` WHERE data_id = ?"),
-                format!("UPDATE `{t}` SET remaining = ? WHERE data_id = ?"),
+                format!("SELECT CAST(COALESCE(MAX(data_id), 0) AS SIGNED) FROM `{t}`"),
+                format!("SELECT channel, CAST(COUNT(*) AS SIGNED) FROM `{t}` GROUP BY channel"),
             ),
             Dialect::Postgres => (
                 format!(
-                    "INSERT INTO {t}(channel, data, created, frame, remaining, expires_at, msg_key)
-                     VALUES ($1, $2, NOW(), $3, $4, $5, $6) RETURNING data_id"
+                    "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL
+                     WHERE claimed_by LIKE $1"
                 ),
-                format!("DELETE FROM {t} WHERE data_id = $1"),
-                format!("UPDATE {t} SET remaining = $1 WHERE data_id = $2"),
-            ),
-        };
-        let mut ids = Vec::new();
-        match &self.pool {
-            Pool::My(p) => {
-                let mut tx = p.begin().await?;
-                for op in ops {
-                    match op {
-                        Op::Insert(m) => {
-                            let r = sqlx::query(safe(&ins))
-                                .bind(m.channel)
-                                .bind(m.data)
-                                .bind(m.frame.as_str())
-                                .bind(i64::from(m.remaining))
-                                .bind(m.expires_at.map(|e| e as i64))
-                                .bind(m.key)
-                                .execute(&mut *tx)
-                                .await?;
-                            ids.push(r.last_insert_id() as i64);
-                        }
-                        Op::Delete(id) => {
-                            sqlx::query(safe(&del)).bind(id).execute(&mut *tx).await?;
-                        }
-                        Op::Remaining(id, n) => {
-                            sqlx::query(safe(&rem))
-                                .bind(i64::from(n))
-                                .bind(id)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
-                    }
-                }
-                tx.commit().await?;
-            }
-            Pool::Pg(p) => {
-                let mut tx = p.begin().await?;
-                for op in ops {
-                    match op {
-                        Op::Insert(m) => {
-                            let row = sqlx::query(safe(&ins))
-                                .bind(m.channel)
-                                .bind(m.data)
-                                .bind(m.frame.as_str())
-                                .bind(i32::try_from(m.remaining).unwrap_or(i32::MAX))
-                                .bind(m.expires_at.map(|e| e as i64))
-                                .bind(m.key)
-                                .fetch_one(&mut *tx)
-                                .await?;
-                            ids.push(row.try_get::<i64, _>(0)?);
-                        }
-                        Op::Delete(id) => {
-                            sqlx::query(safe(&del)).bind(id).execute(&mut *tx).await?;
-                        }
-                        Op::Remaining(id, n) => {
-                            sqlx::query(safe(&rem))
-                                .bind(i32::try_from(n).unwrap_or(i32::MAX))
-                                .bind(id)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
-                    }
-                }
-                tx.commit().await?;
-            }
-        }
-        Ok(ids)
-    }
-
-    pub(super) async fn load(&self, after: i64, limit: usize) -> Result<Vec<StoredRow>, DbError> {
-        let t = &self.table;
-        let sql = match self.dialect {
-            Dialect::Mysql => format!(
-                "SELECT data_id, msg_key, channel, frame, data, CAST(remaining AS SIGNED), expires_at
-                 FROM `{t}` WHERE data_id > ? ORDER BY data_id LIMIT ?"
-            ),
-            Dialect::Postgres => format!(
-                "SELECT data_id, msg_key, channel, frame, data, CAST(remaining AS BIGINT), expires_at
-                 FROM {t} WHERE data_id > $1 ORDER BY data_id LIMIT $2"
+                format!("SELECT CAST(COALESCE(MAX(data_id), 0) AS BIGINT) FROM {t}"),
+                format!("SELECT channel, CAST(COUNT(*) AS BIGINT) FROM {t} GROUP BY channel"),
             ),
         };
         on_pool!(&self.pool, p => {
-            let rows = sqlx::query(safe(&sql))
-                .bind(after)
-                .bind(limit as i64)
-                .fetch_all(p)
+            sqlx::query(safe(&release)).bind(&pattern).execute(p).await?;
+            let max_id: i64 = sqlx::query(safe(&max)).fetch_one(p).await?.try_get(0)?;
+            let rows = sqlx::query(safe(&count)).fetch_all(p).await?;
+            let mut counts = std::collections::HashMap::new();
+            for r in &rows {
+                let ch: Option<String> = r.try_get(0)?;
+                let n: i64 = r.try_get(1)?;
+                counts.insert(ch.unwrap_or_default(), n.max(0) as usize);
+            }
+            Ok(Recovered { max_id, counts })
+        })
+    }
+
+    pub(super) async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, DbError> {
+        match &self.pool {
+            Pool::My(p) => {
+                let mut tx = p.begin().await?;
+                let mut out = Vec::with_capacity(ops.len());
+                for op in ops {
+                    out.push(self.apply_one(&mut tx, op).await?);
+                }
+                tx.commit().await?;
+                Ok(out)
+            }
+            Pool::Pg(p) => {
+                let mut tx = p.begin().await?;
+                let mut out = Vec::with_capacity(ops.len());
+                for op in ops {
+                    out.push(self.apply_one_pg(&mut tx, op).await?);
+                }
+                tx.commit().await?;
+                Ok(out)
+            }
+        }
+    }
+
+    async fn apply_one(&self, tx: &mut sqlx::MySqlConnection, op: Op) -> Result<OpResult, DbError> {
+        let t = &self.table;
+        Ok(match op {
+            Op::Insert(m) => {
+                let (holder, until) = claim_parts(&m.claim);
+                sqlx::query(safe(format!(
+                    "INSERT INTO `{t}`(data_id, channel, data, created, frame, remaining,
+                                       expires_at, msg_key, claimed_by, claimed_until, deliveries)
+                     VALUES (?, ?, ?, NOW(), ?, 1, ?, ?, ?, ?, ?)"
+                )))
+                .bind(m.data_id)
+                .bind(&*m.channel)
+                .bind(m.data)
+                .bind(m.frame.as_str())
+                .bind(m.expires_at.map(|e| e as i64))
+                .bind(m.key)
+                .bind(holder)
+                .bind(until)
+                .bind(i32::from(m.claim.is_some()))
+                .execute(&mut *tx)
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(StoredRow {
-                        data_id: r.try_get(0)?,
-                        key: r.try_get(1)?,
-                        channel: r.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
-                        frame: r.try_get(3)?,
-                        data: r.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
-                        remaining: r
-                            .try_get::<Option<i64>, _>(5)?
-                            .map_or(1, |n| n.max(1) as u32),
-                        expires_at: r.try_get::<Option<i64>, _>(6)?.map(|e| e.max(0) as u64),
-                    })
-                })
-                .collect::<Result<_, sqlx::Error>>()
-                .map_err(DbError::from)
+                OpResult::Inserted
+            }
+            Op::Complete { data_id, remaining } if remaining > 1 => {
+                sqlx::query(safe(format!(
+                    "UPDATE `{t}` SET remaining = remaining - 1, claimed_by = NULL,
+                     claimed_until = NULL WHERE data_id = ?"
+                )))
+                .bind(data_id)
+                .execute(&mut *tx)
+                .await?;
+                OpResult::Updated
+            }
+            Op::Complete { data_id, .. } => {
+                let r = sqlx::query(safe(format!("DELETE FROM `{t}` WHERE data_id = ?")))
+                    .bind(data_id)
+                    .execute(&mut *tx)
+                    .await?;
+                OpResult::Deleted(r.rows_affected() > 0)
+            }
+            Op::Release(ids) => {
+                sqlx::query(safe(format!(
+                    "UPDATE `{t}` SET claimed_by = NULL, claimed_until = NULL
+                     WHERE data_id IN ({})",
+                    id_list(&ids)
+                )))
+                .execute(&mut *tx)
+                .await?;
+                OpResult::Updated
+            }
+            Op::Claim(req) => {
+                let candidates = sqlx::query(safe(format!(
+                    "SELECT data_id,
+                            CAST(COALESCE(LENGTH(frame), 0) + COALESCE(LENGTH(data), 0) AS SIGNED)
+                     FROM `{t}`
+                     WHERE channel = ? AND (claimed_until IS NULL OR claimed_until < ?)
+                       AND (expires_at IS NULL OR expires_at > ?) AND COALESCE(remaining, 1) > 0
+                     ORDER BY data_id LIMIT ?"
+                )))
+                .bind(&*req.channel)
+                .bind(req.now_ms)
+                .bind(req.now_ms.div_euclid(1000))
+                .bind(req.max_rows as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+                let n = candidates.len();
+                let ids = within_bytes(
+                    candidates
+                        .iter()
+                        .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
+                        .collect::<Result<Vec<_>, sqlx::Error>>()?,
+                    req.max_bytes,
+                );
+                let more = n >= req.max_rows || ids.len() < n;
+                if ids.is_empty() {
+                    return Ok(OpResult::Claimed(Vec::new(), more));
+                }
+                let list = id_list(&ids);
+                let rows = sqlx::query(safe(format!(
+                    "SELECT data_id, msg_key, frame, CASE WHEN frame IS NULL THEN data END,
+                            CAST(COALESCE(remaining, 1) AS SIGNED), expires_at,
+                            CAST(COALESCE(deliveries, 0) AS SIGNED)
+                     FROM `{t}` WHERE data_id IN ({list}) ORDER BY data_id"
+                )))
+                .fetch_all(&mut *tx)
+                .await?;
+                sqlx::query(safe(format!(
+                    "UPDATE `{t}` SET claimed_by = ?, claimed_until = ?,
+                            deliveries = COALESCE(deliveries, 0) + 1 WHERE data_id IN ({list})"
+                )))
+                .bind(&req.claim.holder)
+                .bind(req.claim.until_ms)
+                .execute(&mut *tx)
+                .await?;
+                OpResult::Claimed(
+                    rows.iter()
+                        .map(stored_row)
+                        .collect::<Result<_, sqlx::Error>>()?,
+                    more,
+                )
+            }
+            Op::Sweep { now, max } => {
+                let rows = sqlx::query(safe(format!(
+                    "SELECT data_id, channel FROM `{t}`
+                     WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?"
+                )))
+                .bind(now as i64)
+                .bind(max as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+                let swept = swept_rows(&rows)?;
+                if !swept.is_empty() {
+                    let ids: Vec<i64> = swept.iter().map(|(id, _)| *id).collect();
+                    sqlx::query(safe(format!(
+                        "DELETE FROM `{t}` WHERE data_id IN ({})",
+                        id_list(&ids)
+                    )))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                OpResult::Swept(swept)
+            }
+        })
+    }
+
+    async fn apply_one_pg(&self, tx: &mut sqlx::PgConnection, op: Op) -> Result<OpResult, DbError> {
+        let t = &self.table;
+        Ok(match op {
+            Op::Insert(m) => {
+                let (holder, until) = claim_parts(&m.claim);
+                sqlx::query(safe(format!(
+                    "INSERT INTO {t}(data_id, channel, data, created, frame, remaining,
+                                     expires_at, msg_key, claimed_by, claimed_until, deliveries)
+                     VALUES ($1, $2, $3, NOW(), $4, 1, $5, $6, $7, $8, $9)"
+                )))
+                .bind(m.data_id)
+                .bind(&*m.channel)
+                .bind(m.data)
+                .bind(m.frame.as_str())
+                .bind(m.expires_at.map(|e| e as i64))
+                .bind(m.key)
+                .bind(holder)
+                .bind(until)
+                .bind(i32::from(m.claim.is_some()))
+                .execute(&mut *tx)
+                .await?;
+                OpResult::Inserted
+            }
+            Op::Complete { data_id, remaining } if remaining > 1 => {
+                sqlx::query(safe(format!(
+                    "UPDATE {t} SET remaining = remaining - 1, claimed_by = NULL,
+                     claimed_until = NULL WHERE data_id = $1"
+                )))
+                .bind(data_id)
+                .execute(&mut *tx)
+                .await?;
+                OpResult::Updated
+            }
+            Op::Complete { data_id, .. } => {
+                let r = sqlx::query(safe(format!("DELETE FROM {t} WHERE data_id = $1")))
+                    .bind(data_id)
+                    .execute(&mut *tx)
+                    .await?;
+                OpResult::Deleted(r.rows_affected() > 0)
+            }
+            Op::Release(ids) => {
+                sqlx::query(safe(format!(
+                    "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL
+                     WHERE data_id = ANY($1)"
+                )))
+                .bind(ids)
+                .execute(&mut *tx)
+                .await?;
+                OpResult::Updated
+            }
+            Op::Claim(req) => {
+                let candidates = sqlx::query(safe(format!(
+                    "SELECT data_id,
+                            CAST(COALESCE(LENGTH(frame), 0) + COALESCE(LENGTH(data), 0) AS BIGINT)
+                     FROM {t}
+                     WHERE channel = $1 AND (claimed_until IS NULL OR claimed_until < $2)
+                       AND (expires_at IS NULL OR expires_at > $3) AND COALESCE(remaining, 1) > 0
+                     ORDER BY data_id LIMIT $4"
+                )))
+                .bind(&*req.channel)
+                .bind(req.now_ms)
+                .bind(req.now_ms.div_euclid(1000))
+                .bind(req.max_rows as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+                let n = candidates.len();
+                let ids = within_bytes(
+                    candidates
+                        .iter()
+                        .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
+                        .collect::<Result<Vec<_>, sqlx::Error>>()?,
+                    req.max_bytes,
+                );
+                let more = n >= req.max_rows || ids.len() < n;
+                if ids.is_empty() {
+                    return Ok(OpResult::Claimed(Vec::new(), more));
+                }
+                let rows = sqlx::query(safe(format!(
+                    "UPDATE {t} SET claimed_by = $1, claimed_until = $2,
+                            deliveries = COALESCE(deliveries, 0) + 1
+                     WHERE data_id = ANY($3)
+                     RETURNING data_id, msg_key, frame, CASE WHEN frame IS NULL THEN data END,
+                               CAST(COALESCE(remaining, 1) AS BIGINT), expires_at,
+                               CAST(COALESCE(deliveries, 1) - 1 AS BIGINT)"
+                )))
+                .bind(&req.claim.holder)
+                .bind(req.claim.until_ms)
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut rows: Vec<StoredRow> = rows
+                    .iter()
+                    .map(stored_row)
+                    .collect::<Result<_, sqlx::Error>>()?;
+                rows.sort_by_key(|r| r.data_id);
+                OpResult::Claimed(rows, more)
+            }
+            Op::Sweep { now, max } => {
+                let rows = sqlx::query(safe(format!(
+                    "DELETE FROM {t} WHERE data_id IN (
+                       SELECT data_id FROM {t}
+                       WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2)
+                     RETURNING data_id, channel"
+                )))
+                .bind(now as i64)
+                .bind(max as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+                OpResult::Swept(swept_rows(&rows)?)
+            }
         })
     }
 
@@ -352,6 +568,74 @@ impl SqlDb {
             Pool::My(_) => Err(DbError("internal: PostgreSQL statement on MySQL".into())),
         }
     }
+}
+
+fn claim_parts(c: &Option<Claim>) -> (Option<&str>, Option<i64>) {
+    match c {
+        Some(c) => (Some(c.holder.as_str()), Some(c.until_ms)),
+        None => (None, None),
+    }
+}
+
+/// Integers for an `IN (...)` list (integers only: nothing from outside is formatted in).
+fn id_list(ids: &[i64]) -> String {
+    let mut s = String::with_capacity(ids.len() * 8);
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&id.to_string());
+    }
+    s
+}
+
+/// The ids of `candidates` (id, size) that fit in `max_bytes`, the first always.
+fn within_bytes(candidates: Vec<(i64, i64)>, max_bytes: usize) -> Vec<i64> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for (id, size) in candidates {
+        let size = size.max(0) as usize;
+        if !out.is_empty() && bytes + size > max_bytes {
+            break;
+        }
+        bytes += size;
+        out.push(id);
+    }
+    out
+}
+
+fn stored_row<R: Row>(r: &R) -> Result<StoredRow, sqlx::Error>
+where
+    usize: sqlx::ColumnIndex<R>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(StoredRow {
+        data_id: r.try_get(0)?,
+        key: r.try_get(1)?,
+        frame: r.try_get(2)?,
+        data: r.try_get(3)?,
+        remaining: r.try_get::<i64, _>(4)?.clamp(1, i64::from(u32::MAX)) as u32,
+        expires_at: r.try_get::<Option<i64>, _>(5)?.map(|e| e.max(0) as u64),
+        deliveries: (r.try_get::<i64, _>(6)?.max(0) as u32).saturating_add(1),
+    })
+}
+
+fn swept_rows<R: Row>(rows: &[R]) -> Result<Vec<(i64, String)>, DbError>
+where
+    usize: sqlx::ColumnIndex<R>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get::<i64, _>(0)?,
+                r.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
+            ))
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(DbError::from)
 }
 
 #[cfg(test)]

@@ -1,0 +1,143 @@
+//! State shared by every connection: the configuration in force, the credentials, the delivery
+//! engine, counters, message ids, the shutdown signal. The session (`conn`) and the server
+//! (`server`) both use it; it uses neither.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::delivery::Engine;
+use crate::stats::Stats;
+
+/// Generates message ids: `<broker start in ms, hex>-<sequence>`, unique across restarts as long
+/// as the clock does not go back.
+pub struct MessageIds {
+    prefix: String,
+    seq: AtomicU64,
+}
+
+impl Default for MessageIds {
+    fn default() -> Self {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        MessageIds {
+            prefix: format!("{ms:x}"),
+            seq: AtomicU64::new(1),
+        }
+    }
+}
+
+impl MessageIds {
+    /// The next id.
+    pub fn next(&self) -> String {
+        format!(
+            "{}-{}",
+            self.prefix,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Credentials.
+    pub auth: Arc<Authenticator>,
+    /// Channels, receivers, stored messages.
+    pub engine: Arc<Engine>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Cancelled on SIGTERM/SIGINT (or by a test).
+    pub shutdown: CancellationToken,
+    /// Message id generator.
+    pub message_ids: MessageIds,
+    started: Instant,
+    next_conn: AtomicU64,
+}
+
+#[derive(Serialize)]
+struct Health<'a> {
+    status: &'a str,
+    storage: String,
+    stored: usize,
+    version: &'a str,
+    uptime_seconds: u64,
+    connections: u64,
+    receivers: usize,
+    channels: usize,
+    users: usize,
+    messages_in: u64,
+    deliveries: u64,
+    unrouted: u64,
+    expired: u64,
+    redelivered: u64,
+}
+
+impl Shared {
+    /// Shared state over an engine.
+    pub fn new(
+        config: Arc<Config>,
+        auth: Arc<Authenticator>,
+        engine: Arc<Engine>,
+        stats: Arc<Stats>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            config,
+            auth,
+            engine,
+            stats,
+            shutdown,
+            message_ids: MessageIds::default(),
+            started: Instant::now(),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    /// A new connection id.
+    pub fn next_conn(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The `/healthz` body.
+    pub fn health_json(&self) -> String {
+        let (receivers, channels) = self.engine.totals();
+        let store = self.engine.store();
+        let storage_health = store.map(|s| s.health());
+        let h = Health {
+            status: if self.shutdown.is_cancelled() {
+                "stopping"
+            } else if matches!(storage_health, Some(Err(_))) {
+                "degraded"
+            } else {
+                "ok"
+            },
+            storage: match (store, &storage_health) {
+                (None, _) => "memory".into(),
+                (Some(_), Some(Err(e))) => format!("down: {e}"),
+                (Some(st), _) => format!("{:?}", st.backend()).to_lowercase(),
+            },
+            stored: store.map_or(0, |s| s.stored()),
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            connections: self.stats.connections_open.load(Ordering::Relaxed),
+            receivers,
+            channels,
+            users: self.auth.user_count(),
+            messages_in: self.stats.messages_in.load(Ordering::Relaxed),
+            deliveries: self.stats.deliveries.load(Ordering::Relaxed),
+            unrouted: self.stats.unrouted.load(Ordering::Relaxed),
+            expired: self.stats.expired.load(Ordering::Relaxed),
+            redelivered: self.stats.redelivered.load(Ordering::Relaxed),
+        };
+        serde_json::to_string(&h).unwrap_or_else(|_| "{\"status\":\"ok\"}".into())
+    }
+}
