@@ -169,12 +169,72 @@ async fn database_stopped_and_started_under_traffic(backend: Backend) {
     db::cleanup(&st).await;
 }
 
+/// Messages stored by one run of the broker; the next run starts while the database is down,
+/// with a receiver waiting: when the database comes back, each stored message is delivered
+/// exactly once (the previous engine loaded them again on reconnection and could deliver a
+/// message twice).
+async fn a_restart_with_the_database_down_delivers_each_stored_message_once(backend: Backend) {
+    let mut st = db::storage(backend, "restartdown");
+    st.reconnect_max = Duration::from_secs(1);
+    let st2 = st.clone();
+    let b = broker_with(move |c| c.storage = st2).await;
+    let mut tx = connect(b.addr).await;
+    for i in 0..10 {
+        send(&mut tx, &sms("later", &format!("m{i}"))).await;
+        let (code, r) = result(&mut tx).await;
+        assert_eq!((code.as_str(), r.stored), ("00", Some(true)));
+    }
+    db::wait_rows(&st, 10).await;
+    b.shared.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), b.task).await;
+
+    server(backend, "stop");
+    let restart = Restart(backend);
+    let st2 = st.clone();
+    let b = broker_with(move |c| c.storage = st2).await;
+    let mut rx = connect(b.addr).await;
+    send(
+        &mut rx,
+        r#"{"command":"receive-message","channel":"later","protocol":2,"ack":true,"window":100}"#,
+    )
+    .await;
+    expect_silence(&mut rx, Duration::from_millis(500)).await;
+    drop(restart); // the database comes back
+
+    let mut ids = std::collections::BTreeSet::new();
+    let mut items = Vec::new();
+    for _ in 0..10 {
+        let t = slow_text(&mut rx).await;
+        let d = wsmb_protocol::reply::Delivery::parse(&t).unwrap_or_else(|| panic!("{t}"));
+        assert_eq!(d.delivery, 1, "{t}");
+        assert!(ids.insert(d.message_id.clone()), "delivered twice: {t}");
+        items.push(d.frame.get().to_owned());
+        send(
+            &mut rx,
+            &format!(r#"{{"command":"ack","data":["{}"]}}"#, d.message_id),
+        )
+        .await;
+    }
+    items.sort();
+    let mut want: Vec<String> = (0..10).map(|i| sms("later", &format!("m{i}"))).collect();
+    want.sort();
+    assert_eq!(items, want);
+    expect_silence(&mut rx, Duration::from_millis(1500)).await;
+    db::wait_rows(&st, 0).await;
+    b.shared.shutdown.cancel();
+    db::cleanup(&st).await;
+}
+
+// One test per server: the scenarios stop and start it, so they run one after the other.
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_outage() {
     database_stopped_and_started_under_traffic(Backend::Mysql).await;
+    a_restart_with_the_database_down_delivers_each_stored_message_once(Backend::Mysql).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage() {
     database_stopped_and_started_under_traffic(Backend::Postgres).await;
+    a_restart_with_the_database_down_delivers_each_stored_message_once(Backend::Postgres).await;
 }

@@ -431,6 +431,183 @@ async fn a_sender_that_writes_and_closes_loses_nothing(backend: Backend) {
     db::cleanup(&st).await;
 }
 
+async fn a_lagging_legacy_receiver_catches_up_with_nothing_left_behind(backend: Backend) {
+    use futures_util::StreamExt;
+    let st = db::storage(backend, "lag");
+    let b = start(&st, |c| {
+        // small queues, so that the backlog goes to the store soon
+        c.server.max_message_bytes = 64 * 1024;
+        c.server.outgoing_queue_bytes = 64 * 1024;
+        c.server.outgoing_queue = 64;
+    })
+    .await;
+    let mut rx = legacy_receiver(b.addr, "lag").await;
+    let mut tx = connect(b.addr).await;
+    // more than the socket buffers and the queue hold, so that the receiver falls behind
+    let n = 10_000;
+    let payload = "p".repeat(1000);
+    // pipelined sends while the receiver reads nothing
+    let (mut sink, mut replies) = tx.split();
+    let sender = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        for i in 0..n {
+            let f = format!(
+                r#"{{"command":"send-message","channel":"lag","data":[{{"id":"{i}","m":"{payload}"}}]}}"#
+            );
+            sink.feed(tokio_tungstenite::tungstenite::Message::text(f))
+                .await
+                .expect("send");
+        }
+        sink.flush().await.expect("flush");
+        sink
+    });
+    let mut ok = 0;
+    while ok < n {
+        let t = match replies.next().await {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => t,
+            Some(Ok(_)) => continue,
+            other => panic!("sender connection ended: {other:?}"),
+        };
+        let r = BrokerReply::parse(&t).expect("reply");
+        if r.command == "send-result" {
+            assert_eq!(r.response_code, "00", "{t}");
+            ok += 1;
+        }
+    }
+    let _sink = sender.await.expect("sender");
+    // now it reads: every message, once, in order
+    let mut got = Vec::with_capacity(n);
+    let mut from_store = 0;
+    while got.len() < n {
+        let t = rx.recv().await;
+        let v: serde_json::Value = serde_json::from_str(&t).expect("json");
+        let data = v["data"].as_array().expect("data");
+        if data.len() > 1 {
+            // a frame rebuilt from stored rows: the receiver had fallen behind
+            from_store += 1;
+        }
+        for item in data {
+            got.push(
+                item["id"]
+                    .as_str()
+                    .expect("id")
+                    .parse::<usize>()
+                    .expect("n"),
+            );
+        }
+    }
+    assert!(
+        from_store > 0,
+        "the receiver never fell behind; the test proves nothing"
+    );
+    assert_eq!(
+        got,
+        (0..n).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    rx.silence(Duration::from_millis(300)).await;
+    db::wait_rows(&st, 0).await;
+    assert_eq!(b.shared.engine.store().expect("store").stored(), 0);
+    stop(b).await;
+    db::cleanup(&st).await;
+}
+
+async fn stored_messages_of_900_kb_reach_a_legacy_receiver(backend: Backend) {
+    let st = db::storage(backend, "big");
+    let b = start(&st, |_| {}).await;
+    let mut tx = connect(b.addr).await;
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let frame = format!(
+            r#"{{"command":"send-message","channel":"big","data":[{{"id":"big{i}","m":"{}"}}]}}"#,
+            "x".repeat(900 * 1024)
+        );
+        let r = send_ok(&mut tx, &frame).await;
+        assert_eq!((r.receivers, r.stored), (0, Some(true)));
+        sent.push(frame);
+    }
+    db::wait_rows(&st, 3).await;
+    // three stored messages of 900 KB: never one frame of 2.7 MB, each goes alone, verbatim
+    let mut rx = legacy_receiver(b.addr, "big").await;
+    for frame in &sent {
+        let got = rx.recv().await;
+        assert_eq!(got.len(), frame.len());
+        assert!(got == *frame, "a stored message alone goes byte for byte");
+    }
+    db::wait_rows(&st, 0).await;
+    // and the receiver is still there for the next one
+    let r = send_ok(&mut tx, &sms("big", "after")).await;
+    assert_eq!(r.receivers, 1);
+    assert!(rx.recv().await.contains("after"));
+    stop(b).await;
+    db::cleanup(&st).await;
+}
+
+async fn a_huge_batch_is_answered_without_a_drop(backend: Backend) {
+    let st = db::storage(backend, "huge");
+    let b = start(&st, |_| {}).await;
+    let mut rx = legacy_receiver(b.addr, "huge").await;
+    let mut tx = connect(b.addr).await;
+    let items = vec!["{}"; 60_000].join(",");
+    let frame = format!(r#"{{"command":"send-message","channel":"huge","data":[{items}]}}"#);
+    send(&mut tx, &frame).await;
+    let t = recv_text(&mut tx).await;
+    assert!(t.len() < 4096, "the reply is {} bytes", t.len());
+    let r = BrokerReply::parse(&t).expect("reply");
+    assert_eq!(
+        (r.command.as_str(), r.response_code.as_str()),
+        ("send-result", "00")
+    );
+    let res: SendResult = r.first().expect("result");
+    assert_eq!((res.ids.len(), res.ids_omitted), (0, Some(60_000)));
+    assert_eq!(res.receivers, 1);
+    // delivered once, and the sender is still connected
+    assert_eq!(rx.recv().await, frame);
+    send(&mut tx, r#"{"command":"ping"}"#).await;
+    assert_eq!(reply(&mut tx).await.command, "connect");
+    rx.silence(Duration::from_millis(300)).await;
+    db::wait_rows(&st, 0).await;
+    stop(b).await;
+    db::cleanup(&st).await;
+}
+
+async fn empty_data_gets_the_same_error_as_in_memory_mode(backend: Backend) {
+    let st = db::storage(backend, "emptydata");
+    let b = start(&st, |_| {}).await;
+    let mut tx = connect(b.addr).await;
+    send(
+        &mut tx,
+        r#"{"command":"send-message","channel":"sms","data":[]}"#,
+    )
+    .await;
+    let r = reply(&mut tx).await;
+    assert_eq!(
+        (r.command.as_str(), r.response_code.as_str()),
+        ("error", "15")
+    );
+    assert_eq!(db::rows(&st).await, 0, "nothing stored");
+    stop(b).await;
+    db::cleanup(&st).await;
+}
+
+async fn receivers_counts_every_receiver_that_got_it(backend: Backend) {
+    let st = db::storage(backend, "count");
+    let b = start(&st, |_| {}).await;
+    let mut rxs = Vec::new();
+    for _ in 0..3 {
+        rxs.push(legacy_receiver(b.addr, "fan").await);
+    }
+    let mut tx = connect(b.addr).await;
+    let r = send_ok(&mut tx, &sms("fan", "all")).await;
+    assert_eq!((r.receivers, r.stored), (3, Some(true)));
+    for rx in &mut rxs {
+        assert_eq!(rx.recv().await, sms("fan", "all"));
+    }
+    db::wait_rows(&st, 0).await;
+    stop(b).await;
+    db::cleanup(&st).await;
+}
+
 macro_rules! per_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -471,4 +648,9 @@ per_backend!(
     acknowledged_sends_survive_a_restart,
     rows_left_by_the_original_broker_are_delivered,
     a_sender_that_writes_and_closes_loses_nothing,
+    a_lagging_legacy_receiver_catches_up_with_nothing_left_behind,
+    stored_messages_of_900_kb_reach_a_legacy_receiver,
+    a_huge_batch_is_answered_without_a_drop,
+    empty_data_gets_the_same_error_as_in_memory_mode,
+    receivers_counts_every_receiver_that_got_it,
 );

@@ -9,7 +9,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
-use wsmb_protocol::reply::{ConnectData, ErrorData, SendResult};
+use wsmb_protocol::reply::{BrokerReply, ConnectData, ErrorData, SendResult};
 
 fn assert_legacy_connect(text: &str, code: &str, txt: &str) {
     let prefix = format!(
@@ -789,6 +789,22 @@ async fn skip_policy_keeps_a_full_receiver_and_passes_it_over() {
         assert_eq!(r.response_code, "00");
     }
     assert!(busy, "the stuck receiver never filled up");
+    // passed over once, it is not waited for again until it drains: five more messages do not
+    // take five timeouts
+    let t0 = Instant::now();
+    for i in 0..5 {
+        send(
+            &mut tx,
+            &format!(r#"{{"command":"send-message","channel":"sms","data":[{{"id":"after-{i}","m":"{payload}"}}]}}"#),
+        )
+        .await;
+        assert_eq!(reply(&mut tx).await.response_code, "03");
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "each message waited for the slow receiver: {:?}",
+        t0.elapsed()
+    );
     assert_eq!(
         b.shared
             .stats
@@ -859,6 +875,33 @@ async fn empty_data_gets_a_clear_error_not_a_crash() {
     send(&mut tx, r#"{"command":"ping"}"#).await;
     assert_eq!(reply(&mut tx).await.response_code, "00");
     connect(b.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_batch_is_answered_without_a_drop() {
+    // 60 000 items in a 180 KB frame: listing their ids would make a 1.3 MB reply (which used to
+    // drop the sender after the message was routed, so it sent it again). The reply says how
+    // many items there were instead.
+    let b = broker().await;
+    let mut rx = connect(b.addr).await;
+    receive_on(&mut rx, "huge").await;
+    let mut tx = connect(b.addr).await;
+    let items = vec!["{}"; 60_000].join(",");
+    let frame = format!(r#"{{"command":"send-message","channel":"huge","data":[{items}]}}"#);
+    send(&mut tx, &frame).await;
+    let t = recv_text(&mut tx).await;
+    assert!(t.len() < 4096, "the reply is {} bytes", t.len());
+    let r = BrokerReply::parse(&t).expect("reply");
+    assert_eq!(r.response_code, "00");
+    let res: SendResult = r.first().expect("result");
+    assert_eq!(
+        (res.ids.len(), res.ids_omitted, res.receivers),
+        (0, Some(60_000), 1)
+    );
+    assert_eq!(recv_text(&mut rx).await, frame);
+    send(&mut tx, r#"{"command":"ping"}"#).await;
+    assert_eq!(reply(&mut tx).await.command, "connect");
+    expect_silence(&mut rx, Duration::from_millis(200)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,8 +42,13 @@ pub(super) struct Held {
     pub acks: HashMap<Arc<str>, HeldRows>,
     /// Acknowledged mode: (deadline, message id), oldest first.
     pub deadlines: VecDeque<(Instant, Arc<str>)>,
-    /// Legacy mode: rows queued in frames not yet written.
+    /// Legacy mode: rows in frames not yet written (in its outbox, or in `queue`).
     pub legacy_rows: usize,
+    /// Legacy mode: frames of stored rows taken for it that its outbox had no room for yet
+    /// (bounded: a claim asks for at most `PREFETCH_BYTES` minus what waits here).
+    pub queue: VecDeque<crate::outbox::Out>,
+    /// Bytes in `queue`.
+    pub queue_bytes: usize,
     /// Messages that timed out here, so that the next delivery prefers someone else (bounded).
     pub timed_out: VecDeque<i64>,
 }

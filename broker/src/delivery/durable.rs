@@ -43,6 +43,9 @@ use crate::ws::Text;
 pub(super) const LEGACY_WINDOW: u32 = 1024;
 /// Most rows one claim takes.
 const CLAIM_ROWS: usize = 512;
+/// Bytes of stored rows a legacy receiver may hold beyond its outbox, so that one claim (one
+/// commit of the store) feeds its socket for a while.
+const PREFETCH_BYTES: usize = 1024 * 1024;
 /// Most expiry reports kept (past it, senders are not told).
 const MAX_REPORTS: usize = 100_000;
 /// How often the engine looks for rows it was not told about (put there by another process,
@@ -453,8 +456,9 @@ pub(super) fn written(e: &Engine, conn: u64, carried: Vec<Carried>) {
         for c in &carried {
             if let Some(ch) = t.chans.get_mut(&c.channel) {
                 if let Some(i) = ch.find(conn) {
-                    let h = &mut ch.receivers[i].held;
-                    h.legacy_rows = h.legacy_rows.saturating_sub(c.rows.len());
+                    let r = &mut ch.receivers[i];
+                    r.held.legacy_rows = r.held.legacy_rows.saturating_sub(c.rows.len());
+                    refill(r);
                 }
                 if ch.backlog.pending() && !channels.contains(&c.channel) {
                     channels.push(Arc::clone(&c.channel));
@@ -544,11 +548,17 @@ pub(super) fn give_back(e: &Engine, channel: &str, held: super::channels::Held) 
     let Some(store) = e.store.as_ref() else {
         return;
     };
+    let queued = held
+        .queue
+        .into_iter()
+        .filter_map(|o| o.token)
+        .flat_map(|c| c.rows.into_iter().map(|r| r.0));
     let ids: Vec<i64> = held
         .acks
         .into_values()
         .flatten()
         .map(|(id, _)| id)
+        .chain(queued)
         .filter(|id| *id >= 0)
         .collect();
     if ids.is_empty() {
@@ -599,13 +609,18 @@ pub(super) fn pump(e: &Engine, channel: &Arc<str>) {
                     until_ms: ms + claim_time(e, r.ack),
                 },
                 max_rows: rows.min(CLAIM_ROWS),
-                max_bytes: r.outbox.room_bytes().max(1),
+                max_bytes: if r.ack {
+                    r.outbox.room_bytes().max(1)
+                } else {
+                    PREFETCH_BYTES.saturating_sub(r.held.queue_bytes).max(1)
+                },
                 now_ms: ms,
             },
             r.conn,
         )
     };
     let channel = Arc::clone(channel);
+    tracing::trace!(%channel, conn, rows = req.max_rows, bytes = req.max_bytes, "claiming");
     tokio::spawn(async move {
         let result = store.claim(req).await;
         claimed(&engine, &channel, conn, result);
@@ -620,7 +635,12 @@ fn next_with_room(ch: &Channel, now: Instant) -> Option<(usize, usize)> {
         let i = (ch.next + k) % n;
         let r = &ch.receivers[i];
         let room = r.room(now);
-        if room == 0 || !r.outbox.has_room(1) {
+        let has_space = if r.ack {
+            r.outbox.has_room(1)
+        } else {
+            r.held.queue_bytes < PREFETCH_BYTES
+        };
+        if room == 0 || !has_space {
             continue;
         }
         if r.held.timed_out.is_empty() {
@@ -655,6 +675,7 @@ fn claimed(
                 return;
             }
             Ok((rows, more)) => {
+                tracing::trace!(%channel, conn, rows = rows.len(), more, "claimed");
                 if more {
                     ch.backlog.maybe = true;
                 }
@@ -785,10 +806,6 @@ fn hand_legacy(
     }
     let mut left = Vec::new();
     for g in groups {
-        if !left.is_empty() {
-            left.extend(g.iter().map(|r| r.data_id));
-            continue;
-        }
         let payload = match (&g[..], g.first().and_then(|r| r.frame.as_ref())) {
             // a lone stored message goes byte for byte
             ([_], Some(f)) => Bytes::from(f.clone()),
@@ -801,13 +818,46 @@ fn hand_legacy(
             channel: Arc::clone(channel),
             rows: g.iter().map(|r| (r.data_id, r.remaining)).collect(),
         });
-        let n = g.len();
-        match r.outbox.try_push(Out::delivery(payload, carried)) {
-            Ok(()) => r.held.legacy_rows += n,
-            Err(_) => left.extend(g.iter().map(|r| r.data_id)),
+        r.held.legacy_rows += g.len();
+        let out = Out::delivery(payload, carried);
+        if r.held.queue.is_empty() {
+            match r.outbox.try_push(out) {
+                Ok(()) => continue,
+                Err((crate::outbox::Refused::Closed, out)) => {
+                    r.held.legacy_rows -= g.len();
+                    if let Some(c) = out.token {
+                        left.extend(c.rows.iter().map(|r| r.0));
+                    }
+                    continue;
+                }
+                Err((crate::outbox::Refused::Full, out)) => {
+                    r.held.queue_bytes += out.counted;
+                    r.held.queue.push_back(out);
+                }
+            }
+        } else {
+            r.held.queue_bytes += out.counted;
+            r.held.queue.push_back(out);
         }
     }
     left
+}
+
+/// Moves frames waiting in a legacy receiver's queue into its outbox while there is room.
+fn refill(r: &mut Receiver) {
+    while let Some(out) = r.held.queue.pop_front() {
+        let n = out.counted;
+        match r.outbox.try_push(out) {
+            Ok(()) => r.held.queue_bytes -= n,
+            Err((_, out)) => {
+                r.held.queue.push_front(out);
+                break;
+            }
+        }
+    }
+    if r.held.queue.is_empty() && r.held.queue.capacity() > 16 {
+        r.held.queue = std::collections::VecDeque::new();
+    }
 }
 
 /// `{"command":"send-message","channel":..,"data":[items]}`, the frame the original broker

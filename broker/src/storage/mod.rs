@@ -170,6 +170,8 @@ pub enum Op {
     Complete {
         /// The row.
         data_id: i64,
+        /// Its channel.
+        channel: Arc<str>,
         /// Deliveries it owed before this one.
         remaining: u32,
     },
@@ -773,7 +775,11 @@ async fn commit(
                 channel,
                 remaining,
             } => {
-                ops.push(Op::Complete { data_id, remaining });
+                ops.push(Op::Complete {
+                    data_id,
+                    channel: Arc::clone(&channel),
+                    remaining,
+                });
                 waiters.push(if remaining <= 1 {
                     Waiter::Complete(Arc::clone(&channel))
                 } else {
@@ -806,6 +812,19 @@ async fn commit(
     if ops.is_empty() {
         return;
     }
+    // By kind: inserts, releases, completions, claims, sweeps. Safe (an insert and the
+    // completion of the same row never reach here together; a claim takes only free rows, and
+    // may as well see those released or inserted after it was asked), and it lets a database
+    // do each kind in one statement.
+    let mut pairs: Vec<(Op, Waiter)> = ops.into_iter().zip(waiters).collect();
+    pairs.sort_by_key(|(op, _)| match op {
+        Op::Insert(_) => 0,
+        Op::Release(_) => 1,
+        Op::Complete { .. } => 2,
+        Op::Claim(_) => 3,
+        Op::Sweep { .. } => 4,
+    });
+    let (ops, waiters): (Vec<Op>, Vec<Waiter>) = pairs.into_iter().unzip();
     let result = match tokio::time::timeout(cfg.commit_timeout, db.apply(ops)).await {
         Ok(r) => r,
         Err(_) => Err(DbError(format!(

@@ -10,7 +10,9 @@ use sqlx::Row;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{Claim, DbError, Op, OpResult, Recovered, StoredRow};
+use std::sync::Arc;
+
+use super::{Claim, DbError, NewRow, Op, OpResult, Recovered, StoredRow};
 use crate::config::{Backend, StorageConfig};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -289,80 +291,106 @@ impl SqlDb {
         })
     }
 
+    /// Applies `ops` in one transaction, as few statements as it takes: consecutive inserts
+    /// become multi-row inserts, consecutive completions one `DELETE ... IN` per channel (its
+    /// count says how many stored places to give back), consecutive releases one `UPDATE`.
     pub(super) async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, DbError> {
+        let n = ops.len();
+        let steps = plan(ops);
+        let mut results: Vec<Option<OpResult>> = std::iter::repeat_with(|| None).take(n).collect();
         match &self.pool {
             Pool::My(p) => {
                 let mut tx = p.begin().await?;
-                let mut out = Vec::with_capacity(ops.len());
-                for op in ops {
-                    out.push(self.apply_one(&mut tx, op).await?);
+                for step in steps {
+                    self.step_my(&mut tx, step, &mut results).await?;
                 }
                 tx.commit().await?;
-                Ok(out)
             }
             Pool::Pg(p) => {
                 let mut tx = p.begin().await?;
-                let mut out = Vec::with_capacity(ops.len());
-                for op in ops {
-                    out.push(self.apply_one_pg(&mut tx, op).await?);
+                for step in steps {
+                    self.step_pg(&mut tx, step, &mut results).await?;
                 }
                 tx.commit().await?;
-                Ok(out)
             }
         }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(OpResult::Updated))
+            .collect())
     }
 
-    async fn apply_one(&self, tx: &mut sqlx::MySqlConnection, op: Op) -> Result<OpResult, DbError> {
+    async fn step_my(
+        &self,
+        tx: &mut sqlx::MySqlConnection,
+        step: Step,
+        results: &mut [Option<OpResult>],
+    ) -> Result<(), DbError> {
         let t = &self.table;
-        Ok(match op {
-            Op::Insert(m) => {
-                let (holder, until) = claim_parts(&m.claim);
-                sqlx::query(safe(format!(
-                    "INSERT INTO `{t}`(data_id, channel, data, created, frame, remaining,
-                                       expires_at, msg_key, claimed_by, claimed_until, deliveries)
-                     VALUES (?, ?, ?, NOW(), ?, 1, ?, ?, ?, ?, ?)"
-                )))
-                .bind(m.data_id)
-                .bind(&*m.channel)
-                .bind(m.data)
-                .bind(m.frame.as_str())
-                .bind(m.expires_at.map(|e| e as i64))
-                .bind(m.key)
-                .bind(holder)
-                .bind(until)
-                .bind(i32::from(m.claim.is_some()))
-                .execute(&mut *tx)
-                .await?;
-                OpResult::Inserted
+        match step {
+            Step::Insert(rows) => {
+                for chunk in insert_chunks(&rows) {
+                    let values =
+                        vec!["(?, ?, ?, NOW(), ?, 1, ?, ?, ?, ?, ?)"; chunk.len()].join(",");
+                    let sql = format!(
+                        "INSERT INTO `{t}`(data_id, channel, data, created, frame, remaining,
+                                           expires_at, msg_key, claimed_by, claimed_until,
+                                           deliveries) VALUES {values}"
+                    );
+                    let mut q = sqlx::query(safe(&sql));
+                    for (_, m) in chunk {
+                        let (holder, until) = claim_parts(&m.claim);
+                        q = q
+                            .bind(m.data_id)
+                            .bind(&*m.channel)
+                            .bind(m.data.as_str())
+                            .bind(m.frame.as_str())
+                            .bind(m.expires_at.map(|e| e as i64))
+                            .bind(m.key.as_str())
+                            .bind(holder)
+                            .bind(until)
+                            .bind(i32::from(m.claim.is_some()));
+                    }
+                    q.execute(&mut *tx).await?;
+                    for (i, _) in chunk {
+                        results[*i] = Some(OpResult::Inserted);
+                    }
+                }
             }
-            Op::Complete { data_id, remaining } if remaining > 1 => {
+            Step::Delete(ops) => {
+                for chunk in ops.chunks(ID_CHUNK) {
+                    let ids: Vec<i64> = chunk.iter().map(|(_, id)| *id).collect();
+                    let r = sqlx::query(safe(format!(
+                        "DELETE FROM `{t}` WHERE data_id IN ({})",
+                        id_list(&ids)
+                    )))
+                    .execute(&mut *tx)
+                    .await?;
+                    mark_deleted(chunk, r.rows_affected(), results);
+                }
+            }
+            Step::Decrement(i, id) => {
                 sqlx::query(safe(format!(
                     "UPDATE `{t}` SET remaining = remaining - 1, claimed_by = NULL,
                      claimed_until = NULL WHERE data_id = ?"
                 )))
-                .bind(data_id)
+                .bind(id)
                 .execute(&mut *tx)
                 .await?;
-                OpResult::Updated
+                results[i] = Some(OpResult::Updated);
             }
-            Op::Complete { data_id, .. } => {
-                let r = sqlx::query(safe(format!("DELETE FROM `{t}` WHERE data_id = ?")))
-                    .bind(data_id)
+            Step::Release(ids) => {
+                for chunk in ids.chunks(ID_CHUNK) {
+                    sqlx::query(safe(format!(
+                        "UPDATE `{t}` SET claimed_by = NULL, claimed_until = NULL
+                         WHERE data_id IN ({})",
+                        id_list(chunk)
+                    )))
                     .execute(&mut *tx)
                     .await?;
-                OpResult::Deleted(r.rows_affected() > 0)
+                }
             }
-            Op::Release(ids) => {
-                sqlx::query(safe(format!(
-                    "UPDATE `{t}` SET claimed_by = NULL, claimed_until = NULL
-                     WHERE data_id IN ({})",
-                    id_list(&ids)
-                )))
-                .execute(&mut *tx)
-                .await?;
-                OpResult::Updated
-            }
-            Op::Claim(req) => {
+            Step::Claim(i, req) => {
                 let candidates = sqlx::query(safe(format!(
                     "SELECT data_id,
                             CAST(COALESCE(LENGTH(frame), 0) + COALESCE(LENGTH(data), 0) AS SIGNED)
@@ -387,7 +415,8 @@ impl SqlDb {
                 );
                 let more = n >= req.max_rows || ids.len() < n;
                 if ids.is_empty() {
-                    return Ok(OpResult::Claimed(Vec::new(), more));
+                    results[i] = Some(OpResult::Claimed(Vec::new(), more));
+                    return Ok(());
                 }
                 let list = id_list(&ids);
                 let rows = sqlx::query(safe(format!(
@@ -406,14 +435,13 @@ impl SqlDb {
                 .bind(req.claim.until_ms)
                 .execute(&mut *tx)
                 .await?;
-                OpResult::Claimed(
-                    rows.iter()
-                        .map(stored_row)
-                        .collect::<Result<_, sqlx::Error>>()?,
-                    more,
-                )
+                let rows = rows
+                    .iter()
+                    .map(stored_row)
+                    .collect::<Result<_, sqlx::Error>>()?;
+                results[i] = Some(OpResult::Claimed(rows, more));
             }
-            Op::Sweep { now, max } => {
+            Step::Sweep(i, now, max) => {
                 let rows = sqlx::query(safe(format!(
                     "SELECT data_id, channel FROM `{t}`
                      WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?"
@@ -432,62 +460,97 @@ impl SqlDb {
                     .execute(&mut *tx)
                     .await?;
                 }
-                OpResult::Swept(swept)
+                results[i] = Some(OpResult::Swept(swept));
             }
-        })
+        }
+        Ok(())
     }
 
-    async fn apply_one_pg(&self, tx: &mut sqlx::PgConnection, op: Op) -> Result<OpResult, DbError> {
+    async fn step_pg(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        step: Step,
+        results: &mut [Option<OpResult>],
+    ) -> Result<(), DbError> {
         let t = &self.table;
-        Ok(match op {
-            Op::Insert(m) => {
-                let (holder, until) = claim_parts(&m.claim);
-                sqlx::query(safe(format!(
-                    "INSERT INTO {t}(data_id, channel, data, created, frame, remaining,
-                                     expires_at, msg_key, claimed_by, claimed_until, deliveries)
-                     VALUES ($1, $2, $3, NOW(), $4, 1, $5, $6, $7, $8, $9)"
-                )))
-                .bind(m.data_id)
-                .bind(&*m.channel)
-                .bind(m.data)
-                .bind(m.frame.as_str())
-                .bind(m.expires_at.map(|e| e as i64))
-                .bind(m.key)
-                .bind(holder)
-                .bind(until)
-                .bind(i32::from(m.claim.is_some()))
-                .execute(&mut *tx)
-                .await?;
-                OpResult::Inserted
+        match step {
+            Step::Insert(rows) => {
+                for chunk in insert_chunks(&rows) {
+                    let values: Vec<String> = (0..chunk.len())
+                        .map(|k| {
+                            let b = k * 9;
+                            format!(
+                                "(${}, ${}, ${}, NOW(), ${}, 1, ${}, ${}, ${}, ${}, ${})",
+                                b + 1,
+                                b + 2,
+                                b + 3,
+                                b + 4,
+                                b + 5,
+                                b + 6,
+                                b + 7,
+                                b + 8,
+                                b + 9
+                            )
+                        })
+                        .collect();
+                    let sql = format!(
+                        "INSERT INTO {t}(data_id, channel, data, created, frame, remaining,
+                                         expires_at, msg_key, claimed_by, claimed_until,
+                                         deliveries) VALUES {}",
+                        values.join(",")
+                    );
+                    let mut q = sqlx::query(safe(&sql));
+                    for (_, m) in chunk {
+                        let (holder, until) = claim_parts(&m.claim);
+                        q = q
+                            .bind(m.data_id)
+                            .bind(&*m.channel)
+                            .bind(m.data.as_str())
+                            .bind(m.frame.as_str())
+                            .bind(m.expires_at.map(|e| e as i64))
+                            .bind(m.key.as_str())
+                            .bind(holder)
+                            .bind(until)
+                            .bind(i32::from(m.claim.is_some()));
+                    }
+                    q.execute(&mut *tx).await?;
+                    for (i, _) in chunk {
+                        results[*i] = Some(OpResult::Inserted);
+                    }
+                }
             }
-            Op::Complete { data_id, remaining } if remaining > 1 => {
+            Step::Delete(ops) => {
+                for chunk in ops.chunks(ID_CHUNK) {
+                    let ids: Vec<i64> = chunk.iter().map(|(_, id)| *id).collect();
+                    let r = sqlx::query(safe(format!("DELETE FROM {t} WHERE data_id = ANY($1)")))
+                        .bind(ids)
+                        .execute(&mut *tx)
+                        .await?;
+                    mark_deleted(chunk, r.rows_affected(), results);
+                }
+            }
+            Step::Decrement(i, id) => {
                 sqlx::query(safe(format!(
                     "UPDATE {t} SET remaining = remaining - 1, claimed_by = NULL,
                      claimed_until = NULL WHERE data_id = $1"
                 )))
-                .bind(data_id)
+                .bind(id)
                 .execute(&mut *tx)
                 .await?;
-                OpResult::Updated
+                results[i] = Some(OpResult::Updated);
             }
-            Op::Complete { data_id, .. } => {
-                let r = sqlx::query(safe(format!("DELETE FROM {t} WHERE data_id = $1")))
-                    .bind(data_id)
+            Step::Release(ids) => {
+                for chunk in ids.chunks(ID_CHUNK) {
+                    sqlx::query(safe(format!(
+                        "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL
+                         WHERE data_id = ANY($1)"
+                    )))
+                    .bind(chunk.to_vec())
                     .execute(&mut *tx)
                     .await?;
-                OpResult::Deleted(r.rows_affected() > 0)
+                }
             }
-            Op::Release(ids) => {
-                sqlx::query(safe(format!(
-                    "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL
-                     WHERE data_id = ANY($1)"
-                )))
-                .bind(ids)
-                .execute(&mut *tx)
-                .await?;
-                OpResult::Updated
-            }
-            Op::Claim(req) => {
+            Step::Claim(i, req) => {
                 let candidates = sqlx::query(safe(format!(
                     "SELECT data_id,
                             CAST(COALESCE(LENGTH(frame), 0) + COALESCE(LENGTH(data), 0) AS BIGINT)
@@ -512,7 +575,8 @@ impl SqlDb {
                 );
                 let more = n >= req.max_rows || ids.len() < n;
                 if ids.is_empty() {
-                    return Ok(OpResult::Claimed(Vec::new(), more));
+                    results[i] = Some(OpResult::Claimed(Vec::new(), more));
+                    return Ok(());
                 }
                 let rows = sqlx::query(safe(format!(
                     "UPDATE {t} SET claimed_by = $1, claimed_until = $2,
@@ -532,9 +596,9 @@ impl SqlDb {
                     .map(stored_row)
                     .collect::<Result<_, sqlx::Error>>()?;
                 rows.sort_by_key(|r| r.data_id);
-                OpResult::Claimed(rows, more)
+                results[i] = Some(OpResult::Claimed(rows, more));
             }
-            Op::Sweep { now, max } => {
+            Step::Sweep(i, now, max) => {
                 let rows = sqlx::query(safe(format!(
                     "DELETE FROM {t} WHERE data_id IN (
                        SELECT data_id FROM {t}
@@ -545,9 +609,10 @@ impl SqlDb {
                 .bind(max as i64)
                 .fetch_all(&mut *tx)
                 .await?;
-                OpResult::Swept(swept_rows(&rows)?)
+                results[i] = Some(OpResult::Swept(swept_rows(&rows)?));
             }
-        })
+        }
+        Ok(())
     }
 
     pub(super) async fn ping(&self) -> Result<(), DbError> {
@@ -567,6 +632,102 @@ impl SqlDb {
             Pool::Pg(p) => Ok(p),
             Pool::My(_) => Err(DbError("internal: PostgreSQL statement on MySQL".into())),
         }
+    }
+}
+
+/// Most ids in one `IN (...)` list.
+const ID_CHUNK: usize = 1000;
+/// Most rows, and bytes, in one multi-row insert.
+const INSERT_ROWS: usize = 256;
+const INSERT_BYTES: usize = 4 * 1024 * 1024;
+
+/// What one statement (or a few) does.
+enum Step {
+    /// Rows to insert, with the index of their op.
+    Insert(Vec<(usize, NewRow)>),
+    /// Completions of rows of one channel: (op index, row).
+    Delete(Vec<(usize, i64)>),
+    /// A completion of a row that owes more deliveries.
+    Decrement(usize, i64),
+    /// Releases.
+    Release(Vec<i64>),
+    /// A claim.
+    Claim(usize, super::ClaimRequest),
+    /// A sweep.
+    Sweep(usize, u64, usize),
+}
+
+/// Groups consecutive ops of one kind (the writer orders a batch by kind).
+fn plan(ops: Vec<Op>) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut deletes: Vec<(Arc<str>, Vec<(usize, i64)>)> = Vec::new();
+    let flush = |steps: &mut Vec<Step>, deletes: &mut Vec<(Arc<str>, Vec<(usize, i64)>)>| {
+        for (_, d) in deletes.drain(..) {
+            steps.push(Step::Delete(d));
+        }
+    };
+    for (i, op) in ops.into_iter().enumerate() {
+        if !matches!(
+            op,
+            Op::Complete {
+                remaining: 0 | 1,
+                ..
+            }
+        ) {
+            flush(&mut steps, &mut deletes);
+        }
+        match op {
+            Op::Insert(row) => match steps.last_mut() {
+                Some(Step::Insert(v)) => v.push((i, row)),
+                _ => steps.push(Step::Insert(vec![(i, row)])),
+            },
+            Op::Complete {
+                data_id, remaining, ..
+            } if remaining > 1 => steps.push(Step::Decrement(i, data_id)),
+            Op::Complete {
+                data_id, channel, ..
+            } => match deletes.iter_mut().find(|(c, _)| *c == channel) {
+                Some((_, v)) => v.push((i, data_id)),
+                None => deletes.push((channel, vec![(i, data_id)])),
+            },
+            Op::Release(ids) => match steps.last_mut() {
+                Some(Step::Release(v)) => v.extend(ids),
+                _ => steps.push(Step::Release(ids)),
+            },
+            Op::Claim(req) => steps.push(Step::Claim(i, req)),
+            Op::Sweep { now, max } => steps.push(Step::Sweep(i, now, max)),
+        }
+    }
+    flush(&mut steps, &mut deletes);
+    steps
+}
+
+/// Inserts in chunks of at most [`INSERT_ROWS`] rows and [`INSERT_BYTES`] (a row alone may be
+/// larger).
+fn insert_chunks(rows: &[(usize, NewRow)]) -> Vec<&[(usize, NewRow)]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (k, (_, r)) in rows.iter().enumerate() {
+        let size = r.frame.len() + r.data.len();
+        if k > start && (k - start >= INSERT_ROWS || bytes + size > INSERT_BYTES) {
+            out.push(&rows[start..k]);
+            start = k;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
+/// `affected` rows of `chunk` (one channel) were deleted: the first that many count as
+/// deleted (which ones does not matter: each gives back one stored place of the channel).
+fn mark_deleted(chunk: &[(usize, i64)], affected: u64, results: &mut [Option<OpResult>]) {
+    for (k, (i, _)) in chunk.iter().enumerate() {
+        results[*i] = Some(OpResult::Deleted((k as u64) < affected));
     }
 }
 

@@ -180,7 +180,9 @@ impl SqliteDb {
                             ])?;
                             OpResult::Inserted
                         }
-                        Op::Complete { data_id, remaining } if remaining > 1 => {
+                        Op::Complete {
+                            data_id, remaining, ..
+                        } if remaining > 1 => {
                             dec.execute(params![data_id])?;
                             OpResult::Updated
                         }
