@@ -657,11 +657,14 @@ enum Step {
     Sweep(usize, u64, usize),
 }
 
+/// Completions of one channel: (op index, row).
+type ChannelDeletes = (Arc<str>, Vec<(usize, i64)>);
+
 /// Groups consecutive ops of one kind (the writer orders a batch by kind).
 fn plan(ops: Vec<Op>) -> Vec<Step> {
     let mut steps: Vec<Step> = Vec::new();
-    let mut deletes: Vec<(Arc<str>, Vec<(usize, i64)>)> = Vec::new();
-    let flush = |steps: &mut Vec<Step>, deletes: &mut Vec<(Arc<str>, Vec<(usize, i64)>)>| {
+    let mut deletes: Vec<ChannelDeletes> = Vec::new();
+    let flush = |steps: &mut Vec<Step>, deletes: &mut Vec<ChannelDeletes>| {
         for (_, d) in deletes.drain(..) {
             steps.push(Step::Delete(d));
         }
