@@ -442,7 +442,7 @@ async fn a_lagging_legacy_receiver_catches_up_with_nothing_left_behind(backend: 
     })
     .await;
     let mut rx = legacy_receiver(b.addr, "lag").await;
-    let mut tx = connect(b.addr).await;
+    let tx = connect(b.addr).await;
     // more than the socket buffers and the queue hold, so that the receiver falls behind
     let n = 10_000;
     let payload = "p".repeat(1000);
