@@ -33,6 +33,40 @@ const BATCH: usize = 50;
 const WINDOW: usize = 8;
 /// Most jobs the broker may have in flight to this agent (acknowledged mode).
 const WINDOW_JOBS: u32 = 32;
+/// First wait before status events the broker could not take are sent again; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What a reply to a status frame means for its events.
+#[derive(Debug, PartialEq, Eq)]
+enum StatusReply {
+    /// Handled (delivered, stored, or nobody listens on a broker without storage): forget them.
+    Taken,
+    /// Not taken for now (receivers busy, store full or unavailable): keep them, send again.
+    Later(String),
+    /// Refused as malformed: sending them again cannot help.
+    Refused(String),
+}
+
+fn status_reply(r: &BrokerReply) -> StatusReply {
+    let why = || {
+        let reason = r
+            .data
+            .first()
+            .and_then(|d| d.get("reason"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        format!("{} {}: {reason}", r.response_code, r.response_text)
+    };
+    if r.command == "error" {
+        return StatusReply::Refused(why());
+    }
+    match r.code() {
+        Some(ResponseCode::Accepted | ResponseCode::NoReceiver) => StatusReply::Taken,
+        _ => StatusReply::Later(why()),
+    }
+}
 
 /// The link's state, for logs and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,10 +80,16 @@ pub enum LinkState {
 /// Validates and stores the jobs of one forwarded frame. Returns how many new jobs were
 /// queued, or an error when a job could not be stored (then the frame must not be
 /// acknowledged: the broker will offer it again).
+///
+/// `message_id` is the broker's id of the frame when it came in a `deliver` frame: a job
+/// without an id of its own is then named after it (`local-<message_id>.<index>`), so that the
+/// same frame delivered again is recognised and not sent twice. Without it (a plain forwarded
+/// frame, which no broker delivers twice) such a job gets a random `local-...` id.
 pub async fn intake(
     store: &Store,
     cfg: &Config,
     text: &str,
+    message_id: Option<&str>,
 ) -> Result<usize, crate::store::StoreError> {
     let items = match parse_jobs(text) {
         Ok((_, items)) => items,
@@ -63,7 +103,7 @@ pub async fn intake(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut queued = 0;
-    for item in items {
+    for (index, item) in items.into_iter().enumerate() {
         let result = match item {
             Err(e) => {
                 store
@@ -81,7 +121,10 @@ pub async fn intake(
                     .await
             }
             Ok(job) => {
-                let id = job.id.clone().unwrap_or_else(local_id);
+                let id = job.id.clone().unwrap_or_else(|| match message_id {
+                    Some(m) => format!("local-{m}.{index}"),
+                    None => local_id(),
+                });
                 match jobs::validate(
                     &id,
                     job.receiver.as_deref(),
@@ -356,7 +399,12 @@ async fn serve(
     shutdown: &CancellationToken,
 ) -> String {
     let _ = state.send(LinkState::Up);
-    let mut inflight: VecDeque<Vec<i64>> = VecDeque::new();
+    // Status frames sent and not yet answered (their events and text, to send again), and
+    // those the broker could not take, waiting for `retry_at`.
+    let mut inflight: VecDeque<(Vec<i64>, String)> = VecDeque::new();
+    let mut retry: VecDeque<(Vec<i64>, String)> = VecDeque::new();
+    let mut retry_at = tokio::time::Instant::now();
+    let mut retry_backoff = RETRY_FIRST;
     let mut sent_up_to = 0i64;
     let mut ping = tokio::time::interval(cfg.broker.ping_interval);
     ping.reset();
@@ -377,21 +425,49 @@ async fn serve(
                     Some(Ok(Message::Text(t))) => {
                         if let Some(reply) = BrokerReply::parse(&t) {
                             if reply.command == SEND_RESULT || reply.command == "error" {
-                                if reply.command == "error" {
-                                    warn!("the broker refused a status frame: {t}");
-                                } else if reply.code() == Some(ResponseCode::NoReceiver) {
-                                    debug!("no application listens on {}", cfg.broker.status_channel);
-                                }
-                                if let Some(batch) = inflight.pop_front() {
-                                    if let Err(e) = store.published(batch).await {
-                                        warn!("{e}");
+                                let Some((seqs, frame)) = inflight.pop_front() else {
+                                    warn!("a reply from the broker for nothing sent: {t}");
+                                    continue;
+                                };
+                                match status_reply(&reply) {
+                                    StatusReply::Taken => {
+                                        if reply.code() == Some(ResponseCode::NoReceiver) {
+                                            debug!("no application listens on {}", cfg.broker.status_channel);
+                                        }
+                                        retry_backoff = RETRY_FIRST;
+                                        if let Err(e) = store.published(seqs).await {
+                                            warn!("{e}");
+                                        }
+                                        store.poke();
+                                    }
+                                    StatusReply::Later(why) => {
+                                        warn!(
+                                            "the broker did not take {} status event(s) ({why}); \
+                                             sending them again in {retry_backoff:?}",
+                                            seqs.len()
+                                        );
+                                        if retry.is_empty() {
+                                            retry_at = tokio::time::Instant::now() + retry_backoff;
+                                            retry_backoff = (retry_backoff * 2).min(RETRY_MAX);
+                                        }
+                                        retry.push_back((seqs, frame));
+                                    }
+                                    StatusReply::Refused(why) => {
+                                        tracing::error!(
+                                            "the broker refused a status frame ({why}); its {} event(s) \
+                                             are dropped: check broker.status_channel",
+                                            seqs.len()
+                                        );
+                                        if let Err(e) = store.published(seqs).await {
+                                            warn!("{e}");
+                                        }
+                                        store.poke();
                                     }
                                 }
-                                store.poke();
                             }
                         } else if let Some(d) = Delivery::parse(&t) {
                             // Acknowledged only once the jobs are stored.
-                            match intake(store, cfg, d.frame.get()).await {
+                            match intake(store, cfg, d.frame.get(), Some(&d.message_id)).await {
                                 Ok(n) => {
                                     if n > 0 {
                                         wake.notify_one();
@@ -402,13 +478,13 @@ async fn serve(
                                 }
                                 Err(_) => warn!(message = %d.message_id, "not acknowledged: the broker will offer it again"),
                             }
-                        } else if intake(store, cfg, &t).await.is_ok_and(|n| n > 0) {
+                        } else if intake(store, cfg, &t, None).await.is_ok_and(|n| n > 0) {
                             wake.notify_one();
                         }
                     }
                     Some(Ok(Message::Binary(b))) => {
                         if let Ok(t) = std::str::from_utf8(&b) {
-                            if intake(store, cfg, t).await.is_ok_and(|n| n > 0) {
+                            if intake(store, cfg, t, None).await.is_ok_and(|n| n > 0) {
                                 wake.notify_one();
                             }
                         }
@@ -419,7 +495,15 @@ async fn serve(
                     None => return "the broker closed the connection".into(),
                 }
             }
-            _ = store.changed(), if inflight.len() < WINDOW => {
+            _ = tokio::time::sleep_until(retry_at), if !retry.is_empty() && inflight.len() < WINDOW => {
+                if let Some((seqs, frame)) = retry.pop_front() {
+                    if let Err(e) = ws.send(Message::text(frame.clone())).await {
+                        return format!("write error: {e}");
+                    }
+                    inflight.push_back((seqs, frame));
+                }
+            }
+            _ = store.changed(), if inflight.len() < WINDOW && retry.is_empty() => {
                 match store.outbox(sent_up_to, BATCH).await {
                     Ok(events) if !events.is_empty() => {
                         let seqs: Vec<i64> = events.iter().map(|(s, _)| *s).collect();
@@ -428,14 +512,14 @@ async fn serve(
                             .filter_map(|(_, e)| serde_json::from_str(e).ok())
                             .collect();
                         let frame = frames::send_message(&cfg.broker.status_channel, &items);
-                        if let Err(e) = ws.send(Message::text(frame)).await {
+                        if let Err(e) = ws.send(Message::text(frame.clone())).await {
                             return format!("write error: {e}");
                         }
                         sent_up_to = seqs.iter().copied().max().unwrap_or(sent_up_to);
                         if events.len() == BATCH {
                             store.poke();
                         }
-                        inflight.push_back(seqs);
+                        inflight.push_back((seqs, frame));
                     }
                     Ok(_) => {}
                     Err(e) => warn!("{e}"),
@@ -456,6 +540,26 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_replies_that_do_not_take_the_events_keep_them() {
+        let r = |t: &str| status_reply(&BrokerReply::parse(t).expect("reply"));
+        let ok = r#"{"command":"send-result","response_code":"00","response_text":"Accepted","data":[]}"#;
+        assert_eq!(r(ok), StatusReply::Taken);
+        let none = r#"{"command":"send-result","response_code":"02","response_text":"No receiver","data":[]}"#;
+        assert_eq!(r(none), StatusReply::Taken);
+        for code in ["03", "04", "05"] {
+            let t = format!(
+                r#"{{"command":"send-result","response_code":"{code}","response_text":"x","data":[{{"reason":"why"}}]}}"#
+            );
+            assert!(
+                matches!(r(&t), StatusReply::Later(w) if w.contains("why")),
+                "{code}"
+            );
+        }
+        let e = r#"{"command":"error","response_code":"12","response_text":"Invalid channel","data":[{"reason":"bad"}]}"#;
+        assert!(matches!(r(e), StatusReply::Refused(_)));
+    }
 
     #[test]
     fn jitter_stays_between_half_and_all_of_the_delay() {

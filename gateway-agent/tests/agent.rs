@@ -100,7 +100,7 @@ async fn single_object_data_and_duplicate_ids() {
     let cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
     let frame = serde_json::json!({"command": "send-message", "channel": "sms", "data": job("same", "+628123456789", "once")});
     assert_eq!(
-        wsmb_agent::link::intake(&a.store, &cfg, &frame.to_string())
+        wsmb_agent::link::intake(&a.store, &cfg, &frame.to_string(), None)
             .await
             .expect("stored"),
         1
@@ -661,4 +661,78 @@ async fn the_link_works_over_wss_with_a_private_certificate() {
     status.wait("tls-1", Status::Sent, T).await;
     let _ = socat.kill();
     let _ = socat.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_without_an_id_delivered_again_is_sent_once() {
+    // A broker redelivers a frame (same message_id) when the agent's acknowledgement was lost;
+    // a job without an id of its own must be recognised, not sent a second time.
+    let dir = scratch("noid");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    let (a, mut status) = start_ready(cfg.clone(), b.addr).await;
+    let frame = serde_json::json!({"command": "send-message", "channel": "sms",
+        "data": [{"receiver": "+628123456789", "message": "no id"}]})
+    .to_string();
+    for _ in 0..2 {
+        wsmb_agent::link::intake(&a.store, &cfg, &frame, Some("19ac8f0e1b2-7"))
+            .await
+            .expect("stored");
+    }
+    status.wait("local-19ac8f0e1b2-7.0", Status::Sent, T).await;
+    status.settle(Duration::from_millis(500)).await;
+    assert_eq!(
+        sim.messages(),
+        vec![("+628123456789".to_owned(), "no id".to_owned())]
+    );
+    assert_eq!(
+        status.of("local-19ac8f0e1b2-7.0"),
+        vec![Status::Queued, Status::Sent]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_events_the_broker_cannot_take_are_kept_and_sent_again() {
+    // The broker's store holds one message per channel: the agent's first status frame is
+    // stored (nobody listens yet), the next gets 04 (storage full). Those events must not be
+    // dropped: once an application takes the stored one, they arrive.
+    let dir = scratch("status04");
+    let mut c = wsmb_broker::Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.credentials.lines = vec!["qa:$apr1$v7oipsaf$bHYHIpWTQbVLBGRumBHIG1".into()];
+    c.storage.path = dir.join("broker.sqlite");
+    c.storage.max_stored_per_channel = 1;
+    let b = wsmb_broker::start(c).await.expect("broker with SQLite");
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
+        .await
+        .expect("agent");
+    link_up(&a).await;
+    modems_ready(&a).await;
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("k1", "+628123456789", "kept")]),
+    )
+    .await;
+    // sent by the modem, while the status frames after the first are refused
+    let deadline = tokio::time::Instant::now() + T;
+    while sim.messages().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "not sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = b.shared.engine.store().expect("store");
+    let deadline = tokio::time::Instant::now() + T;
+    while store.stored_on("sms-status") == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut status = StatusListener::new(b.addr).await;
+    status.wait("k1", Status::Sent, T).await;
+    assert!(
+        status.of("k1").contains(&Status::Queued),
+        "{:?}",
+        status.of("k1")
+    );
+    a.shutdown.cancel();
 }
