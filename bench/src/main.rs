@@ -1,51 +1,65 @@
 //! `wsmb-bench`: measures a broker from the outside, over real WebSocket connections, so the
-//! same run works against wsmb-broker and against the legacy PHP broker.
+//! same run works against wsmb-broker and against the original PHP broker (or any other
+//! implementation of the legacy protocol).
 //!
-//! - `throughput`: S senders and R receivers on one channel, each message to one receiver
-//!   (`number_of_receiver: 1`); senders pipeline as fast as the broker takes frames. Prints
-//!   delivered messages per second.
-//! - `latency`: one sender at a fixed rate, one receiver; prints p50/p99/max of send-to-receive
-//!   time (both ends in this process, one clock).
+//! - `throughput`: S senders and R receivers on one channel; senders pipeline as fast as the
+//!   broker takes frames. Receivers count every item of every frame (forwarded, or rebuilt from
+//!   stored rows), so loss and duplicates are seen, and nothing depends on `send-result`
+//!   (which the original never sends).
+//! - `latency`: one sender at a fixed rate, one receiver: p50/p99/p99.9/max.
+//! - `idle`: holds N authenticated receivers and reads the broker's RSS (`--pid`).
+//! - `store` / `drain`: a stored backlog, and a legacy receiver taking it.
+//! - `suite`: starts the brokers itself, pins them, runs all of the above, prints one table.
+//!
+//! Modules: [`client`] (connections, messages, counting items), [`scenarios`] (the
+//! measurements), [`suite`] (brokers as processes, the table).
 
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+mod client;
+mod scenarios;
+mod suite;
 
-use anyhow::{Context, bail};
+use std::path::PathBuf;
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::{WebSocketStream, client_async};
 
 #[derive(Parser)]
 #[command(name = "wsmb-bench", version, about)]
 struct Cli {
     /// Broker address
-    #[arg(long, default_value = "127.0.0.1:8888")]
+    #[arg(long, default_value = "127.0.0.1:8888", global = true)]
     addr: String,
     /// User name
-    #[arg(long, default_value = "qa")]
+    #[arg(long, default_value = "qa", global = true)]
     user: String,
     /// Password
-    #[arg(long, default_value = "4lt0@1234", env = "WSMB_PASSWORD")]
+    #[arg(
+        long,
+        default_value = "4lt0@1234",
+        env = "WSMB_PASSWORD",
+        global = true
+    )]
     password: String,
     /// Message size in bytes (approximate, at least 100)
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, global = true)]
     size: usize,
+    /// Print the results as JSON instead of a table
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress lines on stderr
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Delivered messages per second
+    /// Delivered messages per second, with loss and latency
     Throughput {
-        /// Messages in total
+        /// Messages in total (split between senders)
         #[arg(long, default_value_t = 200_000)]
         messages: u64,
         /// Sending connections
@@ -54,8 +68,11 @@ enum Cmd {
         /// Receiving connections
         #[arg(long, default_value_t = 1)]
         receivers: u64,
-        /// Receivers in acknowledged mode (a broker with a database): each delivery is
-        /// acknowledged, in batches
+        /// Every receiver gets every message (number_of_receiver 0); default: each message to
+        /// one receiver (1)
+        #[arg(long)]
+        fanout: bool,
+        /// Receivers in acknowledged mode (wsmb-broker with a database)
         #[arg(long)]
         ack: bool,
     },
@@ -68,243 +85,239 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// The broker's memory with N idle authenticated connections
+    Idle {
+        /// Connections
+        #[arg(long, default_value_t = 10_000)]
+        connections: u64,
+        /// Each also registered as a receiver (on a channel of its own)
+        #[arg(long)]
+        receivers: bool,
+        /// The broker's process id (its RSS is read from /proc)
+        #[arg(long)]
+        pid: u32,
+    },
+    /// Stores N messages on a channel nobody receives on
+    Store {
+        /// Messages
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Channel
+        #[arg(long, default_value = "bench-backlog")]
+        channel: String,
+        /// The broker's process id (for its RSS; 0: not read)
+        #[arg(long, default_value_t = 0)]
+        pid: u32,
+    },
+    /// A legacy receiver takes N stored messages
+    Drain {
+        /// Messages expected
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Channel
+        #[arg(long, default_value = "bench-backlog")]
+        channel: String,
+        /// The broker's process id (for its RSS; 0: not read)
+        #[arg(long, default_value_t = 0)]
+        pid: u32,
+    },
+    /// Starts the brokers, pins them, runs every scenario, prints one table
+    Suite {
+        /// The wsmb-broker binary [default: next to wsmb-bench]
+        #[arg(long)]
+        broker: Option<PathBuf>,
+        /// A checkout of the original WSMessageBrocker (with bin/server.php), to measure it too
+        #[arg(long)]
+        original: Option<PathBuf>,
+        /// The PHP interpreter for the original
+        #[arg(long, default_value = "php")]
+        php: String,
+        /// Messages per flood
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Idle receivers to hold (0: skip)
+        #[arg(long, default_value_t = 10_000)]
+        idle: u64,
+        /// Skip the stored-backlog scenarios (1 000 000 x 200 B and 2 000 x 1 MB)
+        #[arg(long)]
+        no_backlog: bool,
+        /// Where the brokers keep their state
+        #[arg(long, default_value = "/tmp/wsmb-bench")]
+        dir: PathBuf,
+    },
 }
 
-type Ws = WebSocketStream<TcpStream>;
-
-async fn connect(cli: &Cli) -> anyhow::Result<Ws> {
-    use base64::Engine as _;
-    let mut req = format!("ws://{}/", cli.addr).into_client_request()?;
-    let token =
-        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", cli.user, cli.password));
-    req.headers_mut().insert(
-        "Authorization",
-        HeaderValue::from_str(&format!("Basic {token}"))?,
-    );
-    let tcp = TcpStream::connect(&cli.addr)
-        .await
-        .with_context(|| format!("connect to {}", cli.addr))?;
-    tcp.set_nodelay(true)?;
-    let (mut ws, _) = client_async(req, tcp).await?;
-    // the connect frame
-    match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.contains("\"00\"") => Ok(ws),
-        other => bail!("not accepted: {other:?}"),
-    }
-}
-
-async fn receiver(cli: &Cli, channel: &str, ack: bool) -> anyhow::Result<Ws> {
-    let mut ws = connect(cli).await?;
-    let mode = if ack {
-        r#","protocol":2,"ack":true,"window":1024"#
-    } else {
-        ""
-    };
-    ws.send(Message::text(format!(
-        r#"{{"command":"receive-message","channel":"{channel}"{mode},"data":[]}}"#
-    )))
-    .await?;
-    ws.send(Message::text(r#"{"command":"ping"}"#)).await?;
-    // wait for the ping reply so the subscription is in place
-    while let Some(m) = ws.next().await {
-        if let Message::Text(t) = m? {
-            if t.contains("\"connect\"") {
-                break;
-            }
-        }
-    }
-    Ok(ws)
-}
-
-fn message(channel: &str, seq: u64, sent_ns: u64, size: usize) -> String {
-    let head = format!(
-        r#"{{"command":"send-message","channel":"{channel}","number_of_receiver":1,"data":[{{"id":"{seq}","t":{sent_ns},"p":""#
-    );
-    let pad = size.saturating_sub(head.len() + 4).max(1);
-    format!("{head}{}\"}}]}}", "x".repeat(pad))
-}
-
-/// The `"t":` value of a forwarded message.
-fn sent_ns(text: &str) -> Option<u64> {
-    let i = text.find("\"t\":")? + 4;
-    let rest = &text[i..];
-    let end = rest.find(|c: char| !c.is_ascii_digit())?;
-    rest[..end].parse().ok()
-}
-
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let cli = Arc::new(Cli::parse());
+    let cli = Cli::parse();
+    let t = client::Target {
+        addr: cli.addr.clone(),
+        user: cli.user.clone(),
+        password: cli.password.clone(),
+    };
+    let progress = !cli.quiet;
+    let print = |human: String, json: serde_json::Value| {
+        if cli.json {
+            println!("{json}");
+        } else {
+            println!("{human}");
+        }
+    };
     match cli.cmd {
         Cmd::Throughput {
             messages,
             senders,
             receivers,
+            fanout,
             ack,
-        } => throughput(cli.clone(), messages, senders, receivers, ack).await,
-        Cmd::Latency { rate, seconds } => latency(cli.clone(), rate, seconds).await,
-    }
-}
-
-/// The `message_id` of a `deliver` frame.
-fn message_id(text: &str) -> Option<&str> {
-    let i = text.find("\"message_id\":\"")? + 14;
-    let rest = &text[i..];
-    Some(&rest[..rest.find('"')?])
-}
-
-fn ack_frame(ids: &mut Vec<String>) -> String {
-    let list: Vec<String> = ids.drain(..).map(|i| format!("\"{i}\"")).collect();
-    format!(r#"{{"command":"ack","data":[{}]}}"#, list.join(","))
-}
-
-async fn throughput(
-    cli: Arc<Cli>,
-    messages: u64,
-    senders: u64,
-    receivers: u64,
-    ack: bool,
-) -> anyhow::Result<()> {
-    let channel = "bench-throughput";
-    let got = Arc::new(AtomicU64::new(0));
-    let mut rx_tasks = Vec::new();
-    for _ in 0..receivers {
-        let ws = receiver(&cli, channel, ack).await?;
-        let got = Arc::clone(&got);
-        rx_tasks.push(tokio::spawn(async move {
-            let (mut sink, mut stream) = ws.split();
-            let mut ids: Vec<String> = Vec::new();
-            loop {
-                // Acknowledge in batches: when 256 are pending, or when no frame is waiting.
-                let next = match tokio::time::timeout(Duration::from_millis(2), stream.next()).await
-                {
-                    Ok(n) => n,
-                    Err(_) => {
-                        if !ids.is_empty()
-                            && sink.send(Message::text(ack_frame(&mut ids))).await.is_err()
-                        {
-                            break;
-                        }
-                        continue;
-                    }
-                };
-                match next {
-                    Some(Ok(Message::Text(t))) => {
-                        if ack {
-                            let Some(id) = message_id(&t) else { continue };
-                            ids.push(id.to_owned());
-                            if ids.len() >= 256
-                                && sink.send(Message::text(ack_frame(&mut ids))).await.is_err()
-                            {
-                                break;
-                            }
-                        }
-                        got.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(Ok(_)) => {}
-                    _ => break,
-                }
-            }
-        }));
-    }
-    let per_sender = messages / senders;
-    let start = Instant::now();
-    let mut tx_tasks = Vec::new();
-    for s in 0..senders {
-        let ws = connect(&cli).await?;
-        let size = cli.size;
-        tx_tasks.push(tokio::spawn(async move {
-            let (mut sink, mut stream) = ws.split();
-            // drain the send-results so the broker never has to hold them back
-            let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
-            for i in 0..per_sender {
-                let m = message(channel, s * per_sender + i, 0, size);
-                if sink.feed(Message::text(m)).await.is_err() {
-                    break;
-                }
-                if i % 64 == 63 && sink.flush().await.is_err() {
-                    break;
-                }
-            }
-            let _ = sink.flush().await;
-            (sink, drain)
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let total = per_sender * senders;
-    while got.load(Ordering::Relaxed) < total {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {total} messages arrived",
-                got.load(Ordering::Relaxed)
+        } => {
+            let f = scenarios::Flood {
+                messages,
+                senders,
+                receivers,
+                fanout,
+                ack,
+                size: cli.size,
+                rate: 0,
+                quiet: Duration::from_secs(5),
+                progress,
+            };
+            let r = scenarios::flood(&t, &f, "bench-throughput").await?;
+            print(
+                format!(
+                    "throughput{}: {messages} messages of {} bytes, {senders} sender(s) -> \
+                     {receivers} receiver(s){}: {:.0} deliveries/s ({:.2} s), {} of {} \
+                     delivered, {} lost, {} duplicates; latency p50 {:.0} us, p99 {:.0} us, max \
+                     {:.0} us",
+                    if ack { " (acknowledged)" } else { "" },
+                    cli.size,
+                    if fanout { ", each to all" } else { "" },
+                    r.per_second,
+                    r.seconds,
+                    r.received,
+                    r.expected,
+                    r.lost,
+                    r.duplicates,
+                    r.p50_us,
+                    r.p99_us,
+                    r.max_us
+                ),
+                serde_json::to_value(&r)?,
             );
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "throughput{}: {total} messages of {} bytes, {senders} sender(s) -> {receivers} receiver(s): {:.0} msgs/s ({secs:.2} s)",
-        if ack { " (acknowledged)" } else { "" },
-        cli.size,
-        total as f64 / secs
-    );
-    for t in rx_tasks {
-        t.abort();
-    }
-    for t in tx_tasks {
-        t.abort();
-    }
-    Ok(())
-}
-
-async fn latency(cli: Arc<Cli>, rate: u64, seconds: u64) -> anyhow::Result<()> {
-    let channel = "bench-latency";
-    let mut rx = receiver(&cli, channel, false).await?;
-    let ws = connect(&cli).await?;
-    let (mut sink, mut stream) = ws.split();
-    tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
-    let origin = Instant::now();
-    let total = rate * seconds;
-    let size = cli.size;
-    let sender = tokio::spawn(async move {
-        let period = Duration::from_secs_f64(1.0 / rate as f64);
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        for i in 0..total {
-            tick.tick().await;
-            let ns = origin.elapsed().as_nanos() as u64;
-            if sink
-                .send(Message::text(message(channel, i, ns, size)))
-                .await
-                .is_err()
-            {
-                break;
-            }
+        Cmd::Latency { rate, seconds } => {
+            let f = scenarios::Flood {
+                messages: rate * seconds,
+                senders: 1,
+                receivers: 1,
+                fanout: false,
+                ack: false,
+                size: cli.size,
+                rate,
+                quiet: Duration::from_secs(5),
+                progress,
+            };
+            let r = scenarios::flood(&t, &f, "bench-latency").await?;
+            print(
+                format!(
+                    "latency at {rate} msgs/s for {seconds} s ({} messages of {} bytes): p50 \
+                     {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us; {} lost",
+                    r.expected, cli.size, r.p50_us, r.p99_us, r.p999_us, r.max_us, r.lost
+                ),
+                serde_json::to_value(&r)?,
+            );
         }
-    });
-    let mut lat = Vec::with_capacity(total as usize);
-    while (lat.len() as u64) < total {
-        match tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                if let Some(ns) = sent_ns(&t) {
-                    lat.push(origin.elapsed().as_nanos() as u64 - ns);
-                }
+        Cmd::Idle {
+            connections,
+            receivers,
+            pid,
+        } => {
+            let r = scenarios::idle(&t, pid, connections, receivers).await?;
+            print(
+                format!(
+                    "{connections} idle {}: broker RSS {:.1} MB -> {:.1} MB, {:.0} bytes \
+                     each",
+                    if receivers {
+                        "receivers"
+                    } else {
+                        "connections"
+                    },
+                    r.before_kib as f64 / 1024.0,
+                    r.after_kib as f64 / 1024.0,
+                    r.per_connection_bytes
+                ),
+                serde_json::to_value(&r)?,
+            );
+        }
+        Cmd::Store {
+            messages,
+            channel,
+            pid,
+        } => {
+            let (rate, peak) =
+                scenarios::store(&t, pid, &channel, messages, cli.size, progress).await?;
+            print(
+                format!(
+                    "stored {messages} messages of {} bytes: {rate:.0}/s; broker RSS peak {:.1} MB",
+                    cli.size,
+                    peak as f64 / 1024.0
+                ),
+                serde_json::json!({"messages": messages, "per_second": rate, "peak_kib": peak}),
+            );
+        }
+        Cmd::Drain {
+            messages,
+            channel,
+            pid,
+        } => {
+            let (rate, peak, got) = scenarios::drain(&t, pid, &channel, messages, progress).await?;
+            print(
+                format!(
+                    "drained {got} of {messages}: {rate:.0}/s; broker RSS peak {:.1} MB",
+                    peak as f64 / 1024.0
+                ),
+                serde_json::json!({"received": got, "per_second": rate, "peak_kib": peak}),
+            );
+        }
+        Cmd::Suite {
+            broker,
+            original,
+            php,
+            messages,
+            idle,
+            no_backlog,
+            dir,
+        } => {
+            let broker = match broker {
+                Some(b) => b,
+                None => std::env::current_exe()?
+                    .parent()
+                    .map(|d| d.join("wsmb-broker"))
+                    .ok_or_else(|| anyhow::anyhow!("cannot find wsmb-broker; use --broker"))?,
+            };
+            if !suite::pin_self() {
+                eprintln!("taskset not found: the brokers and the bench are not pinned");
             }
-            Ok(Some(Ok(_))) => {}
-            _ => bail!("receiver stopped after {} messages", lat.len()),
+            let opts = suite::SuiteOptions {
+                broker,
+                original,
+                php,
+                messages,
+                idle,
+                backlogs: if no_backlog {
+                    Vec::new()
+                } else {
+                    vec![(1_000_000, 200), (2_000, 1_000_000)]
+                },
+                dir,
+                progress,
+            };
+            let reports = suite::run(&opts).await?;
+            print(
+                suite::table(&reports, messages),
+                serde_json::to_value(&reports)?,
+            );
         }
     }
-    sender.await?;
-    lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
-    println!(
-        "latency at {rate} msgs/s for {seconds} s ({} messages of {} bytes): p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us",
-        lat.len(),
-        size,
-        pct(0.50),
-        pct(0.99),
-        pct(0.999),
-        pct(1.0)
-    );
     Ok(())
 }

@@ -21,9 +21,9 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -52,9 +52,12 @@ pub const MAX_IDS_BYTES: usize = 64 * 1024;
 
 /// Serves one accepted TCP connection.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, id: u64) {
-    let span = tracing::info_span!("conn", id, %peer, user = tracing::field::Empty);
+    // A debug span: at the default level no span is kept per connection (it would cost an
+    // idle connection a tenth of its budget); the lines that matter at info name the
+    // connection themselves.
+    let span = tracing::debug_span!("conn", id, %peer, user = tracing::field::Empty);
     async move {
-        if let Err(e) = serve(stream, &shared, id).await {
+        if let Err(e) = serve(stream, peer, &shared, id).await {
             debug!("connection ended: {e}");
         }
     }
@@ -62,7 +65,32 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, id
     .await
 }
 
-async fn serve(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> anyhow::Result<()> {
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    id: u64,
+) -> anyhow::Result<()> {
+    // Boxed, so that what the handshake needs is not kept in the connection's future for its
+    // whole life.
+    let Some((stream, reader, first)) = Box::pin(handshake(stream, peer, shared, id)).await? else {
+        return Ok(());
+    };
+    session(stream, reader, first, shared, id).await;
+    Ok(())
+}
+
+/// The first frame from the client, when one came within `welcome_delay`.
+type First = Option<Result<Option<Incoming>, ws::ReadError>>;
+
+/// From the first byte to an accepted WebSocket (`None`: answered and done, as HTTP or as a
+/// rejected upgrade).
+async fn handshake(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    id: u64,
+) -> anyhow::Result<Option<(TcpStream, Reader, First)>> {
     let _ = stream.set_nodelay(true);
     let cfg = &shared.config.server;
     let head = tokio::time::timeout(cfg.handshake_timeout, http::read_head(&mut stream)).await;
@@ -71,9 +99,9 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> anyhow::
             debug!("handshake timeout");
             let resp = http::text_response(408, "Request Timeout", "", "request timeout", false);
             let _ = respond(&mut stream, &resp, cfg.write_timeout).await;
-            return Ok(());
+            return Ok(None);
         }
-        Ok(Err(HeadError::Eof)) => return Ok(()),
+        Ok(Err(HeadError::Eof)) => return Ok(None),
         Ok(Err(HeadError::TooLarge)) => {
             let resp = http::text_response(
                 431,
@@ -83,29 +111,29 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> anyhow::
                 false,
             );
             respond(&mut stream, &resp, cfg.write_timeout).await?;
-            return Ok(());
+            return Ok(None);
         }
         Ok(Err(HeadError::Malformed(e))) => {
             debug!("malformed request: {e}");
             let resp = http::text_response(400, "Bad Request", "", "malformed HTTP request", false);
             let _ = respond(&mut stream, &resp, cfg.write_timeout).await;
-            return Ok(());
+            return Ok(None);
         }
         Ok(Err(HeadError::Io(e))) => return Err(e.into()),
         Ok(Ok(h)) => h,
     };
     if let Some(resp) = http_answer(&head, shared) {
         respond(&mut stream, &resp, cfg.write_timeout).await?;
-        return Ok(());
+        return Ok(None);
     }
     let Some(key) = head.ws_key.as_deref().filter(|k| !k.is_empty()) else {
         let resp = http::text_response(400, "Bad Request", "", "missing Sec-WebSocket-Key", false);
         respond(&mut stream, &resp, cfg.write_timeout).await?;
-        return Ok(());
+        return Ok(None);
     };
     let accept = ws::accept_key(key.as_bytes());
 
-    let user = authenticate(&head, shared).await;
+    let user = authenticate(&head, shared, peer, id).await;
     if let Some(u) = &user {
         tracing::Span::current().record("user", u.as_str());
     }
@@ -124,35 +152,33 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> anyhow::
         .await
         .ok();
 
-    let Some(_user) = user else {
-        shared.stats.auth_rejected.fetch_add(1, Ordering::Relaxed);
-        info!("credentials rejected");
-        let connect = reply::connect(ResponseCode::Rejected, time::now_timestamp());
-        let frames = [
-            Frame::Text(Bytes::from(connect)),
-            Frame::Close(close::POLICY, "invalid credentials"),
-        ];
-        let _ = tokio::time::timeout(cfg.write_timeout, ws::write_frames(&stream, &frames)).await;
-        // Give the peer a moment to read the frames and answer the close; ignore what it sends.
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            while let Ok(Some(m)) = reader.next(&stream).await {
-                if matches!(m, Incoming::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
-        return Ok(());
-    };
+    if user.is_none() {
+        reject(&stream, &mut reader, shared, peer, id).await;
+        return Ok(None);
+    }
+    Ok(Some((stream, reader, first)))
+}
 
+/// An accepted connection: reader, completer and writer side by side until the close.
+async fn session(stream: TcpStream, reader: Reader, first: First, shared: &Arc<Shared>, id: u64) {
+    let cfg = &shared.config.server;
     debug!("accepted");
-    let outbox = Arc::new(Outbox::new(cfg.outgoing_queue, cfg.outgoing_queue_bytes));
+    let outbox = Arc::new(Outbox::for_conn(
+        id,
+        cfg.outgoing_queue,
+        cfg.outgoing_queue_bytes,
+    ));
     // The welcome is the first frame of the queue: the writer sends it once the reader has
     // taken every frame already received. Writing to a client that sent its frames and closed
     // makes its kernel answer with a reset, which would discard what it sent and we had not
     // read yet.
     let welcome = reply::connect(ResponseCode::Accepted, time::now_timestamp());
     let _ = outbox.try_push(Out::text(Bytes::from(welcome)));
+    shared.sessions.add(id, &outbox);
+    if shared.shutdown.is_cancelled() {
+        // started while the others were being closed
+        outbox.stop(crate::state::CLOSE_ON_SHUTDOWN);
+    }
     let life = Life::new();
     let replies = Replies::default();
     let mut session = Session {
@@ -174,8 +200,36 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> anyhow::
         complete(&replies, &outbox),
     );
     session.unsubscribe_all();
+    shared.sessions.remove(id);
     debug!("closed");
-    Ok(())
+}
+
+/// Rejected credentials: `connect` with `01`, close 1008, a moment for the peer's close reply.
+async fn reject(
+    stream: &TcpStream,
+    reader: &mut Reader,
+    shared: &Shared,
+    peer: SocketAddr,
+    id: u64,
+) {
+    let cfg = &shared.config.server;
+    shared.stats.auth_rejected.fetch_add(1, Ordering::Relaxed);
+    info!(conn = id, %peer, "credentials rejected");
+    let connect = reply::connect(ResponseCode::Rejected, time::now_timestamp());
+    let frames = [
+        Frame::Text(Bytes::from(connect)),
+        Frame::Close(close::POLICY, "invalid credentials"),
+    ];
+    let _ = tokio::time::timeout(cfg.write_timeout, ws::write_frames(stream, &frames)).await;
+    // Give the peer a moment to read the frames and answer the close; ignore what it sends.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Ok(Some(m)) = reader.next(stream).await {
+            if matches!(m, Incoming::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// The plain HTTP answer to a request that is not a WebSocket upgrade on our path.
@@ -247,7 +301,12 @@ async fn respond(stream: &mut TcpStream, resp: &[u8], limit: Duration) -> std::i
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-async fn authenticate(head: &RequestHead, shared: &Shared) -> Option<String> {
+async fn authenticate(
+    head: &RequestHead,
+    shared: &Shared,
+    peer: SocketAddr,
+    id: u64,
+) -> Option<String> {
     let Some(value) = head.authorization.as_deref() else {
         debug!("no Authorization header");
         return None;
@@ -260,83 +319,80 @@ async fn authenticate(head: &RequestHead, shared: &Shared) -> Option<String> {
         Some(user)
     } else {
         // The user name is logged (it helps operators); the password never is.
-        info!(user = %user, "wrong user name or password");
+        info!(conn = id, %peer, user = %user, "wrong user name or password");
         None
     }
 }
 
-/// When the peer was last heard from (for the dead-peer check).
+/// Between the reader and the writer of one connection: whether the reader has stopped.
 struct Life {
-    born: Instant,
-    last_rx_ms: AtomicU64,
+    reader_done: std::sync::atomic::AtomicBool,
+    notify: Notify,
 }
 
 impl Life {
     fn new() -> Life {
         Life {
-            born: Instant::now(),
-            last_rx_ms: AtomicU64::new(0),
+            reader_done: std::sync::atomic::AtomicBool::new(false),
+            notify: Notify::new(),
         }
     }
 
-    fn touch(&self) {
-        self.last_rx_ms
-            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn reader_done(&self) {
+        self.reader_done.store(true, Ordering::Release);
+        self.notify.notify_waiters();
     }
 
-    fn silent_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_rx_ms.load(Ordering::Relaxed));
-        self.born.elapsed().saturating_sub(last)
+    async fn reader_stopped(&self) {
+        loop {
+            let n = self.notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.reader_done.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
     }
 }
 
-/// Writes queued frames, pings, and the close frame.
+/// Writes what is queued (pings and the shutdown close are queued by `state::Sessions`), then
+/// the close frame. Waits on one thing only, so that an idle connection costs little.
 async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared, conn: u64, life: &Life) {
-    let cfg = &shared.config.server;
-    let ping_every = cfg.ping_interval;
-    let tick = ping_every.max(Duration::from_millis(10));
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let shutdown = shared.shutdown.clone();
     let mut batch: Vec<Out> = Vec::new();
-
     let stop = loop {
-        tokio::select! {
-            biased;
-            _ = outbox.work() => {
-                if let Some(stop) = outbox.stop_requested() {
-                    break stop;
-                }
-                outbox.take(&mut batch, MAX_BATCH);
-                if let Err(why) = write_batch(stream, &mut batch, outbox, shared, conn).await {
-                    info!("{why}: dropping the connection");
-                    break Stop::Quit;
-                }
-            }
-            _ = shutdown.cancelled() => {
-                break Stop::Close { code: close::AWAY, reason: "server shutting down", drain: true };
-            }
-            _ = ping.tick(), if !ping_every.is_zero() => {
-                if life.silent_for() > cfg.dead_peer_timeout {
-                    info!("no frame from the peer for {:?}: dropping it", life.silent_for());
-                    shared.stats.dead_peers.fetch_add(1, Ordering::Relaxed);
-                    break Stop::Quit;
-                }
-                let sent = tokio::time::timeout(cfg.write_timeout, ws::write_frames(stream, &[Frame::Ping])).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    break Stop::Quit;
-                }
-            }
+        outbox.work().await;
+        if let Some(stop) = outbox.stop_requested() {
+            break stop;
+        }
+        outbox.take(&mut batch, MAX_BATCH);
+        if let Err(why) = Box::pin(write_batch(stream, &mut batch, outbox, shared, conn)).await {
+            info!(conn, "{why}: dropping the connection");
+            break Stop::Quit;
         }
     };
+    Box::pin(finish(stream, outbox, shared, conn, life, stop, batch)).await;
+}
 
+/// Ends a connection: writes what is queued when asked to, the close frame, waits briefly for
+/// the peer's answer, stops the reader; stored rows that were never written go back.
+async fn finish(
+    stream: &TcpStream,
+    outbox: &Outbox,
+    shared: &Shared,
+    conn: u64,
+    life: &Life,
+    stop: Stop,
+    mut batch: Vec<Out>,
+) {
+    let cfg = &shared.config.server;
     if let Stop::Close {
         code,
         reason,
         drain,
     } = stop
     {
-        let finish = async {
+        let closing = async {
             if drain {
                 outbox.close();
                 loop {
@@ -355,8 +411,12 @@ async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared, conn: 
             let _ = ws::write_frames(stream, &[Frame::Close(code, reason)]).await;
         };
         // A peer that does not read could block these writes forever.
-        let _ = tokio::time::timeout(cfg.shutdown_timeout.max(CLOSE_GRACE), finish).await;
+        let _ = tokio::time::timeout(cfg.shutdown_timeout.max(CLOSE_GRACE), closing).await;
+        // Give the peer a moment to answer the close (the reader reads and drops what comes).
+        let _ = tokio::time::timeout(CLOSE_GRACE, life.reader_stopped()).await;
     }
+    // Wakes the reader if it still waits: reads now end.
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Read);
     // What was queued and will never be written: stored rows go back to the store.
     let mut carried: Vec<_> = batch
         .drain(..)
@@ -374,6 +434,20 @@ async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared, conn: 
         shared.engine.dropped(carried);
     }
     outbox.finish();
+}
+
+/// Reads and drops what the peer still sends after a close was decided: frames up to its close
+/// answer, or raw bytes when the framing is lost; ends when the writer shuts the read side.
+async fn drop_the_rest(stream: &TcpStream, reader: &mut Reader, framing_lost: bool) {
+    if framing_lost {
+        reader.discard(stream).await;
+    } else {
+        while let Ok(Some(m)) = reader.next(stream).await {
+            if matches!(m, Incoming::Close(_)) {
+                break;
+            }
+        }
+    }
 }
 
 /// Writes `batch` (within `write_timeout`; during a shutdown, within `shutdown_timeout`), then
@@ -573,38 +647,33 @@ impl Session<'_> {
         &mut self,
         stream: &TcpStream,
         mut reader: Reader,
-        first: Option<Result<Option<Incoming>, ws::ReadError>>,
+        first: First,
         life: &Life,
     ) {
         let mut pending = first;
-        let shutdown = self.shared.shutdown.clone();
-        let outbox = Arc::clone(&self.outbox);
+        let mut framing_lost = false;
         loop {
+            // (When the writer finishes it shuts the read side down: this then ends.)
             let next = match pending.take() {
                 Some(m) => m,
-                // Biased: frames already received are handled even when the writer is done
-                // (a client that sent and closed loses nothing it sent).
-                None => tokio::select! {
-                    biased;
-                    m = reader.next(stream) => m,
-                    _ = outbox.gone() => break,
-                    _ = shutdown.cancelled() => break,
-                },
+                None => reader.next(stream).await,
             };
-            life.touch();
+            self.outbox.heard();
             let keep_going = match next {
                 Ok(None) => {
                     self.outbox.stop(Stop::Quit);
-                    return;
+                    break;
                 }
-                Ok(Some(Incoming::Text(t))) => self.on_payload(t).await,
+                // Boxed: the connection's future stays small while it waits (the work of one
+                // frame is allocated only while it is done).
+                Ok(Some(Incoming::Text(t))) => Box::pin(self.on_payload(t)).await,
                 Ok(Some(Incoming::Binary(b))) => match Text::new(b) {
-                    Ok(t) => self.on_payload(t).await,
+                    Ok(t) => Box::pin(self.on_payload(t)).await,
                     Err(_) => {
-                        self.reply_error(
+                        Box::pin(self.reply_error(
                             ResponseCode::NotUtf8,
                             "the frame is not UTF-8 text; send the JSON as UTF-8".into(),
-                        )
+                        ))
                         .await
                     }
                 },
@@ -625,14 +694,18 @@ impl Session<'_> {
                         reason: "",
                         drain: false,
                     });
-                    return;
+                    break;
                 }
                 Err(ws::ReadError::TooBig { size, max }) => {
+                    framing_lost = true;
                     self.shared
                         .stats
                         .rejected_frames
                         .fetch_add(1, Ordering::Relaxed);
-                    info!("frame of {size} bytes over the {max}-byte limit: closing (1009)");
+                    info!(
+                        conn = self.id,
+                        "frame of {size} bytes over the {max}-byte limit: closing (1009)"
+                    );
                     let frame = reply::error(
                         ResponseCode::MessageTooLarge,
                         format!(
@@ -641,7 +714,7 @@ impl Session<'_> {
                         ),
                         None,
                     );
-                    self.reply(frame).await;
+                    Box::pin(self.reply(frame)).await;
                     // Closed once the replies before it, and it, are queued.
                     self.replies.close(Some(Stop::Close {
                         code: close::SIZE,
@@ -660,6 +733,7 @@ impl Session<'_> {
                     false
                 }
                 Err(e @ ws::ReadError::Protocol(_)) => {
+                    framing_lost = true;
                     debug!("{e}");
                     self.outbox.stop(Stop::Close {
                         code: close::PROTOCOL,
@@ -671,27 +745,17 @@ impl Session<'_> {
                 Err(e @ ws::ReadError::Io(_)) => {
                     debug!("read error: {e}");
                     self.outbox.stop(Stop::Quit);
-                    return;
+                    break;
                 }
             };
             if !keep_going {
+                // A close is on its way: read and drop what the peer still sends (up to its
+                // close answer) until the writer is done and stops reading.
+                Box::pin(drop_the_rest(stream, &mut reader, framing_lost)).await;
                 break;
             }
         }
-        // The writer is sending (or has sent) a close frame: wait for it, then briefly for the
-        // peer's reply, ignoring anything else it sends.
-        tokio::select! {
-            _ = self.outbox.gone() => {}
-            _ = tokio::time::sleep(self.shared.config.server.shutdown_timeout + CLOSE_GRACE) => {}
-        }
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            while let Ok(Some(m)) = reader.next(stream).await {
-                if matches!(m, Incoming::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
+        life.reader_done();
     }
 
     /// Handles one client frame. Returns false when the connection should stop reading.
@@ -755,6 +819,9 @@ impl Session<'_> {
                             window: frame.window.unwrap_or(st.window).min(st.max_window),
                         },
                     );
+                    if self.subscriptions.is_empty() {
+                        self.subscriptions.reserve_exact(1);
+                    }
                     self.subscriptions.push(channel.into());
                     debug!(channel, "receiving");
                 }
@@ -879,4 +946,36 @@ fn digits(mut n: usize) -> usize {
         d += 1;
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle connection's cost is mostly its task; its future must stay small (the budget
+    /// for a whole idle connection is 4 KiB; see docs/benchmarks.md).
+    #[tokio::test]
+    async fn the_future_of_a_connection_stays_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let c = TcpStream::connect(addr).await.expect("connect");
+        let mut cfg = crate::Config::default();
+        cfg.storage.backend = crate::config::Backend::Memory;
+        let stats = Arc::new(crate::stats::Stats::default());
+        let token = tokio_util::sync::CancellationToken::new();
+        let engine = crate::delivery::Engine::new(
+            crate::delivery::DeliveryConfig::from_config(&cfg),
+            None,
+            Arc::clone(&stats),
+            token.clone(),
+        );
+        let (table, _) = cfg.credential_sources().load().expect("no users");
+        let auth = Arc::new(crate::auth::Authenticator::new(table, Default::default()));
+        let shared = Shared::new(Arc::new(cfg), auth, engine, stats, token);
+        let f = handle(c, addr, shared, 1);
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 2600, "the connection future is {size} bytes");
+    }
 }

@@ -10,17 +10,28 @@
 //!   alone.
 //! - Control frames (pongs, pings) and close requests bypass the bounds (they are tiny).
 //! - Holds no memory when empty: the queue's storage is given back once it has drained.
+//! - Knows when the peer was last heard from, for the broker's keep-alive (`state::Sessions`).
 //! - A frame may carry stored rows ([`Carried`]): the writer hands those of what it wrote to the
 //!   delivery engine, which then counts them as delivered.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::ws::Frame;
+
+/// Milliseconds since the first call (a monotonic clock shared by every outbox).
+pub fn clock_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
 
 /// Stored rows a frame carries (durable backend): the delivery engine counts them delivered
 /// once the frame is written, and frees them if it never is.
@@ -104,25 +115,37 @@ pub struct Outbox {
     /// Wakes those waiting for room.
     room: Notify,
     /// Set once the writer has finished: nothing more will be written.
-    gone: tokio_util::sync::CancellationToken,
+    gone: AtomicBool,
+    gone_notify: Notify,
+    /// When the peer was last heard from (milliseconds on [`clock_ms`]), for keep-alive.
+    heard_ms: AtomicU64,
     /// The connection was passed over for staying full (slow-receiver policy `skip`): do not wait
     /// for it again until it drains.
     lagging: AtomicBool,
     max_frames: usize,
     max_bytes: usize,
+    conn: u64,
 }
 
 impl Outbox {
     /// An empty queue with these bounds.
     pub fn new(max_frames: usize, max_bytes: usize) -> Outbox {
+        Self::for_conn(0, max_frames, max_bytes)
+    }
+
+    /// An empty queue of connection `conn` (named in log lines).
+    pub fn for_conn(conn: u64, max_frames: usize, max_bytes: usize) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             work: Notify::new(),
             room: Notify::new(),
-            gone: tokio_util::sync::CancellationToken::new(),
+            gone: AtomicBool::new(false),
+            gone_notify: Notify::new(),
+            heard_ms: AtomicU64::new(clock_ms()),
             lagging: AtomicBool::new(false),
             max_frames: max_frames.max(1),
             max_bytes,
+            conn,
         }
     }
 
@@ -164,10 +187,11 @@ impl Outbox {
                 Err((Refused::Closed, o)) => return Err(o),
                 Err((Refused::Full, o)) => out = o,
             }
-            tokio::select! {
-                _ = room => {}
-                _ = self.gone.cancelled() => return Err(out),
+            if self.is_gone() {
+                return Err(out);
             }
+            // `finish` wakes the room waiters too
+            room.await;
         }
     }
 
@@ -192,7 +216,8 @@ impl Outbox {
                 batch.push(o);
             }
         }
-        if s.queue.is_empty() && s.queue.capacity() > 16 {
+        if s.queue.is_empty() && s.queue.capacity() > 0 {
+            // An idle connection holds no queue memory.
             s.queue = VecDeque::new();
         }
     }
@@ -210,6 +235,11 @@ impl Outbox {
             self.lagging.store(false, Ordering::Relaxed);
         }
         self.room.notify_waiters();
+    }
+
+    /// The connection it belongs to.
+    pub fn conn(&self) -> u64 {
+        self.conn
     }
 
     /// Bytes that would fit now (at least what an empty queue takes: everything).
@@ -289,18 +319,39 @@ impl Outbox {
 
     /// Marks the writer finished.
     pub fn finish(&self) {
+        self.gone.store(true, Ordering::Release);
         self.close();
-        self.gone.cancel();
+        self.gone_notify.notify_waiters();
     }
 
     /// Resolves once the writer has finished.
     pub async fn gone(&self) {
-        self.gone.cancelled().await
+        loop {
+            let n = self.gone_notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_gone() {
+                return;
+            }
+            n.await;
+        }
     }
 
     /// Whether the writer has finished.
     pub fn is_gone(&self) -> bool {
-        self.gone.is_cancelled()
+        self.gone.load(Ordering::Acquire)
+    }
+
+    /// The peer was heard from (any frame, pongs included).
+    pub fn heard(&self) {
+        self.heard_ms.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// How long since the peer was last heard from.
+    pub fn silent_for(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            clock_ms().saturating_sub(self.heard_ms.load(Ordering::Relaxed)),
+        )
     }
 
     /// Marks the connection as passed over for staying full.
@@ -388,6 +439,7 @@ mod tests {
         tokio::task::yield_now().await;
         o.finish();
         assert!(!waiter.await.expect("join"));
+        o.gone().await;
     }
 
     #[test]

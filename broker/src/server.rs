@@ -154,6 +154,48 @@ pub fn spawn_credentials_watcher(
     });
 }
 
+/// One task for every session: pings each every `ping_interval`, drops those silent for
+/// `dead_peer_timeout`, and on shutdown asks each to close with 1001 once its queue is written.
+fn spawn_keepalive(shared: &Arc<Shared>) {
+    let sh = Arc::clone(shared);
+    tokio::spawn(async move {
+        let cfg = &sh.config.server;
+        let every = if cfg.ping_interval.is_zero() {
+            Duration::from_secs(3600 * 24 * 365)
+        } else {
+            cfg.ping_interval
+        };
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = sh.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            for (id, ob) in sh.sessions.all() {
+                let silent = ob.silent_for();
+                if silent > cfg.dead_peer_timeout {
+                    info!(
+                        conn = id,
+                        "no frame from the peer for {silent:?}: dropping it"
+                    );
+                    sh.stats.dead_peers.fetch_add(1, Ordering::Relaxed);
+                    ob.stop(crate::outbox::Stop::Quit);
+                } else {
+                    let _ = ob.try_push(crate::outbox::Out {
+                        frame: crate::ws::Frame::Ping,
+                        counted: 0,
+                        token: None,
+                    });
+                }
+            }
+        }
+        for (_, ob) in sh.sessions.all() {
+            ob.stop(crate::state::CLOSE_ON_SHUTDOWN);
+        }
+    });
+}
+
 /// A broker running in this process (tests, embedding).
 pub struct Running {
     /// The bound address.
@@ -198,6 +240,7 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
     );
     let shared = Shared::new(Arc::new(config), auth, engine, stats, shutdown);
     spawn_credentials_watcher(&shared, sources, interval);
+    spawn_keepalive(&shared);
     let addr = listener.local_addr()?;
     let task = tokio::spawn(run(listener, Arc::clone(&shared)));
     Ok(Running { addr, shared, task })

@@ -1,9 +1,12 @@
 //! State shared by every connection: the configuration in force, the credentials, the delivery
-//! engine, counters, message ids, the shutdown signal. The session (`conn`) and the server
-//! (`server`) both use it; it uses neither.
+//! engine, counters, message ids, the shutdown signal, and the registry of live sessions (for
+//! keep-alive pings, dead peers and the shutdown close, done by one task for all connections
+//! instead of one timer per connection). The session (`conn`) and the server (`server`) both
+//! use it; it uses neither.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -12,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::delivery::Engine;
+use crate::outbox::Outbox;
 use crate::stats::Stats;
 
 /// Generates message ids: `<broker start in ms, hex>-<sequence>`, unique across restarts as long
@@ -45,6 +49,57 @@ impl MessageIds {
     }
 }
 
+/// How sessions end on SIGTERM/SIGINT: close 1001 once what is queued is written.
+pub const CLOSE_ON_SHUTDOWN: crate::outbox::Stop = crate::outbox::Stop::Close {
+    code: crate::ws::close::AWAY,
+    reason: "server shutting down",
+    drain: true,
+};
+
+/// The outboxes of the live WebSocket sessions, by connection id.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<u64, Weak<Outbox>>>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Weak<Outbox>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A session starts.
+    pub fn add(&self, id: u64, outbox: &Arc<Outbox>) {
+        self.lock().insert(id, Arc::downgrade(outbox));
+    }
+
+    /// A session ended.
+    pub fn remove(&self, id: u64) {
+        let mut m = self.lock();
+        m.remove(&id);
+        if m.is_empty() && m.capacity() > 64 {
+            m.shrink_to_fit();
+        }
+    }
+
+    /// The live ones now.
+    pub fn all(&self) -> Vec<(u64, Arc<Outbox>)> {
+        self.lock()
+            .iter()
+            .filter_map(|(id, w)| w.upgrade().map(|o| (*id, o)))
+            .collect()
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// State shared by every connection.
 pub struct Shared {
     /// The configuration in force.
@@ -59,6 +114,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Message id generator.
     pub message_ids: MessageIds,
+    /// Live WebSocket sessions.
+    pub sessions: Sessions,
     started: Instant,
     next_conn: AtomicU64,
 }
@@ -97,6 +154,7 @@ impl Shared {
             stats,
             shutdown,
             message_ids: MessageIds::default(),
+            sessions: Sessions::default(),
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
         })

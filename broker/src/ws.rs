@@ -200,6 +200,26 @@ impl Reader {
         }
     }
 
+    /// Reads and drops bytes until the peer closes or the read side is shut down: for a
+    /// connection whose framing can no longer be trusted (a protocol error, an oversized
+    /// message), so that closing it does not reset the peer before it read our close frame.
+    pub async fn discard(&mut self, stream: &TcpStream) {
+        self.buf = BytesMut::new();
+        self.partial = None;
+        loop {
+            if stream.readable().await.is_err() {
+                return;
+            }
+            let mut scratch = [0u8; 2048];
+            match stream.try_read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     /// Parses one frame from the buffer; `None` when more bytes are needed (having reserved
     /// room for them).
     fn parse(&mut self) -> Result<Option<Incoming>, ReadError> {

@@ -145,6 +145,15 @@ impl Channel {
     }
 }
 
+/// Pushes growing exactly while small (most channels have one or two receivers, most
+/// connections one channel), by doubling past that.
+pub(super) fn push_compact<T>(v: &mut Vec<T>, x: T) {
+    if v.len() == v.capacity() && v.len() < 4 {
+        v.reserve_exact(1);
+    }
+    v.push(x);
+}
+
 /// Every channel, and the channels each connection receives on.
 #[derive(Default)]
 pub(super) struct Table {
@@ -179,10 +188,10 @@ impl Table {
                 ch.next -= 1;
             }
         }
-        ch.receivers.push(r);
+        push_compact(&mut ch.receivers, r);
         let list = self.conns.entry(conn).or_default();
         if !list.iter().any(|c| **c == *channel) {
-            list.push(Arc::clone(&name));
+            push_compact(list, Arc::clone(&name));
         }
         name
     }

@@ -83,14 +83,15 @@ fn holder(e: &Engine, conn: u64) -> String {
     format!("{}/{conn}", e.cfg.node)
 }
 
-/// Whether receiver `r` can take one more message of `len` bytes now.
+/// Whether receiver `r` can take one more message of `len` bytes now (a legacy receiver with
+/// stored frames still waiting for its outbox cannot: they go first).
 fn fits(r: &Receiver, len: usize) -> bool {
     let held = if r.ack {
         r.held.acks.len()
     } else {
         r.held.legacy_rows
     };
-    held < r.window as usize && r.outbox.has_room(len)
+    held < r.window as usize && r.held.queue.is_empty() && r.outbox.has_room(len)
 }
 
 /// Hands a fresh message to receiver `r` as row `data_id` (`None`: not stored, the database

@@ -378,7 +378,11 @@ impl Engine {
         match self.cfg.slow_receiver {
             SlowReceiverPolicy::Disconnect => {
                 self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                info!("closing a slow consumer (its queue stayed full)");
+                info!(
+                    conn = ob.conn(),
+                    "closing a slow consumer (its queue stayed full for \
+                     server.slow_receiver_timeout)"
+                );
                 ob.stop(Stop::Close {
                     code: close::POLICY,
                     reason: "slow consumer: outgoing queue full",
@@ -386,7 +390,11 @@ impl Engine {
                 });
             }
             SlowReceiverPolicy::Skip => {
-                info!("passing over a slow consumer (its queue stayed full)");
+                info!(
+                    conn = ob.conn(),
+                    "passing over a slow consumer (its queue stayed full for \
+                     server.slow_receiver_timeout)"
+                );
                 ob.set_lagging();
             }
         }
