@@ -11,6 +11,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Target, Ws};
 
+type WsSink = futures_util::stream::SplitSink<Ws, Message>;
+
 /// How a flood is run.
 #[derive(Clone, Debug)]
 pub struct Flood {
@@ -173,8 +175,14 @@ pub async fn flood(t: &Target, f: &Flood, channel: &str) -> anyhow::Result<Flood
     }
     let end_ns = last.load(Ordering::Relaxed);
     let seconds = (end_ns as f64 / 1e9 - (start - origin).as_secs_f64()).max(1e-9);
-    for t in &tx_tasks {
-        t.abort();
+    for t in tx_tasks {
+        if t.is_finished() {
+            if let Ok(Ok((_, drain))) = t.await {
+                drain.abort();
+            }
+        } else {
+            t.abort();
+        }
     }
     let mut lat = Vec::new();
     let mut received = 0;
@@ -220,7 +228,7 @@ async fn send(
     rate: u64,
     limit: u32,
     origin: Instant,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(WsSink, tokio::task::JoinHandle<()>)> {
     let (mut sink, mut stream) = ws.split();
     // Read and forget replies (legacy brokers send none), so the broker never has to hold
     // them back.
@@ -256,9 +264,8 @@ async fn send(
         }
     }
     sink.flush().await?;
-    // keep the connection open until the flood is over (aborted by the caller)
-    let _ = drain.await;
-    Ok(())
+    // Done sending; the connection stays open (sink and reader held) until the flood is over.
+    Ok((sink, drain))
 }
 
 async fn receive(

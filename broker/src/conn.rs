@@ -619,18 +619,6 @@ fn send_result(o: Outcome, mut r: SendResult) -> String {
     reply::encode(reply::SEND_RESULT, o.code, &[r])
 }
 
-/// The `data` array of a frame as JSON text, non-ASCII escaped (for the legacy `data` column).
-fn data_text(frame: &str) -> String {
-    #[derive(serde::Deserialize)]
-    struct D<'a> {
-        #[serde(borrow)]
-        data: &'a serde_json::value::RawValue,
-    }
-    serde_json::from_str::<D<'_>>(frame)
-        .map(|d| crate::storage::ascii_json(d.data.get()))
-        .unwrap_or_else(|_| "[]".into())
-}
-
 /// The reader side's state.
 struct Session<'a> {
     id: u64,
@@ -854,11 +842,6 @@ impl Session<'_> {
                     sender: self.id,
                     channel: channel.to_owned(),
                     message_id: message_id.clone(),
-                    data: if durable {
-                        data_text(payload.as_str())
-                    } else {
-                        String::new()
-                    },
                     frame: payload.clone(),
                     limit,
                     expires_at: frame.expiry(now),

@@ -610,6 +610,44 @@ async fn receivers_counts_every_receiver_that_got_it(backend: Backend) {
     db::cleanup(&st).await;
 }
 
+async fn a_message_for_every_receiver_reaches_them_all_with_a_backlog_waiting(backend: Backend) {
+    // A stored row goes to one receiver; a message for all of them (number_of_receiver 0, the
+    // default) must not become one: it goes to every receiver online even while older stored
+    // messages wait (seen losing half the copies of a 4 -> 4 flood).
+    let mut st = db::storage(backend, "fanbacklog");
+    st.delay_send = Duration::from_secs(3);
+    let b = start(&st, |_| {}).await;
+    let mut tx = connect(b.addr).await;
+    let r = send_ok(&mut tx, &sms("fan", "old")).await;
+    assert_eq!(r.receivers, 0);
+    // three legacy receivers, whose backlog flush waits delay_send: the old row stays pending
+    let mut rxs = Vec::new();
+    for _ in 0..3 {
+        rxs.push(legacy_receiver(b.addr, "fan").await);
+    }
+    let r = send_ok(&mut tx, &sms("fan", "new")).await;
+    assert_eq!(r.receivers, 3);
+    for rx in &mut rxs {
+        let t = recv_text_within(&mut rx.ws, Duration::from_secs(2))
+            .await
+            .expect("the message for everyone, before the backlog flush");
+        assert_eq!(t, sms("fan", "new"));
+    }
+    // the old one goes to one of them, later
+    let mut old = 0;
+    for rx in &mut rxs {
+        if let Some(t) = recv_text_within(&mut rx.ws, Duration::from_secs(5)).await {
+            assert_eq!(t, sms("fan", "old"));
+            old += 1;
+            break;
+        }
+    }
+    assert_eq!(old, 1);
+    db::wait_rows(&st, 0).await;
+    stop(b).await;
+    db::cleanup(&st).await;
+}
+
 macro_rules! per_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -655,4 +693,5 @@ per_backend!(
     a_huge_batch_is_answered_without_a_drop,
     empty_data_gets_the_same_error_as_in_memory_mode,
     receivers_counts_every_receiver_that_got_it,
+    a_message_for_every_receiver_reaches_them_all_with_a_backlog_waiting,
 );

@@ -160,10 +160,13 @@ pub(super) async fn publish(e: &Engine, p: Publish) -> Accepted {
     {
         return Accepted::Done(Outcome::refused(ResponseCode::StorageFull, why));
     }
-    let mut admission = admission;
-    let mut commit = None;
+    let mut first = First {
+        admission,
+        commit: None,
+        id: None,
+        reserved: true,
+    };
     let mut handed = 0u32;
-    let mut first_id = None;
     let mut waiting: Vec<(u64, Arc<Outbox>)> = Vec::new();
     let mut pump_now = false;
     let name;
@@ -171,8 +174,12 @@ pub(super) async fn publish(e: &Engine, p: Publish) -> Accepted {
         let mut t = e.lock();
         let (n, ch) = t.channel(&p.channel);
         name = n;
-        if !ch.backlog.pending() {
-            let (order, want, rotate) = ch.order(p.limit);
+        let (order, want, rotate) = ch.order(p.limit);
+        // A message for one receiver queues behind the backlog (order is kept). A message for
+        // several cannot wait in the store (a stored row goes to one receiver): it goes to
+        // those online, as in memory mode.
+        let fanout = want > 1;
+        if fanout || !ch.backlog.pending() {
             let mut examined = 0;
             for &i in &order {
                 if handed as usize >= want {
@@ -184,73 +191,26 @@ pub(super) async fn publish(e: &Engine, p: Publish) -> Accepted {
                     continue;
                 }
                 if !fits(r, p.frame.len()) {
-                    if want > 1 && !r.ack {
+                    if fanout {
                         waiting.push((r.conn, Arc::clone(&r.outbox)));
                     }
                     continue;
                 }
-                if handed > 0 && store.reserve(&name, 1).is_err() {
-                    break;
-                }
-                let data_id = store.next_id();
-                let rx = store.insert(
-                    NewRow {
-                        data_id,
-                        key: p.message_id.clone(),
-                        channel: Arc::clone(&name),
-                        frame: p.frame.clone(),
-                        data: p.data.clone(),
-                        expires_at: p.expires_at,
-                        claim: Some(Claim {
-                            holder: holder(e, r.conn),
-                            until_ms: now + claim_time(e, r.ack),
-                        }),
-                    },
-                    admission.take(),
-                );
-                if hand_fresh(
-                    r,
-                    &name,
-                    &p.message_id,
-                    &p.frame,
-                    Some(data_id),
-                    e.cfg.ack_timeout,
-                ) {
-                    handed += 1;
-                    if commit.is_none() {
-                        commit = Some(rx);
-                        first_id = Some(data_id);
+                match hand_copy(e, &store, &p, &name, r, &mut first) {
+                    Some(true) => handed += 1,
+                    Some(false) => {
+                        // It filled up meanwhile: the row is part of the backlog.
+                        ch.backlog.freed(1);
+                        pump_now = true;
                     }
-                } else {
-                    // It filled up meanwhile: the row becomes part of the backlog.
-                    store.release(vec![data_id]);
-                    ch.backlog.freed(1);
-                    pump_now = true;
-                    if commit.is_none() {
-                        commit = Some(rx);
-                        first_id = Some(data_id);
-                    }
+                    None => break,
                 }
             }
             ch.advance(&order, examined, rotate);
             waiting.truncate(want.saturating_sub(handed as usize));
         }
-        if commit.is_none() {
-            // Nobody can take it now (or older messages wait): it goes to the store, free.
-            let data_id = store.next_id();
-            commit = Some(store.insert(
-                NewRow {
-                    data_id,
-                    key: p.message_id.clone(),
-                    channel: Arc::clone(&name),
-                    frame: p.frame.clone(),
-                    data: p.data.clone(),
-                    expires_at: p.expires_at,
-                    claim: None,
-                },
-                admission.take(),
-            ));
-            first_id = Some(data_id);
+        if first.commit.is_none() && waiting.is_empty() {
+            store_free(&store, &p, &name, &mut first);
             ch.backlog.freed(1);
             pump_now = !ch.receivers.is_empty();
         }
@@ -258,25 +218,109 @@ pub(super) async fn publish(e: &Engine, p: Publish) -> Accepted {
     if pump_now {
         pump(e, &name);
     }
-    if handed > 0 && !waiting.is_empty() {
-        handed += wait_and_hand(e, &store, &p, &name, waiting).await;
+    if !waiting.is_empty() {
+        handed += wait_and_hand(e, &store, &p, &name, waiting, &mut first).await;
+        if first.commit.is_none() {
+            // Nobody made room in time: it waits in the store for the next receiver.
+            store_free(&store, &p, &name, &mut first);
+            let mut t = e.lock();
+            t.channel(&name).1.backlog.freed(1);
+            drop(t);
+            pump(e, &name);
+        }
     }
     e.stats
         .deliveries
         .fetch_add(u64::from(handed), Ordering::Relaxed);
-    if let (Some(report), Some(id)) = (p.report, first_id) {
+    if let (Some(report), Some(id)) = (p.report, first.id) {
         register_report(e, id, report, p.message_id, name);
     }
-    match commit {
+    match first.commit {
         Some(commit) => Accepted::Committing {
             commit,
             receivers: handed,
         },
         None => Accepted::Done(Outcome::refused(
-            ResponseCode::StorageUnavailable,
-            "internal: no row".into(),
+            ResponseCode::StorageFull,
+            "the broker's store is full; retry later".into(),
         )),
     }
+}
+
+/// The first row of a message: its sender's reply waits for its commit.
+struct First {
+    admission: Option<crate::storage::Admission>,
+    commit: Option<tokio::sync::oneshot::Receiver<Result<crate::storage::Committed, StoreError>>>,
+    id: Option<i64>,
+    /// The stored place taken for it before anything else is still unused.
+    reserved: bool,
+}
+
+/// Queues the insert of a copy held by `r`, then hands it over. `Some(true)`: handed;
+/// `Some(false)`: stored free instead (its queue filled meanwhile); `None`: the store is full.
+fn hand_copy(
+    e: &Engine,
+    store: &crate::storage::Storage,
+    p: &Publish,
+    name: &Arc<str>,
+    r: &mut Receiver,
+    first: &mut First,
+) -> Option<bool> {
+    if !std::mem::take(&mut first.reserved) && store.reserve(name, 1).is_err() {
+        return None;
+    }
+    let data_id = store.next_id();
+    // The insert is queued before the frame can be written, so its completion comes after it.
+    let rx = store.insert(
+        NewRow {
+            data_id,
+            key: p.message_id.clone(),
+            channel: Arc::clone(name),
+            frame: p.frame.clone(),
+            expires_at: p.expires_at,
+            claim: Some(Claim {
+                holder: holder(e, r.conn),
+                until_ms: now_ms() + claim_time(e, r.ack),
+            }),
+        },
+        first.admission.take(),
+    );
+    let ok = hand_fresh(
+        r,
+        name,
+        &p.message_id,
+        &p.frame,
+        Some(data_id),
+        e.cfg.ack_timeout,
+    );
+    if !ok {
+        store.release(vec![data_id]);
+    }
+    if first.commit.is_none() {
+        first.commit = Some(rx);
+        first.id = Some(data_id);
+    }
+    Some(ok)
+}
+
+/// Queues the message's insert as a free row (nobody holds it).
+fn store_free(store: &crate::storage::Storage, p: &Publish, name: &Arc<str>, first: &mut First) {
+    if !std::mem::take(&mut first.reserved) && store.reserve(name, 1).is_err() {
+        return;
+    }
+    let data_id = store.next_id();
+    first.commit = Some(store.insert(
+        NewRow {
+            data_id,
+            key: p.message_id.clone(),
+            channel: Arc::clone(name),
+            frame: p.frame.clone(),
+            expires_at: p.expires_at,
+            claim: None,
+        },
+        first.admission.take(),
+    ));
+    first.id = Some(data_id);
 }
 
 fn claim_time(e: &Engine, ack: bool) -> i64 {
@@ -288,7 +332,7 @@ fn claim_time(e: &Engine, ack: bool) -> i64 {
     d.as_millis() as i64
 }
 
-/// Fan-out: waits (the sender is not read meanwhile) for legacy receivers that were full, up to
+/// Fan-out: waits (the sender is not read meanwhile) for receivers that had no room, up to
 /// `slow_receiver_timeout` in all, and hands each the message as its own held row when it makes
 /// room. A receiver still full then is slow (see [`Engine::slow`]).
 async fn wait_and_hand(
@@ -297,6 +341,7 @@ async fn wait_and_hand(
     p: &Publish,
     name: &Arc<str>,
     waiting: Vec<(u64, Arc<Outbox>)>,
+    first: &mut First,
 ) -> u32 {
     let deadline = tokio::time::Instant::now() + e.cfg.slow_receiver_timeout;
     let mut late = 0;
@@ -310,48 +355,22 @@ async fn wait_and_hand(
             room.as_mut().enable();
             {
                 let mut t = e.lock();
-                let Some(r) = t
-                    .chans
-                    .get_mut(name)
-                    .and_then(|ch| ch.find(conn).map(move |i| &mut ch.receivers[i]))
-                else {
+                let Some(ch) = t.chans.get_mut(name) else {
                     break false;
                 };
-                if fits(r, p.frame.len()) {
-                    if store.reserve(name, 1).is_err() {
-                        break false;
-                    }
-                    let data_id = store.next_id();
-                    drop(store.insert(
-                        NewRow {
-                            data_id,
-                            key: p.message_id.clone(),
-                            channel: Arc::clone(name),
-                            frame: p.frame.clone(),
-                            data: p.data.clone(),
-                            expires_at: p.expires_at,
-                            claim: Some(Claim {
-                                holder: holder(e, conn),
-                                until_ms: now_ms() + claim_time(e, false),
-                            }),
-                        },
-                        None,
-                    ));
-                    if hand_fresh(
-                        r,
-                        name,
-                        &p.message_id,
-                        &p.frame,
-                        Some(data_id),
-                        e.cfg.ack_timeout,
-                    ) {
-                        break true;
-                    }
-                    store.release(vec![data_id]);
-                    if let Some(ch) = t.chans.get_mut(name) {
-                        ch.backlog.freed(1);
-                    }
+                let Some(i) = ch.find(conn) else {
                     break false;
+                };
+                let r = &mut ch.receivers[i];
+                if fits(r, p.frame.len()) {
+                    match hand_copy(e, store, p, name, r, first) {
+                        Some(true) => break true,
+                        Some(false) => {
+                            ch.backlog.freed(1);
+                            break false;
+                        }
+                        None => break false,
+                    }
                 }
             }
             tokio::select! {
@@ -460,6 +479,8 @@ pub(super) fn written(e: &Engine, conn: u64, carried: Vec<Carried>) {
                     let r = &mut ch.receivers[i];
                     r.held.legacy_rows = r.held.legacy_rows.saturating_sub(c.rows.len());
                     refill(r);
+                    // a sender waiting for this receiver's window (fan-out) looks again
+                    r.outbox.wake_room();
                 }
                 if ch.backlog.pending() && !channels.contains(&c.channel) {
                     channels.push(Arc::clone(&c.channel));

@@ -106,8 +106,6 @@ pub struct Publish {
     pub message_id: String,
     /// The sender's frame, verbatim.
     pub frame: Text,
-    /// Its `data` array as JSON with non-ASCII escaped (stored in the legacy column).
-    pub data: String,
     /// `number_of_receiver` in force (0 = all).
     pub limit: u32,
     /// Epoch seconds.

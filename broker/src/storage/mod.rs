@@ -3,7 +3,7 @@
 //!
 //! **The table.** `<prefix>data`, the layout of the original WSMessageBrocker (`data_id`,
 //! `channel`, `data`, `created`) plus columns WSMB adds at start-up: `frame` (the sender's frame
-//! verbatim), `remaining` (deliveries still owed; 1 for every row WSMB writes), `expires_at`,
+//! verbatim; a WSMB row leaves `data`, the original's single item, empty), `remaining` (deliveries still owed; 1 for every row WSMB writes), `expires_at`,
 //! `msg_key` (the broker's message id), `claimed_by` / `claimed_until` (which receiver holds the
 //! row, until when: epoch milliseconds), `deliveries` (how often it was handed out). Rows the
 //! original left behind have no `frame`: their `data` is one item.
@@ -53,10 +53,9 @@ pub struct NewRow {
     pub key: String,
     /// Its channel.
     pub channel: Arc<str>,
-    /// The sender's frame, verbatim.
+    /// The sender's frame, verbatim (the legacy `data` column stays empty: a WSMB row is a
+    /// whole frame, not the single item the original stored there).
     pub frame: Text,
-    /// Its `data` array as JSON with non-ASCII escaped (the legacy column may be latin1).
-    pub data: String,
     /// Epoch seconds.
     pub expires_at: Option<u64>,
     /// Held by a receiver from the start (it was handed one at once).
@@ -252,26 +251,6 @@ impl Db {
     }
 }
 
-/// `data` JSON with every non-ASCII character written `\uXXXX`: still the same JSON, and safe
-/// in a latin1 column.
-pub fn ascii_json(json: &str) -> String {
-    if json.is_ascii() {
-        return json.to_owned();
-    }
-    let mut out = String::with_capacity(json.len() + 16);
-    for c in json.chars() {
-        if c.is_ascii() {
-            out.push(c);
-        } else {
-            let mut buf = [0u16; 2];
-            for u in c.encode_utf16(&mut buf) {
-                out.push_str(&format!("\\u{u:04x}"));
-            }
-        }
-    }
-    out
-}
-
 /// Stored rows per channel and in all, taken and given back under one lock.
 #[derive(Default)]
 struct Counters {
@@ -322,8 +301,9 @@ pub struct Storage {
 
 /// Inserts that may wait for their commit at once.
 const ADMIT_COUNT: usize = 8192;
-/// Bytes of inserts that may wait for their commit at once.
-const ADMIT_BYTES: usize = 32 * 1024 * 1024;
+/// Bytes of inserts that may wait for their commit at once (what a slow database can make the
+/// broker hold for senders).
+const ADMIT_BYTES: usize = 16 * 1024 * 1024;
 
 impl Storage {
     /// Opens the database for `cfg` (not `memory`). SQLite problems (a path that cannot be
@@ -876,20 +856,5 @@ async fn commit(
             }
             down(health, &e.0);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ascii_json_keeps_the_json() {
-        let s = r#"[{"m":"é😀"}]"#;
-        let a = ascii_json(s);
-        assert!(a.is_ascii());
-        let v: serde_json::Value = serde_json::from_str(&a).expect("json");
-        assert_eq!(v[0]["m"], "é😀");
-        assert_eq!(ascii_json("[1]"), "[1]");
     }
 }

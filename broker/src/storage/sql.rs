@@ -343,7 +343,7 @@ impl SqlDb {
                         q = q
                             .bind(m.data_id)
                             .bind(&*m.channel)
-                            .bind(m.data.as_str())
+                            .bind(Option::<&str>::None)
                             .bind(m.frame.as_str())
                             .bind(m.expires_at.map(|e| e as i64))
                             .bind(m.key.as_str())
@@ -505,7 +505,7 @@ impl SqlDb {
                         q = q
                             .bind(m.data_id)
                             .bind(&*m.channel)
-                            .bind(m.data.as_str())
+                            .bind(Option::<&str>::None)
                             .bind(m.frame.as_str())
                             .bind(m.expires_at.map(|e| e as i64))
                             .bind(m.key.as_str())
@@ -712,7 +712,7 @@ fn insert_chunks(rows: &[(usize, NewRow)]) -> Vec<&[(usize, NewRow)]> {
     let mut start = 0;
     let mut bytes = 0;
     for (k, (_, r)) in rows.iter().enumerate() {
-        let size = r.frame.len() + r.data.len();
+        let size = r.frame.len();
         if k > start && (k - start >= INSERT_ROWS || bytes + size > INSERT_BYTES) {
             out.push(&rows[start..k]);
             start = k;

@@ -170,7 +170,7 @@ impl SqliteDb {
                             ins.execute(params![
                                 m.data_id,
                                 &*m.channel,
-                                m.data,
+                                Option::<&str>::None,
                                 m.frame.as_str(),
                                 m.expires_at.map(|e| e as i64),
                                 m.key,
