@@ -126,7 +126,7 @@ impl LogConfig {
                 let level = d.rsplit_once('=').map_or(d, |(_, l)| l).trim();
                 LevelFilter::from_str(level).is_ok()
             })
-            && tracing_subscriber::EnvFilter::try_new(s).is_ok();
+            && filter(s).is_ok();
         if ok {
             Ok(())
         } else {
@@ -137,21 +137,35 @@ impl LogConfig {
     }
 }
 
+/// A log filter: a level (`info`), or `target=level` directives separated by commas
+/// (`warn,wsmb_broker=debug`). (tracing-subscriber's `Targets`: the same syntax as `RUST_LOG`
+/// without span and field filters, and without the regex engine those need.)
+pub fn filter(s: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    s.trim()
+        .parse::<tracing_subscriber::filter::Targets>()
+        .map_err(|e| e.to_string())
+}
+
 /// Logs to stderr (journald under systemd) at `level`; `RUST_LOG`, when set, wins. Colours
 /// only on a terminal.
 pub fn init_logging(level: &str) {
     use std::io::IsTerminal as _;
-    let filter = std::env::var("RUST_LOG")
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let targets = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .and_then(|v| filter(&v).ok())
+        .or_else(|| filter(level).ok())
         .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_new(level)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing_subscriber::filter::LevelFilter::INFO)
         });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(targets)
         .try_init();
 }
 

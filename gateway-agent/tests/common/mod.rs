@@ -37,9 +37,12 @@ pub fn scratch(tag: &str) -> PathBuf {
 /// Logs to the test output when WSMB_TEST_LOG is set (e.g. WSMB_TEST_LOG=debug).
 pub fn logs() {
     if let Ok(level) = std::env::var("WSMB_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
-            .with_test_writer()
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let targets = wsmb_common::filter(&level).expect("WSMB_TEST_LOG: a level or directives");
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_test_writer())
+            .with(targets)
             .try_init();
     }
 }
