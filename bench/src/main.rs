@@ -187,8 +187,8 @@ async fn main() -> anyhow::Result<()> {
                 format!(
                     "throughput{}: {messages} messages of {} bytes, {senders} sender(s) -> \
                      {receivers} receiver(s){}: {:.0} deliveries/s ({:.2} s), {} of {} \
-                     delivered, {} lost, {} duplicates; latency p50 {:.0} us, p99 {:.0} us, max \
-                     {:.0} us",
+                     delivered, {} lost, {} refused by the broker, {} duplicates; latency p50 \
+                     {:.0} us, p99 {:.0} us, max {:.0} us",
                     if ack { " (acknowledged)" } else { "" },
                     cli.size,
                     if fanout { ", each to all" } else { "" },
@@ -197,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
                     r.received,
                     r.expected,
                     r.lost,
+                    r.refused,
                     r.duplicates,
                     r.p50_us,
                     r.p99_us,

@@ -46,8 +46,11 @@ pub struct FloodResult {
     pub received: u64,
     /// Items received more than once by the same receiver.
     pub duplicates: u64,
-    /// Expected items that never arrived.
+    /// Expected items that never arrived (items of refused messages not counted).
     pub lost: u64,
+    /// Messages the broker refused with a `send-result` other than `00` (a full store, a
+    /// cap): told to the sender, so not lost.
+    pub refused: u64,
     /// From the first send to the last expected item (or to the last item seen).
     pub seconds: f64,
     /// Deliveries per second over `seconds`.
@@ -76,6 +79,7 @@ pub async fn flood(t: &Target, f: &Flood, channel: &str) -> anyhow::Result<Flood
     let expected = if f.fanout { total * f.receivers } else { total };
     let got = Arc::new(AtomicU64::new(0));
     let last = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
     let mut rx_tasks = Vec::new();
     for _ in 0..f.receivers {
         let mut ws = client::connect(t).await?;
@@ -134,8 +138,10 @@ pub async fn flood(t: &Target, f: &Flood, channel: &str) -> anyhow::Result<Flood
         let ws = client::connect(t).await?;
         let (size, rate, channel) = (f.size, f.rate, channel.to_owned());
         let limit = if f.fanout { 0 } else { 1 };
+        let refused = Arc::clone(&refused);
         tx_tasks.push(tokio::spawn(send(
             ws,
+            refused,
             channel,
             s * per_sender,
             per_sender,
@@ -149,8 +155,9 @@ pub async fn flood(t: &Target, f: &Flood, channel: &str) -> anyhow::Result<Flood
     let mut last_count = 0;
     let mut last_change = Instant::now();
     let mut last_print = Instant::now();
+    let per_refused = if f.fanout { f.receivers } else { 1 };
     loop {
-        let n = got.load(Ordering::Relaxed);
+        let n = got.load(Ordering::Relaxed) + refused.load(Ordering::Relaxed) * per_refused;
         if n >= expected {
             break;
         }
@@ -196,6 +203,8 @@ pub async fn flood(t: &Target, f: &Flood, channel: &str) -> anyhow::Result<Flood
         }
     }
     let received = received.max(got.load(Ordering::Relaxed));
+    let refused = refused.load(Ordering::Relaxed);
+    let expected_here = expected.saturating_sub(refused * per_refused);
     lat.sort_unstable();
     let pct = |p: f64| {
         if lat.is_empty() {
@@ -208,7 +217,8 @@ pub async fn flood(t: &Target, f: &Flood, channel: &str) -> anyhow::Result<Flood
         expected,
         received,
         duplicates: dup,
-        lost: expected.saturating_sub(received.saturating_sub(dup)),
+        lost: expected_here.saturating_sub(received.saturating_sub(dup)),
+        refused,
         seconds,
         per_second: (received.min(expected)) as f64 / seconds,
         p50_us: pct(0.5),
@@ -221,6 +231,7 @@ pub async fn flood(t: &Target, f: &Flood, channel: &str) -> anyhow::Result<Flood
 #[allow(clippy::too_many_arguments)]
 async fn send(
     ws: Ws,
+    refused: Arc<AtomicU64>,
     channel: String,
     first: u64,
     count: u64,
@@ -230,9 +241,20 @@ async fn send(
     origin: Instant,
 ) -> anyhow::Result<(WsSink, tokio::task::JoinHandle<()>)> {
     let (mut sink, mut stream) = ws.split();
-    // Read and forget replies (legacy brokers send none), so the broker never has to hold
-    // them back.
-    let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    // Read replies (legacy brokers send none), so the broker never has to hold them back, and
+    // count the messages it refused (a `send-result` of one message each, since every frame
+    // holds one).
+    let drain = tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            if let Message::Text(text) = m {
+                if text.starts_with("{\"command\":\"send-result\"")
+                    && !text.contains("\"response_code\":\"00\"")
+                {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
     let mut tick = (rate > 0).then(|| {
         let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

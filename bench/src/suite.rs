@@ -382,6 +382,38 @@ pub async fn run(opts: &SuiteOptions) -> anyhow::Result<Vec<BrokerReport>> {
     Ok(out)
 }
 
+/// Connects and sends one message to a probe channel until the broker answers `00` (it
+/// stored it), within 60 s.
+async fn ready_to_store(t: &Target) -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut ws = tokio::time::timeout_at(deadline, crate::client::connect(t))
+        .await
+        .context("no connection within 60 s")??;
+    ws.send(Message::text(crate::client::message(
+        "restart-probe",
+        0,
+        0,
+        10,
+        0,
+    )))
+    .await?;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => bail!("no send-result within 60 s"),
+            Ok(Some(Ok(Message::Text(text)))) if text.contains("\"send-result\"") => {
+                if text.contains("\"response_code\":\"00\"") {
+                    return Ok(());
+                }
+                bail!("the probe message was refused: {text}");
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => bail!("closed before the send-result: {other:?}"),
+        }
+    }
+}
+
 /// Stores `n` messages, restarts the broker on them, drains them.
 async fn backlog(
     opts: &SuiteOptions,
@@ -413,6 +445,14 @@ async fn backlog(
     let (p, secs) = match start_wsmb(opts, config, port).await {
         Ok(x) => x,
         Err(e) => return (None, Err(e)),
+    };
+    // Listening comes before the store is open: ready is when a message is stored (`00`).
+    let secs = match ready_to_store(&t).await {
+        Ok(()) => started.elapsed().as_secs_f64(),
+        Err(e) => {
+            eprintln!("wsmb sqlite: not ready after the restart: {e:#}");
+            secs
+        }
     };
     rep.restart_seconds = secs;
     let pid = p.child.id();
@@ -463,11 +503,14 @@ fn flood_cell(f: &Option<FloodResult>) -> String {
     match f {
         None => "-".into(),
         Some(f) => {
-            let lost = if f.lost > 0 || f.duplicates > 0 {
+            let mut lost = if f.lost > 0 || f.duplicates > 0 {
                 format!(", {} lost, {} dup", f.lost, f.duplicates)
             } else {
                 String::new()
             };
+            if f.refused > 0 {
+                lost.push_str(&format!(", {} refused", f.refused));
+            }
             format!("{}/s, p99 {}{lost}", rate(f.per_second), ms(f.p99_us))
         }
     }

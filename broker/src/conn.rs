@@ -840,7 +840,7 @@ impl Session<'_> {
                 });
                 let publish = Publish {
                     sender: self.id,
-                    channel: channel.to_owned(),
+                    channel,
                     message_id: message_id.clone(),
                     frame: payload.clone(),
                     limit,

@@ -117,8 +117,11 @@ pub struct Outbox {
     /// Set once the writer has finished: nothing more will be written.
     gone: AtomicBool,
     gone_notify: Notify,
-    /// When the peer was last heard from (milliseconds on [`clock_ms`]), for keep-alive.
+    /// When the peer was last heard from (milliseconds on [`clock_ms`]), for keep-alive: the
+    /// reader only raises `heard` (no clock read per frame); the keep-alive task turns it into
+    /// a time on its rounds.
     heard_ms: AtomicU64,
+    heard: AtomicBool,
     /// The connection was passed over for staying full (slow-receiver policy `skip`): do not wait
     /// for it again until it drains.
     lagging: AtomicBool,
@@ -142,6 +145,7 @@ impl Outbox {
             gone: AtomicBool::new(false),
             gone_notify: Notify::new(),
             heard_ms: AtomicU64::new(clock_ms()),
+            heard: AtomicBool::new(false),
             lagging: AtomicBool::new(false),
             max_frames: max_frames.max(1),
             max_bytes,
@@ -344,14 +348,19 @@ impl Outbox {
 
     /// The peer was heard from (any frame, pongs included).
     pub fn heard(&self) {
-        self.heard_ms.store(clock_ms(), Ordering::Relaxed);
+        if !self.heard.load(Ordering::Relaxed) {
+            self.heard.store(true, Ordering::Relaxed);
+        }
     }
 
-    /// How long since the peer was last heard from.
+    /// How long since the peer was last heard from, as of the keep-alive's previous round (a
+    /// frame since then counts as now).
     pub fn silent_for(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(
-            clock_ms().saturating_sub(self.heard_ms.load(Ordering::Relaxed)),
-        )
+        let now = clock_ms();
+        if self.heard.swap(false, Ordering::Relaxed) {
+            self.heard_ms.store(now, Ordering::Relaxed);
+        }
+        std::time::Duration::from_millis(now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)))
     }
 
     /// Marks the connection as passed over for staying full.

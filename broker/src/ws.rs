@@ -52,33 +52,32 @@ pub mod close {
     pub const SIZE: u16 = 1009;
 }
 
-/// UTF-8 text in a shared buffer, validated once.
+/// UTF-8 text in a shared buffer, validated once (`bytestring`: no check again on each use).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Text(Bytes);
+pub struct Text(bytestring::ByteString);
 
 impl Text {
     /// Validates `b`.
     pub fn new(b: Bytes) -> Result<Text, Bytes> {
-        if std::str::from_utf8(&b).is_ok() {
-            Ok(Text(b))
-        } else {
-            Err(b)
+        match bytestring::ByteString::try_from(b.clone()) {
+            Ok(s) => Ok(Text(s)),
+            Err(_) => Err(b),
         }
     }
 
     /// From a string (copied).
     pub fn from_string(s: String) -> Text {
-        Text(Bytes::from(s))
+        Text(bytestring::ByteString::from(s))
     }
 
-    /// The text. (Validated at construction; the fallback cannot happen.)
+    /// The text.
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        &self.0
     }
 
     /// The bytes.
     pub fn bytes(&self) -> &Bytes {
-        &self.0
+        self.0.as_bytes()
     }
 
     /// Length in bytes.

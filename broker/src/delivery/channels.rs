@@ -30,6 +30,8 @@ pub(super) struct Receiver {
     pub window: u32,
     /// Durable: what it holds.
     pub held: Held,
+    /// Its name in the store's claims (`<node>/<conn>`), made once.
+    pub holder: std::sync::OnceLock<Arc<str>>,
     /// Legacy receivers: no backlog before this instant (`storage.delay_send` after it
     /// registered, as the original flushed its table).
     pub ready_at: Option<Instant>,
@@ -238,6 +240,7 @@ mod tests {
             ack: false,
             window: 10,
             held: Held::default(),
+            holder: Default::default(),
             ready_at: None,
         }
     }

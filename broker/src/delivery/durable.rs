@@ -79,8 +79,10 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn holder(e: &Engine, conn: u64) -> String {
-    format!("{}/{conn}", e.cfg.node)
+fn holder(e: &Engine, r: &Receiver) -> Arc<str> {
+    r.holder
+        .get_or_init(|| Arc::from(format!("{}/{}", e.cfg.node, r.conn)))
+        .clone()
 }
 
 /// Whether receiver `r` can take one more message of `len` bytes now (a legacy receiver with
@@ -138,7 +140,7 @@ fn hand_fresh(
 }
 
 /// Publishes through the store.
-pub(super) async fn publish(e: &Engine, p: Publish) -> Accepted {
+pub(super) async fn publish(e: &Engine, p: Publish<'_>) -> Accepted {
     let Some(store) = e.store.clone() else {
         return Accepted::Done(Outcome::refused(
             ResponseCode::StorageUnavailable,
@@ -156,8 +158,7 @@ pub(super) async fn publish(e: &Engine, p: Publish) -> Accepted {
         return Accepted::Done(unstored(e, &p, &why));
     }
     let admission = store.admit(p.frame.len()).await;
-    if let Err(StoreError::Full(why) | StoreError::Unavailable(why)) = store.reserve(&p.channel, 1)
-    {
+    if let Err(StoreError::Full(why) | StoreError::Unavailable(why)) = store.reserve(p.channel, 1) {
         return Accepted::Done(Outcome::refused(ResponseCode::StorageFull, why));
     }
     let mut first = First {
@@ -172,7 +173,7 @@ pub(super) async fn publish(e: &Engine, p: Publish) -> Accepted {
     let name;
     {
         let mut t = e.lock();
-        let (n, ch) = t.channel(&p.channel);
+        let (n, ch) = t.channel(p.channel);
         name = n;
         let (order, want, rotate) = ch.order(p.limit);
         // A message for one receiver queues behind the backlog (order is kept). A message for
@@ -261,7 +262,7 @@ struct First {
 fn hand_copy(
     e: &Engine,
     store: &crate::storage::Storage,
-    p: &Publish,
+    p: &Publish<'_>,
     name: &Arc<str>,
     r: &mut Receiver,
     first: &mut First,
@@ -279,7 +280,7 @@ fn hand_copy(
             frame: p.frame.clone(),
             expires_at: p.expires_at,
             claim: Some(Claim {
-                holder: holder(e, r.conn),
+                holder: holder(e, r),
                 until_ms: now_ms() + claim_time(e, r.ack),
             }),
         },
@@ -304,7 +305,12 @@ fn hand_copy(
 }
 
 /// Queues the message's insert as a free row (nobody holds it).
-fn store_free(store: &crate::storage::Storage, p: &Publish, name: &Arc<str>, first: &mut First) {
+fn store_free(
+    store: &crate::storage::Storage,
+    p: &Publish<'_>,
+    name: &Arc<str>,
+    first: &mut First,
+) {
     if !std::mem::take(&mut first.reserved) && store.reserve(name, 1).is_err() {
         return;
     }
@@ -338,7 +344,7 @@ fn claim_time(e: &Engine, ack: bool) -> i64 {
 async fn wait_and_hand(
     e: &Engine,
     store: &crate::storage::Storage,
-    p: &Publish,
+    p: &Publish<'_>,
     name: &Arc<str>,
     waiting: Vec<(u64, Arc<Outbox>)>,
     first: &mut First,
@@ -391,14 +397,14 @@ async fn wait_and_hand(
 
 /// The database is down: the message goes to the receivers online that have room, and is not
 /// stored.
-fn unstored(e: &Engine, p: &Publish, why: &str) -> Outcome {
+fn unstored(e: &Engine, p: &Publish<'_>, why: &str) -> Outcome {
     let mut handed = 0u32;
     {
         let mut t = e.lock();
-        if let Some(ch) = t.chans.get_mut(p.channel.as_str()) {
+        if let Some(ch) = t.chans.get_mut(p.channel) {
             let (order, want, rotate) = ch.order(p.limit);
             let mut examined = 0;
-            let name: Arc<str> = Arc::from(p.channel.as_str());
+            let name: Arc<str> = Arc::from(p.channel);
             for &i in &order {
                 if handed as usize >= want {
                     break;
@@ -627,7 +633,7 @@ pub(super) fn pump(e: &Engine, channel: &Arc<str>) {
             ClaimRequest {
                 channel: Arc::clone(channel),
                 claim: Claim {
-                    holder: holder(e, r.conn),
+                    holder: holder(e, r),
                     until_ms: ms + claim_time(e, r.ack),
                 },
                 max_rows: rows.min(CLAIM_ROWS),
@@ -1101,6 +1107,7 @@ mod tests {
                 ack: false,
                 window: 1024,
                 held: Default::default(),
+                holder: Default::default(),
                 ready_at: None,
             },
             ob,

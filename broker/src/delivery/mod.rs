@@ -97,11 +97,11 @@ pub struct Subscriber {
 }
 
 /// A `send-message` to route.
-pub struct Publish {
+pub struct Publish<'a> {
     /// The sending connection (never a receiver of its own message).
     pub sender: u64,
     /// The channel.
-    pub channel: String,
+    pub channel: &'a str,
     /// The broker's id for it.
     pub message_id: String,
     /// The sender's frame, verbatim.
@@ -260,6 +260,7 @@ impl Engine {
                 self.cfg.legacy_window
             },
             held: channels::Held::default(),
+            holder: Default::default(),
             ready_at,
         };
         let name = {
@@ -310,14 +311,14 @@ impl Engine {
     }
 
     /// Routes one message.
-    pub async fn publish(&self, p: Publish) -> Accepted {
+    pub async fn publish(&self, p: Publish<'_>) -> Accepted {
         if self.store.is_some() {
             return durable::publish(self, p).await;
         }
         let frame = p.frame;
         let (delivered, full) = {
             let mut t = self.lock();
-            match t.chans.get_mut(p.channel.as_str()) {
+            match t.chans.get_mut(p.channel) {
                 None => (0, Vec::new()),
                 Some(ch) => hand_live(ch, p.sender, p.limit, &frame),
             }

@@ -66,7 +66,7 @@ pub struct NewRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// `<node>/<connection>`.
-    pub holder: String,
+    pub holder: Arc<str>,
     /// Epoch milliseconds.
     pub until_ms: i64,
 }

@@ -431,7 +431,7 @@ impl SqlDb {
                     "UPDATE `{t}` SET claimed_by = ?, claimed_until = ?,
                             deliveries = COALESCE(deliveries, 0) + 1 WHERE data_id IN ({list})"
                 )))
-                .bind(&req.claim.holder)
+                .bind(&*req.claim.holder)
                 .bind(req.claim.until_ms)
                 .execute(&mut *tx)
                 .await?;
@@ -586,7 +586,7 @@ impl SqlDb {
                                CAST(COALESCE(remaining, 1) AS BIGINT), expires_at,
                                CAST(COALESCE(deliveries, 1) - 1 AS BIGINT)"
                 )))
-                .bind(&req.claim.holder)
+                .bind(&*req.claim.holder)
                 .bind(req.claim.until_ms)
                 .bind(&ids)
                 .fetch_all(&mut *tx)
@@ -736,7 +736,7 @@ fn mark_deleted(chunk: &[(usize, i64)], affected: u64, results: &mut [Option<OpR
 
 fn claim_parts(c: &Option<Claim>) -> (Option<&str>, Option<i64>) {
     match c {
-        Some(c) => (Some(c.holder.as_str()), Some(c.until_ms)),
+        Some(c) => (Some(&*c.holder), Some(c.until_ms)),
         None => (None, None),
     }
 }

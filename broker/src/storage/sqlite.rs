@@ -164,7 +164,7 @@ impl SqliteDb {
                     let r = match op {
                         Op::Insert(m) => {
                             let (holder, until) = match &m.claim {
-                                Some(c) => (Some(c.holder.as_str()), Some(c.until_ms)),
+                                Some(c) => (Some(&*c.holder), Some(c.until_ms)),
                                 None => (None, None),
                             };
                             ins.execute(params![
@@ -293,7 +293,7 @@ fn claim(
                 deliveries = COALESCE(deliveries, 0) + 1 WHERE data_id = ?1"
     ))?;
     for r in &out {
-        upd.execute(params![r.data_id, req.claim.holder, req.claim.until_ms])?;
+        upd.execute(params![r.data_id, &*req.claim.holder, req.claim.until_ms])?;
     }
     Ok((out, more))
 }
