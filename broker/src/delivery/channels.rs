@@ -117,22 +117,21 @@ pub(super) struct Channel {
 
 impl Channel {
     /// The receivers that should get a message limited to `limit` receivers (0 = all), in
-    /// turn: indexes to try, in order. Advances the rotation past the receivers examined when
-    /// `done` says how many were. Rotation only matters when `limit` is below the count.
-    pub fn order(&self, limit: u32) -> (Vec<usize>, usize, bool) {
+    /// turn: the order to try them in, how many are wanted, and whether the rotation moves on
+    /// (only when `limit` is below the count). No allocation: a message is routed per call.
+    pub fn order(&self, limit: u32) -> (Order, usize, bool) {
         let n = self.receivers.len();
         let limit = limit as usize;
         let rotate = limit != 0 && limit < n;
         let want = if rotate { limit } else { n };
         let start = if rotate && n > 0 { self.next % n } else { 0 };
-        ((0..n).map(|k| (start + k) % n).collect(), want, rotate)
+        (Order { start, n }, want, rotate)
     }
 
     /// Moves the rotation on: `examined` receivers were looked at from the start of `order`.
-    pub fn advance(&mut self, order: &[usize], examined: usize, rotate: bool) {
-        if rotate && !order.is_empty() {
-            let n = self.receivers.len();
-            self.next = (order[0] + examined) % n;
+    pub fn advance(&mut self, order: &Order, examined: usize, rotate: bool) {
+        if rotate && order.n > 0 {
+            self.next = (order.start + examined) % order.n;
         }
     }
 
@@ -144,6 +143,33 @@ impl Channel {
     /// Whether the channel can be dropped from the table.
     pub fn is_idle(&self) -> bool {
         self.receivers.is_empty() && !self.backlog.maybe && !self.backlog.fetching
+    }
+}
+
+/// Receiver indexes from `start` round to `start - 1`.
+#[derive(Debug, Clone, Copy)]
+pub struct Order {
+    start: usize,
+    n: usize,
+}
+
+impl Order {
+    /// The indexes, in order.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + use<> {
+        let (start, n) = (self.start, self.n);
+        (0..n).map(move |k| (start + k) % n)
+    }
+
+    /// How many.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// The first, if any.
+    #[cfg(test)]
+    pub fn first(&self) -> Option<usize> {
+        (self.n > 0).then_some(self.start)
     }
 }
 
@@ -256,14 +282,14 @@ mod tests {
             let ch = t.chans.get_mut("sms").expect("ch");
             let (order, want, rotate) = ch.order(1);
             assert_eq!(want, 1);
-            got.push(ch.receivers[order[0]].conn);
+            got.push(ch.receivers[order.first().expect("one")].conn);
             ch.advance(&order, 1, rotate);
         }
         assert_eq!(got, vec![1, 2, 3, 1, 2, 3]);
         t.remove("sms", 2);
         let ch = t.chans.get_mut("sms").expect("ch");
         let (order, _, _) = ch.order(1);
-        assert_eq!(ch.receivers[order[0]].conn, 1);
+        assert_eq!(ch.receivers[order.first().expect("one")].conn, 1);
         // 0 = all, no rotation
         let (order, want, rotate) = ch.order(0);
         assert_eq!((order.len(), want, rotate), (2, 2, false));

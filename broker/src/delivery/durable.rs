@@ -182,7 +182,7 @@ pub(super) async fn publish(e: &Engine, p: Publish<'_>) -> Accepted {
         let fanout = want > 1;
         if fanout || !ch.backlog.pending() {
             let mut examined = 0;
-            for &i in &order {
+            for i in order.iter() {
                 if handed as usize >= want {
                     break;
                 }
@@ -405,7 +405,7 @@ fn unstored(e: &Engine, p: &Publish<'_>, why: &str) -> Outcome {
             let (order, want, rotate) = ch.order(p.limit);
             let mut examined = 0;
             let name: Arc<str> = Arc::from(p.channel);
-            for &i in &order {
+            for i in order.iter() {
                 if handed as usize >= want {
                     break;
                 }

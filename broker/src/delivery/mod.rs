@@ -423,7 +423,7 @@ fn hand_live(
     let mut delivered = 0u32;
     let mut full = Vec::new();
     let mut examined = 0;
-    for &i in &order {
+    for i in order.iter() {
         if delivered as usize >= want {
             break;
         }

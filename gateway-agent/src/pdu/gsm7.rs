@@ -30,13 +30,44 @@ const EXTENSION: [(u8, char); 10] = [
     (0x65, '€'),
 ];
 
+/// Latin-1 characters (most texts) to their septets without a search: `0x100 | septet` for
+/// the default alphabet, `0x200 | code` for the extension table, 0 for none.
+const LATIN1: [u16; 256] = latin1_table();
+
+const fn latin1_table() -> [u16; 256] {
+    let mut t = [0u16; 256];
+    let mut i = 0;
+    while i < BASIC.len() {
+        let c = BASIC[i] as u32;
+        if c < 256 && i != ESC as usize {
+            t[c as usize] = 0x100 | i as u16;
+        }
+        i += 1;
+    }
+    let mut j = 0;
+    while j < EXTENSION.len() {
+        let (code, c) = EXTENSION[j];
+        if (c as u32) < 256 {
+            t[c as usize] = 0x200 | code as u16;
+        }
+        j += 1;
+    }
+    t
+}
+
 /// The septets of `c`: one for the default alphabet, two (ESC, code) for the extension table,
 /// `None` when `c` cannot be written in GSM 7-bit.
 pub fn septets_of(c: char) -> Option<Septets> {
-    if c != '\u{1b}' {
-        if let Some(i) = BASIC.iter().position(|b| *b == c) {
-            return Some(Septets::One(i as u8));
-        }
+    if let Some(&v) = LATIN1.get(c as usize) {
+        return match v >> 8 {
+            1 => Some(Septets::One(v as u8)),
+            2 => Some(Septets::Two(v as u8)),
+            _ => None,
+        };
+    }
+    // Greek capitals and the euro sign.
+    if let Some(i) = BASIC.iter().position(|b| *b == c) {
+        return Some(Septets::One(i as u8));
     }
     EXTENSION
         .iter()
@@ -161,6 +192,24 @@ mod tests {
         }
         for c in ['`', 'ç', 'â', 'ع', '😀', '\u{1b}', '\t'] {
             assert_eq!(septets_of(c), None, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn the_latin1_table_agrees_with_the_tables_for_every_character() {
+        for u in 0..=0x10FFFFu32 {
+            let Some(c) = char::from_u32(u) else { continue };
+            let searched = if c == '\u{1b}' {
+                None
+            } else if let Some(i) = BASIC.iter().position(|b| *b == c) {
+                Some(Septets::One(i as u8))
+            } else {
+                EXTENSION
+                    .iter()
+                    .find(|(_, e)| *e == c)
+                    .map(|(code, _)| Septets::Two(*code))
+            };
+            assert_eq!(septets_of(c), searched, "{c:?}");
         }
     }
 

@@ -279,8 +279,10 @@ fn encode_one(
     }
     let mut hex = String::with_capacity(2 + t.len() * 2);
     hex.push_str("00");
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in &t {
-        hex.push_str(&format!("{b:02X}"));
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 0x0f)]));
     }
     EncodedPart {
         hex,
