@@ -235,7 +235,7 @@ impl Config {
             ));
         }
         if !self.broker.ca_file.as_os_str().is_empty() {
-            crate::link::trust_store(&self.broker.ca_file).map_err(ConfigError::Invalid)?;
+            crate::tls::trust_store(&self.broker.ca_file).map_err(ConfigError::Invalid)?;
         }
         if self.broker.user.is_empty() {
             return bad("broker.user is empty: set the broker user name".into());

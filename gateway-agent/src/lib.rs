@@ -4,6 +4,7 @@
 //! Where things live:
 //! - [`config`]: the TOML configuration.
 //! - [`link`]: the broker connection (jobs in, status events out, reconnects).
+//! - [`tls`]: the trusted certificates and the connector of a `wss://` link.
 //! - [`jobs`]: job validation and number normalisation.
 //! - [`store`]: the durable job queue and the status outbox (SQLite).
 //! - [`dispatch`]: routing jobs to modems, rate limits, retries.
@@ -26,3 +27,4 @@ pub mod modem;
 pub mod pdu;
 pub mod sim;
 pub mod store;
+pub mod tls;
