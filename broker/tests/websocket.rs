@@ -790,7 +790,8 @@ async fn skip_policy_keeps_a_full_receiver_and_passes_it_over() {
     }
     assert!(busy, "the stuck receiver never filled up");
     // passed over once, it is not waited for again until it drains: five more messages do not
-    // take five timeouts
+    // take five timeouts. Each is refused ("03") or, when the kernel grew the stuck socket's
+    // buffers meanwhile and room appeared, taken ("00"); either way without a wait.
     let t0 = Instant::now();
     for i in 0..5 {
         send(
@@ -798,7 +799,8 @@ async fn skip_policy_keeps_a_full_receiver_and_passes_it_over() {
             &format!(r#"{{"command":"send-message","channel":"sms","data":[{{"id":"after-{i}","m":"{payload}"}}]}}"#),
         )
         .await;
-        assert_eq!(reply(&mut tx).await.response_code, "03");
+        let code = reply(&mut tx).await.response_code;
+        assert!(code == "03" || code == "00", "after-{i}: {code}");
     }
     assert!(
         t0.elapsed() < Duration::from_millis(600),

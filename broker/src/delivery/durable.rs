@@ -257,6 +257,36 @@ struct First {
     reserved: bool,
 }
 
+impl First {
+    /// Takes a stored place for one more row of the message (the first is reserved already);
+    /// `false` when the store is full.
+    fn place(&mut self, store: &crate::storage::Storage, name: &Arc<str>) -> bool {
+        std::mem::take(&mut self.reserved) || store.reserve(name, 1).is_ok()
+    }
+
+    /// Queues the insert of the message's row `data_id`.
+    fn insert(
+        &mut self,
+        store: &crate::storage::Storage,
+        p: &Publish<'_>,
+        name: &Arc<str>,
+        data_id: i64,
+        claim: Option<Claim>,
+    ) -> tokio::sync::oneshot::Receiver<Result<crate::storage::Committed, StoreError>> {
+        store.insert(
+            NewRow {
+                data_id,
+                key: p.message_id.clone(),
+                channel: Arc::clone(name),
+                frame: p.frame.clone(),
+                expires_at: p.expires_at,
+                claim,
+            },
+            self.admission.take(),
+        )
+    }
+}
+
 /// Queues the insert of a copy held by `r`, then hands it over. `Some(true)`: handed;
 /// `Some(false)`: stored free instead (its queue filled meanwhile); `None`: the store is full.
 fn hand_copy(
@@ -267,25 +297,16 @@ fn hand_copy(
     r: &mut Receiver,
     first: &mut First,
 ) -> Option<bool> {
-    if !std::mem::take(&mut first.reserved) && store.reserve(name, 1).is_err() {
+    if !first.place(store, name) {
         return None;
     }
     let data_id = store.next_id();
     // The insert is queued before the frame can be written, so its completion comes after it.
-    let rx = store.insert(
-        NewRow {
-            data_id,
-            key: p.message_id.clone(),
-            channel: Arc::clone(name),
-            frame: p.frame.clone(),
-            expires_at: p.expires_at,
-            claim: Some(Claim {
-                holder: holder(e, r),
-                until_ms: now_ms() + claim_time(e, r.ack),
-            }),
-        },
-        first.admission.take(),
-    );
+    let claim = Claim {
+        holder: holder(e, r),
+        until_ms: now_ms() + claim_time(e, r.ack),
+    };
+    let rx = first.insert(store, p, name, data_id, Some(claim));
     let ok = hand_fresh(
         r,
         name,
@@ -311,21 +332,11 @@ fn store_free(
     name: &Arc<str>,
     first: &mut First,
 ) {
-    if !std::mem::take(&mut first.reserved) && store.reserve(name, 1).is_err() {
+    if !first.place(store, name) {
         return;
     }
     let data_id = store.next_id();
-    first.commit = Some(store.insert(
-        NewRow {
-            data_id,
-            key: p.message_id.clone(),
-            channel: Arc::clone(name),
-            frame: p.frame.clone(),
-            expires_at: p.expires_at,
-            claim: None,
-        },
-        first.admission.take(),
-    ));
+    first.commit = Some(first.insert(store, p, name, data_id, None));
     first.id = Some(data_id);
 }
 
