@@ -1,4 +1,5 @@
-//! Command line: `wsmb-broker [run]`, `wsmb-broker check-config`, flags that override the file.
+//! Command line: `wsmb-broker [run]`, `wsmb-broker check-config`, `wsmb-broker passwd`, flags
+//! that override the file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,31 @@ pub enum Cmd {
     /// Check the configuration and the credentials files, print a summary and exit
     /// (non-zero when something is wrong)
     CheckConfig,
+    /// Add a user to an htpasswd file, change its password, or remove it (--delete). The
+    /// password is asked for on the terminal, or read from the first line of stdin with
+    /// --stdin; never from the command line. The running broker picks the change up.
+    Passwd {
+        /// The htpasswd file (created, mode 0640, when missing)
+        file: PathBuf,
+        /// The user name
+        user: String,
+        /// Remove the user instead
+        #[arg(long, short = 'D')]
+        delete: bool,
+        /// Read the password from the first line of stdin instead of prompting
+        #[arg(long)]
+        stdin: bool,
+        /// Hash with $apr1$ (MD5-crypt) instead of bcrypt, for old setups
+        #[arg(long, conflicts_with = "sha")]
+        apr1: bool,
+        /// Hash with {SHA} (unsalted SHA-1) instead of bcrypt, for very old setups
+        #[arg(long)]
+        sha: bool,
+        /// bcrypt cost (4-31)
+        #[arg(long, default_value_t = crate::auth::passwd::DEFAULT_BCRYPT_COST,
+              value_parser = clap::value_parser!(u32).range(4..=31))]
+        cost: u32,
+    },
 }
 
 /// Loads the config file, then applies the environment and the flags, then validates.
@@ -78,6 +104,18 @@ pub fn effective_config(cli: &Cli) -> anyhow::Result<(Config, Origin)> {
 /// Entry point of the `wsmb-broker` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::Passwd {
+        file,
+        user,
+        delete,
+        stdin,
+        apr1,
+        sha,
+        cost,
+    }) = &cli.command
+    {
+        return passwd(file, user, *delete, *stdin, *apr1, *sha, *cost);
+    }
     let (config, origin) = match effective_config(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -87,6 +125,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Cmd::Run) {
         Cmd::CheckConfig => check_config(&config, &origin),
+        Cmd::Passwd { .. } => ExitCode::FAILURE,
         Cmd::Run => {
             wsmb_common::init_logging(&config.log.level);
             let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -131,6 +170,89 @@ fn check_config(config: &Config, origin: &Origin) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn passwd(
+    file: &std::path::Path,
+    user: &str,
+    delete: bool,
+    from_stdin: bool,
+    apr1: bool,
+    sha: bool,
+    cost: u32,
+) -> ExitCode {
+    use crate::auth::passwd::{Change, Outcome, Scheme, apply, check_password};
+    let scheme = if apr1 {
+        Scheme::Apr1
+    } else if sha {
+        Scheme::Sha
+    } else {
+        Scheme::Bcrypt(cost)
+    };
+    let change = if delete {
+        Change::Delete
+    } else {
+        match read_password(from_stdin, user) {
+            Ok(pw) => {
+                if let Err(e) = check_password(&pw) {
+                    eprintln!("wsmb-broker passwd: {e}");
+                    return ExitCode::from(2);
+                }
+                Change::Set(pw)
+            }
+            Err(e) => {
+                eprintln!("wsmb-broker passwd: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    match apply(file, user, &change, scheme) {
+        Ok(outcome) => {
+            let what = match outcome {
+                Outcome::Added => "added",
+                Outcome::Changed => "password changed",
+                Outcome::Deleted => "deleted",
+            };
+            println!(
+                "{}: user {user:?} {what}; a running broker picks it up within \
+                 credentials.reload_interval (or at once: systemctl reload wsmb-broker)",
+                file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsmb-broker passwd: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The new password: the first line of stdin, or typed twice on the terminal without echo.
+fn read_password(from_stdin: bool, user: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead as _, Read as _};
+    if from_stdin {
+        let mut line = String::new();
+        // At most one line of 4 KiB: a password, not a file.
+        std::io::stdin()
+            .lock()
+            .take(4096)
+            .read_line(&mut line)
+            .map_err(|e| anyhow::anyhow!("cannot read the password from stdin: {e}"))?;
+        let pw = line.strip_suffix('\n').unwrap_or(&line);
+        let pw = pw.strip_suffix('\r').unwrap_or(pw);
+        return Ok(pw.to_owned());
+    }
+    let first = rpassword::prompt_password(format!("New password for {user}: ")).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot prompt for the password ({e}); without a terminal, pipe it in with --stdin"
+        )
+    })?;
+    let again = rpassword::prompt_password("Retype it: ")
+        .map_err(|e| anyhow::anyhow!("cannot prompt for the password: {e}"))?;
+    if first != again {
+        anyhow::bail!("the passwords do not match; nothing changed");
+    }
+    Ok(first)
 }
 
 async fn run(config: Config, origin: Origin) -> anyhow::Result<()> {

@@ -332,3 +332,136 @@ async fn sigint_is_a_graceful_stop_too() {
         .expect("join");
     assert!(st.success());
 }
+
+/// Runs `wsmb-broker passwd ARGS` with `stdin` piped in.
+fn passwd(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut cmd = bin();
+    cmd.arg("passwd")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("wsmb-broker passwd");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    let o = child.wait_with_output().expect("wait");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Apache's `htpasswd -v` agrees that `user` has `pass` in `file`.
+fn apache_verifies(file: &str, user: &str, pass: &str) -> bool {
+    Command::new("htpasswd")
+        .args(["-v", "-b", file, user, pass])
+        .output()
+        .expect("the htpasswd command (apache2-utils)")
+        .status
+        .success()
+}
+
+async fn wait_accepts(
+    addr: std::net::SocketAddr,
+    creds: (&str, &str),
+    want: &str,
+    log: &dyn Fn() -> String,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut ws = connect_raw(addr, Some(creds)).await;
+        if reply(&mut ws).await.response_code == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{creds:?} never got {want}:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwd_adds_changes_and_removes_users_that_the_running_broker_picks_up() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("passwd");
+    let hp = dir.file("htpasswd", &format!("# the broker's users\n{QA_LINE}"));
+    std::fs::set_permissions(&hp, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let cfg = dir.file(
+        "broker.toml",
+        &format!(
+            "[credentials]\nfiles = [\"{hp}\"]\nreload_interval = \"100ms\"\n[storage]\nbackend = \"memory\"\n"
+        ),
+    );
+    let p = BrokerProcess::spawn(&["--config", &cfg], &[]);
+    let log = || p.log();
+
+    // Add (bcrypt by default), from stdin; Apache's own tool reads the result.
+    let (code, stdout, stderr) = passwd(&["--stdin", &hp, "app"], Some("first pass\n"));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("\"app\" added"), "{stdout}");
+    assert!(apache_verifies(&hp, "app", "first pass"));
+    assert!(
+        std::fs::read_to_string(&hp)
+            .expect("read")
+            .contains("app:$2y$10$")
+    );
+    wait_accepts(p.addr, ("app", "first pass"), "00", &log).await;
+
+    // Change, with --apr1 and then --sha; the others keep working, the mode is kept.
+    let (code, stdout, _) = passwd(&["--stdin", "--apr1", &hp, "app"], Some("second\n"));
+    assert_eq!(code, 0);
+    assert!(stdout.contains("password changed"), "{stdout}");
+    assert!(apache_verifies(&hp, "app", "second"));
+    wait_accepts(p.addr, ("app", "second"), "00", &log).await;
+    let (code, _, _) = passwd(&["--stdin", "--sha", &hp, "app"], Some("third"));
+    assert_eq!(code, 0);
+    assert!(apache_verifies(&hp, "app", "third"));
+    wait_accepts(p.addr, ("app", "third"), "00", &log).await;
+    wait_accepts(p.addr, ("qa", "4lt0@1234"), "00", &log).await;
+    let text = std::fs::read_to_string(&hp).expect("read");
+    assert!(
+        text.starts_with("# the broker's users\nqa:$apr1$"),
+        "{text}"
+    );
+    let mode = std::fs::metadata(&hp).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o777, 0o640);
+
+    // Remove.
+    let (code, stdout, _) = passwd(&["--delete", &hp, "app"], None);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("\"app\" deleted"), "{stdout}");
+    wait_accepts(p.addr, ("app", "third"), "01", &log).await;
+    let (code, _, stderr) = passwd(&["--delete", &hp, "app"], None);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("there is no user \"app\""), "{stderr}");
+
+    // Never from the command line; no terminal to prompt on names --stdin; bad input changes
+    // nothing.
+    let before = std::fs::read(&hp).expect("read");
+    let (code, _, stderr) = passwd(&[&hp, "app", "secret"], None);
+    assert_eq!(code, 2, "{stderr}");
+    // (setsid: no controlling terminal, as under cron or a script, even when the tests run
+    // in one)
+    let o = Command::new("setsid")
+        .args(["-w", env!("CARGO_BIN_EXE_wsmb-broker"), "passwd", &hp, "app"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("setsid (util-linux)");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--stdin"), "{stderr}");
+    let (code, _, stderr) = passwd(&["--stdin", &hp, "a:b"], Some("pw\n"));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("contains `:`"), "{stderr}");
+    let (code, _, stderr) = passwd(&["--stdin", &hp, "app"], Some("\n"));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("empty"), "{stderr}");
+    assert_eq!(std::fs::read(&hp).expect("read"), before);
+}

@@ -12,6 +12,7 @@
 
 pub mod apr1;
 pub mod htpasswd;
+pub mod passwd;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
