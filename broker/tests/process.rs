@@ -450,7 +450,13 @@ async fn passwd_adds_changes_and_removes_users_that_the_running_broker_picks_up(
     // (setsid: no controlling terminal, as under cron or a script, even when the tests run
     // in one)
     let o = Command::new("setsid")
-        .args(["-w", env!("CARGO_BIN_EXE_wsmb-broker"), "passwd", &hp, "app"])
+        .args([
+            "-w",
+            env!("CARGO_BIN_EXE_wsmb-broker"),
+            "passwd",
+            &hp,
+            "app",
+        ])
         .stdin(std::process::Stdio::null())
         .output()
         .expect("setsid (util-linux)");

@@ -230,7 +230,7 @@ async fn demo(cli: &Cli) -> anyhow::Result<()> {
 
     let hint = format!(
         "ready   send another: `cargo run -q -p wsmb-demo -- send --url {url} +6281234567890 \"Hello\"`, \
-         or from PHP: `php clients/php/examples/send-otp.php` (WSMB_URL={url}); Ctrl-C stops the demo"
+         or from PHP: `WSMB_URL={url} WSMB_PASSWORD={DEMO_PASSWORD} php clients/php/examples/send-otp.php +6281234567890`; Ctrl-C stops the demo"
     );
     let mut pdus_seen = 0;
     let mut messages_seen = 0;

@@ -20,6 +20,56 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// A scratch directory for one test (in /dev/shm when there is one: fsyncs are cheap there).
+pub fn scratch(tag: &str) -> PathBuf {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let d = base.join(format!("wsmb-e2e-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("dir");
+    d
+}
+
+/// Writes `DIR/agent.toml` for an agent of user `qa` on `broker_url` with one modem at
+/// `device` (short timeouts for tests), `extra` appended to the modem's section.
+pub fn agent_config(
+    dir: &std::path::Path,
+    broker_url: &str,
+    device: &std::path::Path,
+    extra: &str,
+) -> PathBuf {
+    let cfg = format!(
+        r#"
+[broker]
+url = "{broker_url}"
+user = "qa"
+reconnect_max = "1s"
+ping_interval = "2s"
+
+[agent]
+state_dir = "{state}"
+country_code = "62"
+retry_delay = "300ms"
+
+[[modem]]
+name = "sim1"
+device = "{device}"
+command_timeout = "3s"
+prompt_timeout = "3s"
+registration_timeout = "10s"
+{extra}
+"#,
+        state = dir.join("state").display(),
+        device = device.display(),
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, cfg).expect("config");
+    path
+}
+
 /// A child process whose output lines are collected in the background.
 pub struct Proc {
     child: Child,

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -13,24 +13,12 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use wsmb_agent::sim::{Fault, SimConfig, Simulator};
-use wsmb_e2e::{Proc, repo_root, start_broker};
+use wsmb_e2e::{Proc, agent_config, repo_root, scratch, start_broker};
 use wsmb_protocol::reply::BrokerReply;
 use wsmb_protocol::sms::{Status, StatusEvent};
 
 const PASSWORD: &str = "4lt0@1234";
 const T: Duration = Duration::from_secs(30);
-
-fn scratch(tag: &str) -> PathBuf {
-    let base = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let d = base.join(format!("wsmb-e2e-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("dir");
-    d
-}
 
 fn broker_args() -> Vec<String> {
     vec![
@@ -65,32 +53,7 @@ fn broker_at(addr: SocketAddr) -> Proc {
 
 /// Writes an agent config and starts `wsmb-agent run` with it.
 fn agent(dir: &Path, broker: SocketAddr, sim: &Simulator, extra: &str) -> Proc {
-    let cfg = format!(
-        r#"
-[broker]
-url = "ws://{broker}/"
-user = "qa"
-reconnect_max = "1s"
-ping_interval = "2s"
-
-[agent]
-state_dir = "{state}"
-country_code = "62"
-retry_delay = "300ms"
-
-[[modem]]
-name = "sim1"
-device = "{device}"
-command_timeout = "3s"
-prompt_timeout = "3s"
-registration_timeout = "10s"
-{extra}
-"#,
-        state = dir.join("state").display(),
-        device = sim.path().display(),
-    );
-    let path = dir.join("agent.toml");
-    std::fs::write(&path, cfg).expect("config");
+    let path = agent_config(dir, &format!("ws://{broker}/"), sim.path(), extra);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-agent"));
     cmd.args(["--config", &path.display().to_string(), "run"])
         .env("WSMB_PASSWORD", PASSWORD)

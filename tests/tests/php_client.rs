@@ -1,0 +1,306 @@
+//! Our PHP client (`clients/php/`) with the real `php` against the real broker and agent
+//! binaries on a simulated modem: the examples as users run them, its exceptions, and the
+//! status worker's reconnect across a broker restart.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use wsmb_agent::sim::{SimConfig, Simulator};
+use wsmb_e2e::{Proc, agent_config, repo_root, scratch};
+
+const PASSWORD: &str = "4lt0@1234";
+const T: Duration = Duration::from_secs(30);
+
+fn client_dir() -> PathBuf {
+    repo_root().join("clients/php")
+}
+
+/// The broker binary with its SQLite store in `dir`, on `listen`.
+fn broker(dir: &Path, listen: &str) -> (Proc, SocketAddr) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-broker"));
+    cmd.args([
+        "--htpasswd",
+        &repo_root()
+            .join("deploy/htpasswd.example")
+            .display()
+            .to_string(),
+        "--state-dir",
+        &dir.join("broker").display().to_string(),
+        "--listen",
+        listen,
+    ])
+    .env_remove("RUST_LOG")
+    .env_remove("WSMB_CREDENTIALS");
+    let p = Proc::spawn(cmd).expect("broker");
+    let line = p
+        .wait_line("listening on ", T)
+        .unwrap_or_else(|| panic!("broker did not start:\n{}", p.output()));
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|a| a.trim().parse().ok())
+        .expect("address");
+    (p, addr)
+}
+
+fn agent(dir: &Path, addr: SocketAddr, sim: &Simulator) -> Proc {
+    let cfg = agent_config(dir, &format!("ws://{addr}/"), sim.path(), "");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-agent"));
+    cmd.args(["--config", &cfg.display().to_string(), "run"])
+        .env("WSMB_PASSWORD", PASSWORD);
+    let a = Proc::spawn(cmd).expect("agent");
+    for needle in ["connected to the broker", "modem ready"] {
+        assert!(a.wait_line(needle, T).is_some(), "agent: {}", a.output());
+    }
+    a
+}
+
+fn php(addr: SocketAddr, password: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("php");
+    cmd.current_dir(client_dir())
+        .args(args)
+        .env("WSMB_URL", format!("ws://{addr}/"))
+        .env("WSMB_USER", "qa")
+        .env("WSMB_PASSWORD", password);
+    cmd
+}
+
+fn run(mut cmd: Command) -> (Option<i32>, String) {
+    let o: Output = cmd.output().expect("php (Debian package php-cli)");
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// Runs a PHP snippet with the client loaded as `$c` (a Wsmb\Client for `url`).
+fn snippet(url: &str, password: &str, code: &str) -> (Option<i32>, String) {
+    let src = format!(
+        "require '{}/src/Client.php';\n$c = new Wsmb\\Client('{url}', 'qa', '{password}', ['timeout' => 3]);\n{code}",
+        client_dir().display()
+    );
+    let mut cmd = Command::new("php");
+    cmd.args(["-r", &src]);
+    run(cmd)
+}
+
+/// What an exception of the snippet was: `Class: message`.
+const CATCH: &str = "} catch (Wsmb\\Exception $e) { echo get_class($e), ': ', $e->getMessage(), \
+                     ($e instanceof Wsmb\\RefusedException ? ' code=' . $e->getResponseCode() : ''), \"\\n\"; exit(3); }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_php_examples_send_an_otp_and_wait_for_its_sent_status() {
+    let dir = scratch("php-examples");
+    let (_b, addr) = broker(&dir, "127.0.0.1:0");
+    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
+        .await
+        .expect("sim");
+    let _a = tokio::task::block_in_place(|| agent(&dir, addr, &sim));
+
+    // Five lines: send an OTP.
+    let (code, out) = tokio::task::block_in_place(|| {
+        run(php(
+            addr,
+            PASSWORD,
+            &["examples/send-otp.php", "0812-1111-2222"],
+        ))
+    });
+    assert_eq!(code, Some(0), "{out}");
+    let otp = out.split_whitespace().nth(1).expect("the code").to_owned();
+    assert!(out.contains("accepted by the broker as php-"), "{out}");
+    let msgs = sim.wait_messages(1, T).await;
+    assert_eq!(msgs[0].0, "+6281211112222");
+    assert_eq!(
+        msgs[0].1,
+        format!("Your code is {otp}. It expires in 5 minutes.")
+    );
+
+    // Wait for `sent`; UCS-2 text and a long one go through too.
+    let text = "Pesanan Anda sudah dikirim — terima kasih! ✓";
+    let (code, out) = tokio::task::block_in_place(|| {
+        run(php(
+            addr,
+            PASSWORD,
+            &["examples/wait-sent.php", "+6281233334444", text],
+        ))
+    });
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("sent by modem sim1 to +6281233334444"),
+        "{out}"
+    );
+    let msgs = sim.wait_messages(2, T).await;
+    assert_eq!(msgs[1], ("+6281233334444".to_owned(), text.to_owned()));
+
+    // A job the agent refuses is reported, not waited for forever.
+    let (code, out) = tokio::task::block_in_place(|| {
+        run(php(addr, PASSWORD, &["examples/wait-sent.php", "12", "x"]))
+    });
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.starts_with("accepted") && out.contains("failed: "),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_php_client_says_what_went_wrong() {
+    let dir = scratch("php-errors");
+    let (_b, addr) = broker(&dir, "127.0.0.1:0");
+    let url = format!("ws://{addr}/");
+    tokio::task::block_in_place(|| {
+        // Refused credentials.
+        let (code, out) = snippet(
+            &url,
+            "wrong",
+            &format!("try {{ $c->sendSms('+62811', 'x'); {CATCH}"),
+        );
+        assert_eq!(code, Some(3));
+        assert!(
+            out.starts_with("Wsmb\\AuthenticationException: ")
+                && out.contains("refused user \"qa\""),
+            "{out}"
+        );
+        // A refused message: the broker's code and reason.
+        let (code, out) = snippet(
+            &url,
+            PASSWORD,
+            &format!("try {{ $c->send(str_repeat('c', 101), [['id' => 'a']]); {CATCH}"),
+        );
+        assert_eq!(code, Some(3));
+        assert!(
+            out.starts_with("Wsmb\\RefusedException: ") && out.contains("code=12"),
+            "{out}"
+        );
+        // Nobody listens: stored for the agent to come, not an error.
+        let (code, out) = snippet(
+            &url,
+            PASSWORD,
+            "$r = $c->sendSms('+62811', 'later', ['id' => 'later-1']); echo $r['response_code'], ' ', var_export($r['stored'], true), ' ', $r['id'];",
+        );
+        assert_eq!(code, Some(0), "{out}");
+        assert_eq!(out, "00 true later-1");
+        // waitForStatus without watchStatus is a programming error, said so.
+        let (_, out) = snippet(
+            &url,
+            PASSWORD,
+            "try { $c->waitForStatus('x', 1); } catch (LogicException $e) { echo $e->getMessage(); }",
+        );
+        assert!(out.contains("call watchStatus() before sending"), "{out}");
+        // And a timeout: nobody had an agent, so no status.
+        let (code, out) = snippet(
+            &url,
+            PASSWORD,
+            &format!(
+                "try {{ $c->watchStatus(); $r = $c->sendSms('+62811', 'x'); $c->waitForStatus($r['id'], 0.5); {CATCH}"
+            ),
+        );
+        assert_eq!(code, Some(3));
+        assert!(
+            out.starts_with("Wsmb\\TimeoutException: ") && out.contains("gateway agent"),
+            "{out}"
+        );
+    });
+
+    // Unreachable: nothing listens on the port.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let gone = free.local_addr().expect("addr");
+    drop(free);
+    let (code, out) = snippet(
+        &format!("ws://{gone}/"),
+        PASSWORD,
+        &format!("try {{ $c->connect(); {CATCH}"),
+    );
+    assert_eq!(code, Some(3));
+    assert!(
+        out.starts_with("Wsmb\\ConnectionException: cannot connect to the WSMB broker"),
+        "{out}"
+    );
+    // Accepts the connection but never answers: a timeout, not a hang.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let (code, out) = snippet(
+        &format!("ws://{silent_addr}/"),
+        PASSWORD,
+        &format!("try {{ $c->connect(); {CATCH}"),
+    );
+    drop(silent);
+    assert_eq!(code, Some(3));
+    assert!(
+        out.starts_with("Wsmb\\TimeoutException: no answer to the WebSocket upgrade"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_php_status_worker_reconnects_after_a_broker_restart() {
+    let dir = scratch("php-worker");
+    let (b, addr) = broker(&dir, "127.0.0.1:0");
+    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
+        .await
+        .expect("sim");
+    let a = tokio::task::block_in_place(|| agent(&dir, addr, &sim));
+    let mut worker = php(addr, PASSWORD, &["examples/status-worker.php"]);
+    worker.env("WSMB_STOP_AFTER", "after-restart");
+    let mut worker = Proc::spawn(worker).expect("worker");
+    let url = format!("ws://{addr}/");
+    tokio::task::block_in_place(|| {
+        // The worker is subscribed once a status reaches it.
+        let (code, out) = snippet(
+            &url,
+            PASSWORD,
+            "$c->sendSms('+6281200001111', 'one', ['id' => 'before']);",
+        );
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            worker
+                .wait_line(r#""id":"before","status":"sent""#, T)
+                .is_some(),
+            "worker: {}",
+            worker.output()
+        );
+    });
+
+    drop(b);
+    tokio::task::block_in_place(|| {
+        assert!(
+            worker.wait_line("reconnecting in 1 s", T).is_some(),
+            "worker: {}",
+            worker.output()
+        );
+    });
+    let (_b2, again) = broker(&dir, &addr.to_string());
+    assert_eq!(again, addr);
+    tokio::task::block_in_place(|| {
+        assert!(
+            a.wait_line("connected to the broker", T).is_some(),
+            "{}",
+            a.output()
+        );
+        let deadline = std::time::Instant::now() + T;
+        // The worker resubscribes on its own; statuses sent before it is back wait in the
+        // broker's store for it.
+        let (code, out) = snippet(
+            &url,
+            PASSWORD,
+            "$c->sendSms('+6281200001111', 'two', ['id' => 'after-restart']);",
+        );
+        assert_eq!(code, Some(0), "{out}");
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(
+            worker
+                .wait_line(r#""id":"after-restart","status":"sent""#, left)
+                .is_some(),
+            "worker: {}",
+            worker.output()
+        );
+        let status = worker.wait(T).expect("the worker stops when told");
+        assert!(status.success(), "{}", worker.output());
+    });
+}
