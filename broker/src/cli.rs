@@ -267,6 +267,8 @@ async fn run(config: Config, origin: Origin) -> anyhow::Result<()> {
     let running = crate::server::start_on(listener, config).await?;
     info!("listening on {}", running.addr);
     spawn_signal_handler(running.shared.shutdown.clone())?;
+    wsmb_common::systemd::ready(&format!("listening on {}", running.addr));
+    spawn_watchdog(std::sync::Arc::clone(&running.shared), running.addr);
     running.task.await?;
     info!("stopped");
     Ok(())
@@ -281,7 +283,38 @@ fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
             _ = term.recv() => info!("SIGTERM received"),
             _ = int.recv() => info!("SIGINT received"),
         }
+        wsmb_common::systemd::stopping();
         token.cancel();
     });
     Ok(())
+}
+
+/// Feeds systemd's watchdog (when the unit has `WatchdogSec`) while the broker works: each
+/// feed first takes the session registry's lock and reads the counters, so a runtime whose
+/// workers are all stuck, or a lock that is never released, stops the feeding and systemd
+/// restarts the broker.
+fn spawn_watchdog(shared: std::sync::Arc<crate::state::Shared>, addr: std::net::SocketAddr) {
+    let Some(every) = wsmb_common::systemd::watchdog_interval() else {
+        return;
+    };
+    info!("systemd watchdog: feeding every {every:?}");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let sessions = shared.sessions.all().len();
+            let open = shared
+                .stats
+                .connections_open
+                .load(std::sync::atomic::Ordering::Relaxed);
+            wsmb_common::systemd::feed_watchdog();
+            wsmb_common::systemd::status(&format!(
+                "listening on {addr}; {open} connection(s), {sessions} session(s)"
+            ));
+        }
+    });
 }

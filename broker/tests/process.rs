@@ -471,3 +471,63 @@ async fn passwd_adds_changes_and_removes_users_that_the_running_broker_picks_up(
     assert!(stderr.contains("empty"), "{stderr}");
     assert_eq!(std::fs::read(&hp).expect("read"), before);
 }
+
+/// A `NOTIFY_SOCKET` as systemd provides it; returns the messages received within `t`.
+struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl NotifySocket {
+    fn new(dir: &TempDir) -> Self {
+        let path = dir.0.join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        NotifySocket { sock, path }
+    }
+
+    /// Waits for a datagram containing `needle`; returns it.
+    fn wait(&self, needle: &str, t: Duration) -> Option<String> {
+        let deadline = Instant::now() + t;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.sock.set_read_timeout(Some(left)).ok()?;
+            let n = self.sock.recv(&mut buf).ok()?;
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.contains(needle) {
+                return Some(msg);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_it_says_ready_once_listening_and_feeds_the_watchdog() {
+    let dir = TempDir::new("notify");
+    let hp = dir.file("htpasswd", QA_LINE);
+    let notify = NotifySocket::new(&dir);
+    let path = notify.path.display().to_string();
+    let mut p = BrokerProcess::spawn(
+        &["--htpasswd", &hp],
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "300000")],
+    );
+    let ready = notify
+        .wait("READY=1", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no READY=1:\n{}", p.log()));
+    assert!(
+        ready.contains(&format!("STATUS=listening on {}", p.addr)),
+        "{ready}"
+    );
+    // READY comes after the socket listens: a connection works at once.
+    connect_as(p.addr, ("qa", "4lt0@1234")).await;
+    for _ in 0..3 {
+        assert!(
+            notify.wait("WATCHDOG=1", Duration::from_secs(5)).is_some(),
+            "watchdog not fed:\n{}",
+            p.log()
+        );
+    }
+    p.signal("TERM");
+    assert!(notify.wait("STOPPING=1", Duration::from_secs(5)).is_some());
+    assert!(p.wait_exit(Duration::from_secs(20)).success());
+}

@@ -1,8 +1,11 @@
 //! What `wsmb-broker` and `wsmb-agent` share besides the wire protocol: loading a TOML config
 //! file (explicit path, else a default path when it exists, else embedded defaults), durations
 //! written `"30s"`, the `[log]` section, and logging to stderr.
+//! [`systemd`]: READY, STATUS and the watchdog of `Type=notify` units.
 
 #![forbid(unsafe_code)]
+
+pub mod systemd;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -71,6 +71,44 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     })
 }
 
+/// Feeds systemd's watchdog (when the unit has `WatchdogSec`) while the agent works: each feed
+/// first reads the job store's counts (a store that does not answer within the interval stops
+/// the feeding, and systemd restarts the agent), and the status line says what the link and the
+/// modems are doing.
+fn spawn_watchdog(running: &Running) -> Option<tokio::task::JoinHandle<()>> {
+    let every = wsmb_common::systemd::watchdog_interval()?;
+    info!("systemd watchdog: feeding every {every:?}");
+    let store = running.store.clone();
+    let link = running.link.clone();
+    let modems = running.modems.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Ok(Ok(counts)) = tokio::time::timeout(every, store.counts()).await else {
+                tracing::warn!(
+                    "the job store did not answer within {every:?}: not feeding the watchdog"
+                );
+                continue;
+            };
+            wsmb_common::systemd::feed_watchdog();
+            let link = match &*link.borrow() {
+                LinkState::Up => "broker connected".to_owned(),
+                LinkState::Down(why) => format!("broker down ({why})"),
+            };
+            let modems: Vec<String> = modems
+                .iter()
+                .map(|m| format!("{} {:?}", m.name, m.health()))
+                .collect();
+            wsmb_common::systemd::status(&format!(
+                "{link}; {}; jobs {counts:?}",
+                modems.join(", ")
+            ));
+        }
+    }))
+}
+
 /// Runs until `stop` resolves, then stops gracefully: no new sends, the parts in flight finish.
 pub async fn run(cfg: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let grace = cfg
@@ -81,7 +119,25 @@ pub async fn run(cfg: Config, stop: impl std::future::Future<Output = ()>) -> an
         .unwrap_or_default()
         + Duration::from_secs(5);
     let running = start(cfg).await?;
+    wsmb_common::systemd::ready("job store open, modems and broker link started");
+    let watchdog = spawn_watchdog(&running);
+    // `systemctl reload`: nothing to reload in place (the broker CA file is read at every
+    // connection); without this handler SIGHUP would end the process.
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                info!(
+                    "SIGHUP: broker.ca_file is read again at the next connection; \
+                     other changes take a restart (systemctl restart wsmb-agent)"
+                );
+            }
+        });
+    }
     stop.await;
+    wsmb_common::systemd::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     info!("stopping: finishing the sends in progress (at most {grace:?})");
     running.shutdown.cancel();
     let _ = tokio::time::timeout(grace, running.task).await;

@@ -368,3 +368,63 @@ async fn jobs_wait_for_a_silent_or_vanished_modem_and_a_wrong_pin_is_reported() 
     );
     assert_eq!(sim.pin_attempts(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_agent_says_ready_feeds_the_watchdog_and_survives_sighup() {
+    let dir = scratch("notify");
+    let (_broker, addr) = broker();
+    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
+        .await
+        .expect("sim");
+    let sock_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
+    let wait = |needle: &str| -> Option<String> {
+        let deadline = std::time::Instant::now() + T;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            notify.set_read_timeout(Some(left)).ok()?;
+            let n = notify.recv(&mut buf).ok()?;
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.contains(needle) {
+                return Some(msg);
+            }
+        }
+    };
+    let cfg = agent_config(&dir, &format!("ws://{addr}/"), sim.path(), "");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-agent"));
+    cmd.args(["--config", &cfg.display().to_string(), "run"])
+        .env("WSMB_PASSWORD", PASSWORD)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut a = Proc::spawn(cmd).expect("agent");
+    tokio::task::block_in_place(|| {
+        assert!(wait("READY=1").is_some(), "no READY=1:\n{}", a.output());
+        // The status line follows the link and the modem.
+        assert!(
+            wait("STATUS=broker connected; sim1 Ready").is_some(),
+            "{}",
+            a.output()
+        );
+        let kill = |sig: &str| {
+            assert!(
+                Command::new("kill")
+                    .args([sig, &a.pid().to_string()])
+                    .status()
+                    .expect("kill")
+                    .success()
+            )
+        };
+        kill("-HUP");
+        assert!(a.wait_line("SIGHUP: ", T).is_some(), "{}", a.output());
+        for _ in 0..2 {
+            assert!(
+                wait("WATCHDOG=1").is_some(),
+                "watchdog not fed after SIGHUP"
+            );
+        }
+        kill("-TERM");
+        assert!(wait("STOPPING=1").is_some());
+        assert!(a.wait(T).is_some_and(|s| s.success()), "{}", a.output());
+    });
+}
