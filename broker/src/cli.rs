@@ -162,6 +162,15 @@ fn check_config(config: &Config, origin: &Origin) -> ExitCode {
                 println!("warning: {w}");
             }
             println!("users: {} ({})", table.len(), table.kinds());
+            if config.tls.enabled() {
+                match crate::tls::load(&config.tls.cert_file, &config.tls.key_file) {
+                    Ok(_) => println!("tls: {} OK", config.tls.cert_file.display()),
+                    Err(e) => {
+                        eprintln!("wsmb-broker: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             println!("configuration OK");
             ExitCode::SUCCESS
         }

@@ -35,8 +35,28 @@ pub struct Config {
     pub credentials: CredentialsConfig,
     /// `[storage]`.
     pub storage: StorageConfig,
+    /// `[tls]`.
+    pub tls: TlsConfig,
     /// `[log]`.
     pub log: LogConfig,
+}
+
+/// `[tls]`: the broker's own TLS listener. Both files empty (the default): plain `ws://`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain (the server's certificate first), e.g. Let's Encrypt's
+    /// `fullchain.pem`.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1), e.g. `privkey.pem`.
+    pub key_file: PathBuf,
+}
+
+impl TlsConfig {
+    /// Whether TLS is configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty() || !self.key_file.as_os_str().is_empty()
+    }
 }
 
 /// Where messages are kept.
@@ -266,6 +286,15 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.tls.enabled()
+            && (self.tls.cert_file.as_os_str().is_empty()
+                || self.tls.key_file.as_os_str().is_empty())
+        {
+            return bad(
+                "[tls] needs both cert_file and key_file (PEM files), or neither for plain ws://"
+                    .into(),
+            );
+        }
         if s.listen.parse::<SocketAddr>().is_err() {
             return bad(format!(
                 "server.listen = {:?} is not an IP address and port; write e.g. \"0.0.0.0:8888\" \
@@ -477,6 +506,8 @@ mod tests {
             "lines",
             "reload_interval",
             "bcrypt_concurrency",
+            "cert_file",
+            "key_file",
             "level",
         ] {
             assert!(text.contains(&format!("{key} =")), "example lacks {key}");

@@ -25,8 +25,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::ws::Socket;
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info};
 
@@ -51,7 +51,7 @@ const MAX_PENDING: usize = 1024;
 pub const MAX_IDS_BYTES: usize = 64 * 1024;
 
 /// Serves one accepted TCP connection.
-pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, id: u64) {
+pub async fn handle<S: Socket>(stream: S, peer: SocketAddr, shared: Arc<Shared>, id: u64) {
     // A debug span: at the default level no span is kept per connection (it would cost an
     // idle connection a tenth of its budget); the lines that matter at info name the
     // connection themselves.
@@ -65,8 +65,8 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, id
     .await
 }
 
-async fn serve(
-    stream: TcpStream,
+async fn serve<S: Socket>(
+    stream: S,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     id: u64,
@@ -85,12 +85,12 @@ type First = Option<Result<Option<Incoming>, ws::ReadError>>;
 
 /// From the first byte to an accepted WebSocket (`None`: answered and done, as HTTP or as a
 /// rejected upgrade).
-async fn handshake(
-    mut stream: TcpStream,
+async fn handshake<S: Socket>(
+    mut stream: S,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     id: u64,
-) -> anyhow::Result<Option<(TcpStream, Reader, First)>> {
+) -> anyhow::Result<Option<(S, Reader, First)>> {
     let _ = stream.set_nodelay(true);
     let cfg = &shared.config.server;
     let head = tokio::time::timeout(cfg.handshake_timeout, http::read_head(&mut stream)).await;
@@ -160,7 +160,13 @@ async fn handshake(
 }
 
 /// An accepted connection: reader, completer and writer side by side until the close.
-async fn session(stream: TcpStream, reader: Reader, first: First, shared: &Arc<Shared>, id: u64) {
+async fn session<S: Socket>(
+    stream: S,
+    reader: Reader,
+    first: First,
+    shared: &Arc<Shared>,
+    id: u64,
+) {
     let cfg = &shared.config.server;
     debug!("accepted");
     let outbox = Arc::new(Outbox::for_conn(
@@ -205,8 +211,8 @@ async fn session(stream: TcpStream, reader: Reader, first: First, shared: &Arc<S
 }
 
 /// Rejected credentials: `connect` with `01`, close 1008, a moment for the peer's close reply.
-async fn reject(
-    stream: &TcpStream,
+async fn reject<S: Socket>(
+    stream: &S,
     reader: &mut Reader,
     shared: &Shared,
     peer: SocketAddr,
@@ -295,7 +301,7 @@ fn http_answer(head: &RequestHead, shared: &Shared) -> Option<Vec<u8>> {
     None
 }
 
-async fn respond(stream: &mut TcpStream, resp: &[u8], limit: Duration) -> std::io::Result<()> {
+async fn respond<S: Socket>(stream: &mut S, resp: &[u8], limit: Duration) -> std::io::Result<()> {
     tokio::time::timeout(limit, http::send_and_close(stream, resp))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
@@ -358,7 +364,13 @@ impl Life {
 
 /// Writes what is queued (pings and the shutdown close are queued by `state::Sessions`), then
 /// the close frame. Waits on one thing only, so that an idle connection costs little.
-async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared, conn: u64, life: &Life) {
+async fn write_loop<S: Socket>(
+    stream: &S,
+    outbox: &Outbox,
+    shared: &Shared,
+    conn: u64,
+    life: &Life,
+) {
     let mut batch: Vec<Out> = Vec::new();
     let stop = loop {
         outbox.work().await;
@@ -376,8 +388,8 @@ async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared, conn: 
 
 /// Ends a connection: writes what is queued when asked to, the close frame, waits briefly for
 /// the peer's answer, stops the reader; stored rows that were never written go back.
-async fn finish(
-    stream: &TcpStream,
+async fn finish<S: Socket>(
+    stream: &S,
     outbox: &Outbox,
     shared: &Shared,
     conn: u64,
@@ -438,7 +450,7 @@ async fn finish(
 
 /// Reads and drops what the peer still sends after a close was decided: frames up to its close
 /// answer, or raw bytes when the framing is lost; ends when the writer shuts the read side.
-async fn drop_the_rest(stream: &TcpStream, reader: &mut Reader, framing_lost: bool) {
+async fn drop_the_rest<S: Socket>(stream: &S, reader: &mut Reader, framing_lost: bool) {
     if framing_lost {
         reader.discard(stream).await;
     } else {
@@ -452,8 +464,8 @@ async fn drop_the_rest(stream: &TcpStream, reader: &mut Reader, framing_lost: bo
 
 /// Writes `batch` (within `write_timeout`; during a shutdown, within `shutdown_timeout`), then
 /// gives back its bytes and tells the engine which stored rows it carried.
-async fn write_batch(
-    stream: &TcpStream,
+async fn write_batch<S: Socket>(
+    stream: &S,
     batch: &mut Vec<Out>,
     outbox: &Outbox,
     shared: &Shared,
@@ -631,9 +643,9 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn read_loop(
+    async fn read_loop<S: Socket>(
         &mut self,
-        stream: &TcpStream,
+        stream: &S,
         mut reader: Reader,
         first: First,
         life: &Life,
@@ -943,7 +955,7 @@ mod tests {
             .await
             .expect("bind");
         let addr = l.local_addr().expect("addr");
-        let c = TcpStream::connect(addr).await.expect("connect");
+        let c = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut cfg = crate::Config::default();
         cfg.storage.backend = crate::config::Backend::Memory;
         let stats = Arc::new(crate::stats::Stats::default());

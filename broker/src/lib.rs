@@ -15,6 +15,7 @@
 //! - [`delivery`]: the delivery engine: channels, receivers, rotation and receiver limits,
 //!   memory and durable backends, acknowledgements, expiry.
 //! - [`storage`]: the database (SQLite, MariaDB/MySQL, PostgreSQL), claims, group commit.
+//! - [`tls`]: the broker's own TLS listener, certificates reloaded on SIGHUP.
 //! - [`state`], [`stats`]: what every connection shares; counters.
 //! - [`server`]: accept loop, start-up, credential reloading, graceful shutdown.
 //! - [`cli`]: the `wsmb-broker` command line.
@@ -35,6 +36,7 @@ pub mod server;
 pub mod state;
 pub mod stats;
 pub mod storage;
+pub mod tls;
 pub mod ws;
 
 pub use config::Config;

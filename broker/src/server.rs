@@ -1,4 +1,4 @@
-//! The accept loop, shared state, credential reloading and graceful shutdown.
+//! The accept loop, shared state, credential and certificate reloading and graceful shutdown.
 //!
 //! [`run`] takes an already-bound listener (tests bind `127.0.0.1:0`) and a shutdown token; it
 //! returns once every connection has been closed with 1001 and its queue flushed, or after
@@ -23,7 +23,7 @@ use crate::state::Shared;
 use crate::stats::Stats;
 
 /// Accepts connections until `shared.shutdown` is cancelled, then waits for them to close.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn run(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<crate::tls::Tls>>) {
     let cfg = &shared.config.server;
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let tracker = TaskTracker::new();
@@ -52,10 +52,17 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
         };
         let id = shared.next_conn();
         let sh = Arc::clone(&shared);
+        let tls = tls.clone();
         tracker.spawn(async move {
             sh.stats.connections_open.fetch_add(1, Ordering::Relaxed);
             sh.stats.connections_total.fetch_add(1, Ordering::Relaxed);
-            crate::conn::handle(stream, peer, Arc::clone(&sh), id).await;
+            match tls {
+                None => crate::conn::handle(stream, peer, Arc::clone(&sh), id).await,
+                Some(tls) => match tls.accept(stream, sh.config.server.handshake_timeout).await {
+                    Ok(plain) => crate::conn::handle(plain, peer, Arc::clone(&sh), id).await,
+                    Err(e) => info!(conn = id, %peer, "{e}"),
+                },
+            }
             sh.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
@@ -154,6 +161,35 @@ pub fn spawn_credentials_watcher(
     });
 }
 
+/// Reads the TLS certificate and key again on SIGHUP (`systemctl reload`); new connections get
+/// the new certificate, open ones keep theirs.
+fn spawn_tls_reloader(shared: &Arc<Shared>, tls: Arc<crate::tls::Tls>) {
+    let shutdown = shared.shutdown.clone();
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("cannot listen for SIGHUP ({e}); the TLS certificate is read at start only");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = hup.recv() => if r.is_none() { return },
+            }
+            let t = Arc::clone(&tls);
+            match tokio::task::spawn_blocking(move || t.reload()).await {
+                Ok(Ok(())) => info!("TLS certificate reloaded (SIGHUP)"),
+                Ok(Err(e)) => {
+                    error!("TLS certificate reload failed, keeping the previous one: {e}")
+                }
+                Err(e) => error!("TLS certificate reload failed: {e}"),
+            }
+        }
+    });
+}
+
 /// One task for every session: pings each every `ping_interval`, drops those silent for
 /// `dead_peer_timeout`, and on shutdown asks each to close with 1001 once its queue is written.
 fn spawn_keepalive(shared: &Arc<Shared>) {
@@ -230,6 +266,16 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
         info!("storage: {:?}", config.storage.backend);
         Some(st)
     };
+    let tls = if config.tls.enabled() {
+        let (cert, key) = (config.tls.cert_file.clone(), config.tls.key_file.clone());
+        let t = tokio::task::spawn_blocking(move || crate::tls::Tls::new(&cert, &key))
+            .await?
+            .map_err(|e| anyhow::anyhow!(e))?;
+        info!("TLS: certificate {}", config.tls.cert_file.display());
+        Some(Arc::new(t))
+    } else {
+        None
+    };
     let shutdown = CancellationToken::new();
     let stats = Arc::new(Stats::default());
     let engine = Engine::new(
@@ -241,7 +287,10 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
     let shared = Shared::new(Arc::new(config), auth, engine, stats, shutdown);
     spawn_credentials_watcher(&shared, sources, interval);
     spawn_keepalive(&shared);
+    if let Some(t) = &tls {
+        spawn_tls_reloader(&shared, Arc::clone(t));
+    }
     let addr = listener.local_addr()?;
-    let task = tokio::spawn(run(listener, Arc::clone(&shared)));
+    let task = tokio::spawn(run(listener, Arc::clone(&shared), tls));
     Ok(Running { addr, shared, task })
 }

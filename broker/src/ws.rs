@@ -23,8 +23,56 @@
 use std::io;
 use std::io::IoSlice;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::TcpStream;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What a session reads from and writes to: a TCP connection, or for TLS the local end of a
+/// socket pair whose other end a TLS task serves (see `tls`). Reading and writing go through
+/// `&self` (readiness, then a non-blocking try), so the session's reader and writer share it.
+pub trait Socket:
+    AsyncRead + AsyncWrite + Unpin + Send + Sync + std::os::fd::AsFd + 'static
+{
+    /// Waits until a read may make progress.
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Reads what is there into `buf`, or `WouldBlock`.
+    fn try_read_buf<B: BufMut>(&self, buf: &mut B) -> io::Result<usize>;
+    /// Reads what is there into `buf`, or `WouldBlock`.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Waits until a write may make progress.
+    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Writes what fits of `bufs`, or `WouldBlock`.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Disables Nagle's algorithm where there is one.
+    fn set_nodelay(&self, on: bool) -> io::Result<()>;
+}
+
+macro_rules! socket_impl {
+    ($t:ty, $nodelay:expr) => {
+        impl Socket for $t {
+            fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+                <$t>::readable(self)
+            }
+            fn try_read_buf<B: BufMut>(&self, buf: &mut B) -> io::Result<usize> {
+                <$t>::try_read_buf(self, buf)
+            }
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$t>::try_read(self, buf)
+            }
+            fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+                <$t>::writable(self)
+            }
+            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                <$t>::try_write_vectored(self, bufs)
+            }
+            fn set_nodelay(&self, on: bool) -> io::Result<()> {
+                let f: fn(&$t, bool) -> io::Result<()> = $nodelay;
+                f(self, on)
+            }
+        }
+    };
+}
+socket_impl!(tokio::net::TcpStream, |s, on| s.set_nodelay(on));
+socket_impl!(tokio::net::UnixStream, |_, _| Ok(()));
 
 /// Most payload bytes of a control frame (RFC 6455 5.5).
 pub const MAX_CONTROL: usize = 125;
@@ -177,7 +225,7 @@ impl Reader {
 
     /// The next message or control frame; `Ok(None)` when the peer closed the TCP connection.
     /// Cancel-safe: the only await is for readability.
-    pub async fn next(&mut self, stream: &TcpStream) -> Result<Option<Incoming>, ReadError> {
+    pub async fn next<S: Socket>(&mut self, stream: &S) -> Result<Option<Incoming>, ReadError> {
         loop {
             if let Some(m) = self.parse()? {
                 return Ok(Some(m));
@@ -202,7 +250,7 @@ impl Reader {
     /// Reads and drops bytes until the peer closes or the read side is shut down: for a
     /// connection whose framing can no longer be trusted (a protocol error, an oversized
     /// message), so that closing it does not reset the peer before it read our close frame.
-    pub async fn discard(&mut self, stream: &TcpStream) {
+    pub async fn discard<S: Socket>(&mut self, stream: &S) {
         self.buf = BytesMut::new();
         self.partial = None;
         loop {
@@ -475,7 +523,7 @@ fn encode(f: &Frame) -> Encoded<'_> {
 
 /// Writes `frames` completely (vectored writes, payloads not copied). Not cancel-safe: a write
 /// dropped half-way leaves a frame cut, and the connection must then be dropped.
-pub async fn write_frames<'a, I>(stream: &TcpStream, frames: I) -> io::Result<()>
+pub async fn write_frames<'a, S: Socket, I>(stream: &S, frames: I) -> io::Result<()>
 where
     I: IntoIterator<Item = &'a Frame>,
 {
@@ -497,7 +545,7 @@ where
 }
 
 /// Writes every byte of `parts`, in order.
-async fn write_all_vectored(stream: &TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+async fn write_all_vectored<S: Socket>(stream: &S, parts: &[&[u8]]) -> io::Result<()> {
     let mut i = 0; // first part not completely written
     let mut off = 0; // bytes of part i already written
     while i < parts.len() {

@@ -304,3 +304,199 @@ async fn the_php_status_worker_reconnects_after_a_broker_restart() {
         assert!(status.success(), "{}", worker.output());
     });
 }
+
+/// A self-signed certificate for 127.0.0.1 and localhost, made with openssl: (cert, key).
+fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=wsmb test {name}"),
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    (cert, key)
+}
+
+/// `curl --cacert CA https://ADDR/healthz`: whether the TLS handshake was trusted.
+fn curl_healthz(addr: SocketAddr, ca: &Path) -> bool {
+    Command::new("curl")
+        .args(["-sf", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .arg(format!("https://{addr}/healthz"))
+        .output()
+        .expect("curl")
+        .status
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_brokers_own_tls_php_and_the_agent_connect_and_sighup_swaps_the_certificate() {
+    let dir = scratch("tls");
+    let (first, first_key) = certificate(&dir, "first");
+    let (second, second_key) = certificate(&dir, "second");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::copy(&first, &cert).expect("copy");
+    std::fs::copy(&first_key, &key).expect("copy");
+    let cfg = dir.join("broker.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[credentials]\nfiles = [\"{}\"]\n\
+             [storage]\nbackend = \"sqlite\"\npath = \"{}\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            repo_root().join("deploy/htpasswd.example").display(),
+            dir.join("broker.sqlite").display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .expect("config");
+    let check = Command::new(env!("CARGO_BIN_EXE_e2e-broker"))
+        .args(["check-config", "--config", &cfg.display().to_string()])
+        .output()
+        .expect("check-config");
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("tls: "),
+        "{check:?}"
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-broker"));
+    cmd.args(["--config", &cfg.display().to_string()])
+        .env_remove("RUST_LOG");
+    let b = Proc::spawn(cmd).expect("broker");
+    let line = b
+        .wait_line("listening on ", T)
+        .unwrap_or_else(|| panic!("broker: {}", b.output()));
+    let addr: SocketAddr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|a| a.trim().parse().ok())
+        .expect("address");
+    assert!(
+        curl_healthz(addr, &first),
+        "https:// with the first certificate"
+    );
+    assert!(!curl_healthz(addr, &second));
+
+    // The agent over wss://, trusting the first certificate.
+    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
+        .await
+        .expect("sim");
+    let agent_cfg = agent_config(
+        &dir,
+        &format!("wss://localhost:{}/", addr.port()),
+        sim.path(),
+        "",
+    );
+    let text = std::fs::read_to_string(&agent_cfg).expect("read");
+    std::fs::write(
+        &agent_cfg,
+        text.replace(
+            "[broker]\n",
+            &format!("[broker]\nca_file = \"{}\"\n", first.display()),
+        ),
+    )
+    .expect("write");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-agent"));
+    cmd.args(["--config", &agent_cfg.display().to_string(), "run"])
+        .env("WSMB_PASSWORD", PASSWORD);
+    let a = Proc::spawn(cmd).expect("agent");
+    tokio::task::block_in_place(|| {
+        for needle in ["connected to the broker", "modem ready"] {
+            assert!(a.wait_line(needle, T).is_some(), "agent: {}", a.output());
+        }
+    });
+
+    // PHP over wss:// (ssl://), trusting the first certificate; without it, a clear refusal.
+    let url = format!("wss://127.0.0.1:{}/", addr.port());
+    let send = |ca: &Path, id: &str| {
+        snippet(
+            &url,
+            PASSWORD,
+            &format!(
+                "$c = new Wsmb\\Client('{url}', 'qa', '{PASSWORD}', ['ca_file' => '{}', 'timeout' => 10]);\n\
+                 try {{ $c->watchStatus(); $r = $c->sendSms('+6281200001111', 'tls {id}', ['id' => '{id}']);\n\
+                 $e = $c->waitForStatus('{id}', 30); echo $e['status']; {CATCH}",
+                ca.display()
+            ),
+        )
+    };
+    let (code, out) = tokio::task::block_in_place(|| send(&first, "tls-1"));
+    assert_eq!((code, out.as_str()), (Some(0), "sent"), "{}", a.output());
+    let (code, out) = tokio::task::block_in_place(|| send(&second, "tls-x"));
+    assert_eq!(code, Some(3));
+    assert!(
+        out.starts_with("Wsmb\\ConnectionException: TLS handshake") && out.contains("ca_file"),
+        "{out}"
+    );
+
+    // Swap the certificate, SIGHUP: new connections get the second one; the agent's open
+    // connection (which trusts only the first, so it could not reconnect) is not dropped.
+    std::fs::copy(&second, &cert).expect("copy");
+    std::fs::copy(&second_key, &key).expect("copy");
+    let hup = Command::new("kill")
+        .args(["-HUP", &b.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    tokio::task::block_in_place(|| {
+        assert!(
+            b.wait_line("TLS certificate reloaded (SIGHUP)", T)
+                .is_some(),
+            "{}",
+            b.output()
+        );
+    });
+    assert!(
+        curl_healthz(addr, &second),
+        "the second certificate after SIGHUP"
+    );
+    assert!(!curl_healthz(addr, &first));
+    let (code, out) = tokio::task::block_in_place(|| send(&second, "tls-2"));
+    assert_eq!((code, out.as_str()), (Some(0), "sent"), "{}", a.output());
+    assert_eq!(
+        a.output().matches("connected to the broker").count(),
+        1,
+        "the agent's connection was dropped:\n{}",
+        a.output()
+    );
+
+    // A broken certificate file on reload keeps the working one.
+    std::fs::write(&cert, "not a certificate").expect("write");
+    let hup = Command::new("kill")
+        .args(["-HUP", &b.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    tokio::task::block_in_place(|| {
+        assert!(
+            b.wait_line("TLS certificate reload failed, keeping the previous one", T)
+                .is_some(),
+            "{}",
+            b.output()
+        );
+    });
+    assert!(curl_healthz(addr, &second));
+}
