@@ -45,9 +45,10 @@ pub struct SqlDb {
 
 /// Marks a statement as audited: the only formatted-in part of any statement here is the table
 /// name, built from `storage.prefix`, which validation restricts to letters, digits and `_`.
-/// Values always go through bind parameters.
-fn safe(sql: impl AsRef<str>) -> sqlx::AssertSqlSafe<String> {
-    sqlx::AssertSqlSafe(sql.as_ref().to_owned())
+/// Values always go through bind parameters. (sqlx 0.8 takes the statement as `&str`; 0.9's
+/// `AssertSqlSafe` needs Rust 1.94, beyond the workspace's 1.85.)
+fn safe(sql: impl AsRef<str>) -> String {
+    sql.as_ref().to_owned()
 }
 
 /// `url` with `password` put in (when given), for the driver.
@@ -127,7 +128,7 @@ impl SqlDb {
             }
         };
         on_pool!(&self.pool, p => {
-            let rows = sqlx::query(safe(sql)).bind(&self.table).fetch_all(p).await?;
+            let rows = sqlx::query(&safe(sql)).bind(&self.table).fetch_all(p).await?;
             rows.iter()
                 .map(|r| {
                     Ok((
@@ -145,7 +146,7 @@ impl SqlDb {
         match self.dialect {
             Dialect::Mysql => {
                 // The original's table, exactly (the prefix is configurable).
-                sqlx::query(safe(format!(
+                sqlx::query(&safe(format!(
                     "CREATE TABLE IF NOT EXISTS `{t}` (
                       `data_id` bigint(20) NOT NULL AUTO_INCREMENT,
                       `channel` varchar(100) DEFAULT NULL,
@@ -159,7 +160,7 @@ impl SqlDb {
                 .await?;
             }
             Dialect::Postgres => {
-                sqlx::query(safe(format!(
+                sqlx::query(&safe(format!(
                     "CREATE TABLE IF NOT EXISTS {t} (
                       data_id BIGSERIAL PRIMARY KEY,
                       channel VARCHAR(100),
@@ -189,7 +190,7 @@ impl SqlDb {
                     pg
                 };
                 let sql = format!("ALTER TABLE {t} ADD COLUMN {col} {ty}");
-                on_pool!(&self.pool, p => sqlx::query(safe(&sql)).execute(p).await.map(|_| ()))?;
+                on_pool!(&self.pool, p => sqlx::query(&safe(&sql)).execute(p).await.map(|_| ()))?;
             }
         }
         if self.dialect == Dialect::Mysql {
@@ -200,7 +201,7 @@ impl SqlDb {
                     .find(|(c, _)| c == col)
                     .and_then(|(_, cs)| cs.clone());
                 if charset.is_some_and(|cs| cs != "utf8mb4") {
-                    sqlx::query(safe(format!(
+                    sqlx::query(&safe(format!(
                         "ALTER TABLE `{t}` MODIFY `{col}` {ty} CHARACTER SET utf8mb4 NULL"
                     )))
                     .execute(self.my()?)
@@ -231,7 +232,7 @@ impl SqlDb {
                 Dialect::Mysql => format!("CREATE INDEX `{name}` ON `{t}` {mysql}"),
                 Dialect::Postgres => format!("CREATE INDEX IF NOT EXISTS {name} ON {t} {pg}"),
             };
-            on_pool!(&self.pool, p => sqlx::query(safe(&sql)).execute(p).await.map(|_| ()))?;
+            on_pool!(&self.pool, p => sqlx::query(&safe(&sql)).execute(p).await.map(|_| ()))?;
         }
         Ok(())
     }
@@ -248,7 +249,7 @@ impl SqlDb {
             }
         };
         on_pool!(&self.pool, p => {
-            let rows = sqlx::query(safe(sql)).bind(&self.table).fetch_all(p).await?;
+            let rows = sqlx::query(&safe(sql)).bind(&self.table).fetch_all(p).await?;
             rows.iter()
                 .map(|r| r.try_get::<String, _>(0))
                 .collect::<Result<_, sqlx::Error>>()
@@ -278,9 +279,9 @@ impl SqlDb {
             ),
         };
         on_pool!(&self.pool, p => {
-            sqlx::query(safe(&release)).bind(&pattern).execute(p).await?;
-            let max_id: i64 = sqlx::query(safe(&max)).fetch_one(p).await?.try_get(0)?;
-            let rows = sqlx::query(safe(&count)).fetch_all(p).await?;
+            sqlx::query(&safe(&release)).bind(&pattern).execute(p).await?;
+            let max_id: i64 = sqlx::query(&safe(&max)).fetch_one(p).await?.try_get(0)?;
+            let rows = sqlx::query(&safe(&count)).fetch_all(p).await?;
             let mut counts = std::collections::HashMap::new();
             for r in &rows {
                 let ch: Option<String> = r.try_get(0)?;
@@ -337,7 +338,7 @@ impl SqlDb {
                                            expires_at, msg_key, claimed_by, claimed_until,
                                            deliveries) VALUES {values}"
                     );
-                    let mut q = sqlx::query(safe(&sql));
+                    let mut q = sqlx::query(&sql);
                     for (_, m) in chunk {
                         let (holder, until) = claim_parts(&m.claim);
                         q = q
@@ -360,7 +361,7 @@ impl SqlDb {
             Step::Delete(ops) => {
                 for chunk in ops.chunks(ID_CHUNK) {
                     let ids: Vec<i64> = chunk.iter().map(|(_, id)| *id).collect();
-                    let r = sqlx::query(safe(format!(
+                    let r = sqlx::query(&safe(format!(
                         "DELETE FROM `{t}` WHERE data_id IN ({})",
                         id_list(&ids)
                     )))
@@ -370,7 +371,7 @@ impl SqlDb {
                 }
             }
             Step::Decrement(i, id) => {
-                sqlx::query(safe(format!(
+                sqlx::query(&safe(format!(
                     "UPDATE `{t}` SET remaining = remaining - 1, claimed_by = NULL,
                      claimed_until = NULL WHERE data_id = ?"
                 )))
@@ -381,7 +382,7 @@ impl SqlDb {
             }
             Step::Release(ids) => {
                 for chunk in ids.chunks(ID_CHUNK) {
-                    sqlx::query(safe(format!(
+                    sqlx::query(&safe(format!(
                         "UPDATE `{t}` SET claimed_by = NULL, claimed_until = NULL
                          WHERE data_id IN ({})",
                         id_list(chunk)
@@ -391,7 +392,7 @@ impl SqlDb {
                 }
             }
             Step::Claim(i, req) => {
-                let candidates = sqlx::query(safe(format!(
+                let candidates = sqlx::query(&safe(format!(
                     "SELECT data_id,
                             CAST(COALESCE(LENGTH(frame), 0) + COALESCE(LENGTH(data), 0) AS SIGNED)
                      FROM `{t}`
@@ -419,7 +420,7 @@ impl SqlDb {
                     return Ok(());
                 }
                 let list = id_list(&ids);
-                let rows = sqlx::query(safe(format!(
+                let rows = sqlx::query(&safe(format!(
                     "SELECT data_id, msg_key, frame, CASE WHEN frame IS NULL THEN data END,
                             CAST(COALESCE(remaining, 1) AS SIGNED), expires_at,
                             CAST(COALESCE(deliveries, 0) AS SIGNED)
@@ -427,7 +428,7 @@ impl SqlDb {
                 )))
                 .fetch_all(&mut *tx)
                 .await?;
-                sqlx::query(safe(format!(
+                sqlx::query(&safe(format!(
                     "UPDATE `{t}` SET claimed_by = ?, claimed_until = ?,
                             deliveries = COALESCE(deliveries, 0) + 1 WHERE data_id IN ({list})"
                 )))
@@ -442,7 +443,7 @@ impl SqlDb {
                 results[i] = Some(OpResult::Claimed(rows, more));
             }
             Step::Sweep(i, now, max) => {
-                let rows = sqlx::query(safe(format!(
+                let rows = sqlx::query(&safe(format!(
                     "SELECT data_id, channel FROM `{t}`
                      WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?"
                 )))
@@ -453,7 +454,7 @@ impl SqlDb {
                 let swept = swept_rows(&rows)?;
                 if !swept.is_empty() {
                     let ids: Vec<i64> = swept.iter().map(|(id, _)| *id).collect();
-                    sqlx::query(safe(format!(
+                    sqlx::query(&safe(format!(
                         "DELETE FROM `{t}` WHERE data_id IN ({})",
                         id_list(&ids)
                     )))
@@ -499,7 +500,7 @@ impl SqlDb {
                                          deliveries) VALUES {}",
                         values.join(",")
                     );
-                    let mut q = sqlx::query(safe(&sql));
+                    let mut q = sqlx::query(&sql);
                     for (_, m) in chunk {
                         let (holder, until) = claim_parts(&m.claim);
                         q = q
@@ -522,7 +523,7 @@ impl SqlDb {
             Step::Delete(ops) => {
                 for chunk in ops.chunks(ID_CHUNK) {
                     let ids: Vec<i64> = chunk.iter().map(|(_, id)| *id).collect();
-                    let r = sqlx::query(safe(format!("DELETE FROM {t} WHERE data_id = ANY($1)")))
+                    let r = sqlx::query(&safe(format!("DELETE FROM {t} WHERE data_id = ANY($1)")))
                         .bind(ids)
                         .execute(&mut *tx)
                         .await?;
@@ -530,7 +531,7 @@ impl SqlDb {
                 }
             }
             Step::Decrement(i, id) => {
-                sqlx::query(safe(format!(
+                sqlx::query(&safe(format!(
                     "UPDATE {t} SET remaining = remaining - 1, claimed_by = NULL,
                      claimed_until = NULL WHERE data_id = $1"
                 )))
@@ -541,7 +542,7 @@ impl SqlDb {
             }
             Step::Release(ids) => {
                 for chunk in ids.chunks(ID_CHUNK) {
-                    sqlx::query(safe(format!(
+                    sqlx::query(&safe(format!(
                         "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL
                          WHERE data_id = ANY($1)"
                     )))
@@ -551,7 +552,7 @@ impl SqlDb {
                 }
             }
             Step::Claim(i, req) => {
-                let candidates = sqlx::query(safe(format!(
+                let candidates = sqlx::query(&safe(format!(
                     "SELECT data_id,
                             CAST(COALESCE(LENGTH(frame), 0) + COALESCE(LENGTH(data), 0) AS BIGINT)
                      FROM {t}
@@ -578,7 +579,7 @@ impl SqlDb {
                     results[i] = Some(OpResult::Claimed(Vec::new(), more));
                     return Ok(());
                 }
-                let rows = sqlx::query(safe(format!(
+                let rows = sqlx::query(&safe(format!(
                     "UPDATE {t} SET claimed_by = $1, claimed_until = $2,
                             deliveries = COALESCE(deliveries, 0) + 1
                      WHERE data_id = ANY($3)
@@ -599,7 +600,7 @@ impl SqlDb {
                 results[i] = Some(OpResult::Claimed(rows, more));
             }
             Step::Sweep(i, now, max) => {
-                let rows = sqlx::query(safe(format!(
+                let rows = sqlx::query(&safe(format!(
                     "DELETE FROM {t} WHERE data_id IN (
                        SELECT data_id FROM {t}
                        WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2)
@@ -616,7 +617,7 @@ impl SqlDb {
     }
 
     pub(super) async fn ping(&self) -> Result<(), DbError> {
-        on_pool!(&self.pool, p => sqlx::query(safe("SELECT 1")).execute(p).await.map(|_| ()))?;
+        on_pool!(&self.pool, p => sqlx::query(&safe("SELECT 1")).execute(p).await.map(|_| ()))?;
         Ok(())
     }
 

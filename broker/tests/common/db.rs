@@ -78,7 +78,7 @@ pub async fn exec(c: &StorageConfig, sql: &str) {
             let mut conn = sqlx::MySqlConnection::connect(&c.url)
                 .await
                 .unwrap_or_else(|e| panic!("MariaDB at {} (started by .ci/run): {e}", c.url));
-            sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            sqlx::query(sql)
                 .execute(&mut conn)
                 .await
                 .expect("statement");
@@ -89,7 +89,7 @@ pub async fn exec(c: &StorageConfig, sql: &str) {
             let mut conn = sqlx::PgConnection::connect(&c.url)
                 .await
                 .unwrap_or_else(|e| panic!("PostgreSQL at {} (started by .ci/run): {e}", c.url));
-            sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            sqlx::query(sql)
                 .execute(&mut conn)
                 .await
                 .expect("statement");
@@ -110,7 +110,7 @@ pub async fn rows(c: &StorageConfig) -> i64 {
         Backend::Mysql => {
             use sqlx::Connection;
             let mut conn = sqlx::MySqlConnection::connect(&c.url).await.expect("mysql");
-            let n = sqlx::query(sqlx::AssertSqlSafe(sql))
+            let n = sqlx::query(&sql)
                 .fetch_one(&mut conn)
                 .await
                 .expect("count")
@@ -121,7 +121,7 @@ pub async fn rows(c: &StorageConfig) -> i64 {
         Backend::Postgres => {
             use sqlx::Connection;
             let mut conn = sqlx::PgConnection::connect(&c.url).await.expect("postgres");
-            let n = sqlx::query(sqlx::AssertSqlSafe(sql))
+            let n = sqlx::query(&sql)
                 .fetch_one(&mut conn)
                 .await
                 .expect("count")
