@@ -447,6 +447,49 @@ async fn passwd_adds_changes_and_removes_users_that_the_running_broker_picks_up(
     let before = std::fs::read(&hp).expect("read");
     let (code, _, stderr) = passwd(&[&hp, "app", "secret"], None);
     assert_eq!(code, 2, "{stderr}");
+    // The prompt, on a real pseudo-terminal (util-linux `script` gives the command one and
+    // types what it reads from stdin, ahead of the prompts, so the terminal's own echo of the
+    // type-ahead is in the output): asked twice; a mismatch changes nothing.
+    let prompt = |typed: &str| {
+        use std::io::Write as _;
+        let mut child = Command::new("script")
+            .args(["-qec"])
+            .arg(format!(
+                "{} passwd {hp} viaprompt",
+                env!("CARGO_BIN_EXE_wsmb-broker")
+            ))
+            .arg("/dev/null")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("script (util-linux)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(typed.as_bytes())
+            .expect("type");
+        let o = child.wait_with_output().expect("wait");
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (code, out) = prompt("typo one\ntypo two\n");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("do not match"), "{out}");
+    assert_eq!(std::fs::read(&hp).expect("read"), before);
+    let (code, out) = prompt("prompted pw\nprompted pw\n");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("New password for viaprompt") && out.contains("Retype it"),
+        "{out}"
+    );
+    assert!(apache_verifies(&hp, "viaprompt", "prompted pw"));
+    let (code, _, _) = passwd(&["--delete", &hp, "viaprompt"], None);
+    assert_eq!(code, 0);
+
     // (setsid: no controlling terminal, as under cron or a script, even when the tests run
     // in one)
     let o = Command::new("setsid")
