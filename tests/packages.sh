@@ -59,8 +59,9 @@ for u in wsmb-broker wsmb-agent; do
 done
 
 # With no user the broker's config check says so; nothing can log in.
-$SUDO runuser -u wsmb-broker -- /usr/bin/wsmb-broker check-config --config /etc/wsmb/broker.toml | grep -q "users: 0" \
-    || fail "check-config of the fresh install"
+FRESH=$($SUDO runuser -u wsmb-broker -- /usr/bin/wsmb-broker check-config --config /etc/wsmb/broker.toml) \
+    || fail "check-config of the fresh install: $FRESH"
+echo "$FRESH" | grep -q "users: 0" || fail "the fresh install has users: $FRESH"
 
 step "adding users with wsmb-broker passwd"
 WORK=$(mktemp -d)

@@ -151,27 +151,36 @@ pub fn main() -> ExitCode {
 }
 
 fn check_config(config: &Config, origin: &Origin) -> ExitCode {
-    println!("config: {origin}");
-    println!(
+    // Written with writeln! so that a closed stdout (`| head`, `| grep -q`) is not a panic.
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    macro_rules! out {
+        ($($t:tt)*) => {
+            { let _ = writeln!(stdout, $($t)*); }
+        };
+    }
+    out!("config: {origin}");
+    out!(
         "listen: {}  path: {}",
-        config.server.listen, config.server.path
+        config.server.listen,
+        config.server.path
     );
     match config.credential_sources().load() {
         Ok((table, warnings)) => {
             for w in warnings {
-                println!("warning: {w}");
+                out!("warning: {w}");
             }
-            println!("users: {} ({})", table.len(), table.kinds());
+            out!("users: {} ({})", table.len(), table.kinds());
             if config.tls.enabled() {
                 match crate::tls::load(&config.tls.cert_file, &config.tls.key_file) {
-                    Ok(_) => println!("tls: {} OK", config.tls.cert_file.display()),
+                    Ok(_) => out!("tls: {} OK", config.tls.cert_file.display()),
                     Err(e) => {
                         eprintln!("wsmb-broker: {e}");
                         return ExitCode::from(2);
                     }
                 }
             }
-            println!("configuration OK");
+            out!("configuration OK");
             ExitCode::SUCCESS
         }
         Err(e) => {
