@@ -340,6 +340,22 @@ fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// Sends SIGHUP to the broker and waits for its log line `needle`.
+fn sighup_and_wait(broker: &Proc, needle: &str) {
+    let hup = Command::new("kill")
+        .args(["-HUP", &broker.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    tokio::task::block_in_place(|| {
+        assert!(
+            broker.wait_line(needle, T).is_some(),
+            "no {needle:?}:\n{}",
+            broker.output()
+        );
+    });
+}
+
 /// `curl --cacert CA https://ADDR/healthz`: whether the TLS handshake was trusted.
 fn curl_healthz(addr: SocketAddr, ca: &Path) -> bool {
     Command::new("curl")
@@ -456,19 +472,7 @@ async fn over_the_brokers_own_tls_php_and_the_agent_connect_and_sighup_swaps_the
     // connection (which trusts only the first, so it could not reconnect) is not dropped.
     std::fs::copy(&second, &cert).expect("copy");
     std::fs::copy(&second_key, &key).expect("copy");
-    let hup = Command::new("kill")
-        .args(["-HUP", &b.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
-    tokio::task::block_in_place(|| {
-        assert!(
-            b.wait_line("TLS certificate reloaded (SIGHUP)", T)
-                .is_some(),
-            "{}",
-            b.output()
-        );
-    });
+    sighup_and_wait(&b, "TLS certificate reloaded (SIGHUP)");
     assert!(
         curl_healthz(addr, &second),
         "the second certificate after SIGHUP"
@@ -485,18 +489,9 @@ async fn over_the_brokers_own_tls_php_and_the_agent_connect_and_sighup_swaps_the
 
     // A broken certificate file on reload keeps the working one.
     std::fs::write(&cert, "not a certificate").expect("write");
-    let hup = Command::new("kill")
-        .args(["-HUP", &b.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
-    tokio::task::block_in_place(|| {
-        assert!(
-            b.wait_line("TLS certificate reload failed, keeping the previous one", T)
-                .is_some(),
-            "{}",
-            b.output()
-        );
-    });
+    sighup_and_wait(
+        &b,
+        "TLS certificate reload failed, keeping the previous one",
+    );
     assert!(curl_healthz(addr, &second));
 }
