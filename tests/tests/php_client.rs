@@ -495,3 +495,50 @@ async fn over_the_brokers_own_tls_php_and_the_agent_connect_and_sighup_swaps_the
     );
     assert!(curl_healthz(addr, &second));
 }
+
+/// The oldest PHP the client supports, 7.4, where CI provides it: `WSMB_TEST_PHP74_ROOT` is a
+/// Debian 11 root with php7.4-cli in which this repository is bind-mounted at the same path
+/// (.ci/run makes it). Without the variable the test says so and checks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_php_examples_work_on_php_7_4() {
+    let Ok(root) = std::env::var("WSMB_TEST_PHP74_ROOT") else {
+        eprintln!("WSMB_TEST_PHP74_ROOT not set (.ci/run sets it): PHP 7.4 not checked");
+        return;
+    };
+    let php74 = |addr: SocketAddr, args: &[&str]| {
+        let mut cmd = Command::new("chroot");
+        cmd.arg(&root)
+            .arg("php7.4")
+            .args(args)
+            .env("WSMB_URL", format!("ws://{addr}/"))
+            .env("WSMB_USER", "qa")
+            .env("WSMB_PASSWORD", PASSWORD);
+        run(cmd)
+    };
+    let dir = scratch("php74");
+    let (_b, addr) = broker(&dir, "127.0.0.1:0");
+    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
+        .await
+        .expect("sim");
+    let _a = tokio::task::block_in_place(|| agent(&dir, addr, &sim));
+    let examples = client_dir().join("examples");
+    let (_, version) = php74(addr, &["-r", "echo PHP_VERSION;"]);
+    assert!(version.starts_with("7.4."), "{version}");
+    let send = examples.join("send-otp.php").display().to_string();
+    let (code, out) = tokio::task::block_in_place(|| php74(addr, &[&send, "081211112222"]));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("accepted by the broker as php-"), "{out}");
+    let wait = examples.join("wait-sent.php").display().to_string();
+    let (code, out) =
+        tokio::task::block_in_place(|| php74(addr, &[&wait, "+6281233334444", "PHP 7.4 ✓"]));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("sent by modem sim1 to +6281233334444"),
+        "{out}"
+    );
+    let msgs = sim.wait_messages(2, T).await;
+    assert_eq!(
+        msgs[1],
+        ("+6281233334444".to_owned(), "PHP 7.4 ✓".to_owned())
+    );
+}
