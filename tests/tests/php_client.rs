@@ -542,3 +542,78 @@ async fn the_php_examples_work_on_php_7_4() {
         ("+6281233334444".to_owned(), "PHP 7.4 ✓".to_owned())
     );
 }
+
+/// deploy/nginx-wsmb.conf as shipped (ports, certificate and broker address substituted), with
+/// nginx terminating TLS in front of the broker: PHP over wss:// through it, a job sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nginx_example_proxies_wss_to_the_broker() {
+    let dir = scratch("nginx");
+    let (cert, key) = certificate(&dir, "nginx");
+    let (_b, addr) = broker(&dir, "127.0.0.1:0");
+    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
+        .await
+        .expect("sim");
+    let _a = tokio::task::block_in_place(|| agent(&dir, addr, &sim));
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let example = std::fs::read_to_string(repo_root().join("deploy/nginx-wsmb.conf"))
+        .expect("deploy/nginx-wsmb.conf");
+    let site = example
+        .replace("listen 443 ssl;", &format!("listen 127.0.0.1:{port} ssl;"))
+        .replace("listen [::]:443 ssl;", "")
+        .replace(
+            "/etc/letsencrypt/live/broker.example.com/fullchain.pem",
+            &cert.display().to_string(),
+        )
+        .replace(
+            "/etc/letsencrypt/live/broker.example.com/privkey.pem",
+            &key.display().to_string(),
+        )
+        .replace("http://127.0.0.1:8888", &format!("http://{addr}"));
+    assert_ne!(site, example);
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{}}\nhttp {{\naccess_log off;\nclient_body_temp_path {d}/t1;\nproxy_temp_path {d}/t2;\n\
+             fastcgi_temp_path {d}/t3;\nuwsgi_temp_path {d}/t4;\nscgi_temp_path {d}/t5;\n{site}\n}}\n"
+        ),
+    )
+    .expect("nginx.conf");
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c").arg(&conf).arg("-p").arg(&dir);
+    let nginx = Proc::spawn(cmd).expect("nginx (Debian package nginx, installed by .ci/run)");
+    let deadline = std::time::Instant::now() + T;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nginx did not start: {}\n{}",
+            nginx.output(),
+            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("wss://localhost:{port}/");
+    let (code, out) = tokio::task::block_in_place(|| {
+        snippet(
+            &url,
+            PASSWORD,
+            &format!(
+                "$c = new Wsmb\\Client('{url}', 'qa', '{PASSWORD}', ['ca_file' => '{}']);\n\
+                 try {{ $c->watchStatus(); $r = $c->sendSms('+6281200001111', 'via nginx', ['id' => 'ng-1']);\n\
+                 $e = $c->waitForStatus('ng-1', 30); echo $e['status']; {CATCH}",
+                cert.display()
+            ),
+        )
+    });
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "sent"),
+        "{}",
+        nginx.output()
+    );
+}
