@@ -175,6 +175,11 @@ pub fn start_broker(broker_exe: &str, args: &[&str]) -> (Proc, SocketAddr) {
         cmd.args(["--storage", "memory"]);
     }
     cmd.env_remove("RUST_LOG").env_remove("WSMB_CREDENTIALS");
+    spawn_listening(cmd)
+}
+
+/// Starts a broker command and waits for its `listening on ADDR` line; returns it and ADDR.
+pub fn spawn_listening(cmd: Command) -> (Proc, SocketAddr) {
     let p = Proc::spawn(cmd).expect("start the broker");
     let line = p
         .wait_line("listening on ", Duration::from_secs(20))

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use wsmb_agent::sim::{SimConfig, Simulator};
-use wsmb_e2e::{Proc, agent_config, repo_root, scratch};
+use wsmb_e2e::{Proc, agent_config, repo_root, scratch, spawn_listening};
 
 const PASSWORD: &str = "4lt0@1234";
 const T: Duration = Duration::from_secs(30);
@@ -33,16 +33,18 @@ fn broker(dir: &Path, listen: &str) -> (Proc, SocketAddr) {
     ])
     .env_remove("RUST_LOG")
     .env_remove("WSMB_CREDENTIALS");
-    let p = Proc::spawn(cmd).expect("broker");
-    let line = p
-        .wait_line("listening on ", T)
-        .unwrap_or_else(|| panic!("broker did not start:\n{}", p.output()));
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|a| a.trim().parse().ok())
-        .expect("address");
-    (p, addr)
+    spawn_listening(cmd)
+}
+
+/// A broker (SQLite in a scratch dir), a simulated modem and an agent on it, ready.
+async fn bundle(tag: &str) -> (PathBuf, Proc, SocketAddr, Simulator, Proc) {
+    let dir = scratch(tag);
+    let (b, addr) = broker(&dir, "127.0.0.1:0");
+    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
+        .await
+        .expect("sim");
+    let a = tokio::task::block_in_place(|| agent(&dir, addr, &sim));
+    (dir, b, addr, sim, a)
 }
 
 fn agent(dir: &Path, addr: SocketAddr, sim: &Simulator) -> Proc {
@@ -96,12 +98,7 @@ const CATCH: &str = "} catch (Wsmb\\Exception $e) { echo get_class($e), ': ', $e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_php_examples_send_an_otp_and_wait_for_its_sent_status() {
-    let dir = scratch("php-examples");
-    let (_b, addr) = broker(&dir, "127.0.0.1:0");
-    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
-        .await
-        .expect("sim");
-    let _a = tokio::task::block_in_place(|| agent(&dir, addr, &sim));
+    let (_dir, _b, addr, sim, _a) = bundle("php-examples").await;
 
     // Five lines: send an OTP.
     let (code, out) = tokio::task::block_in_place(|| {
@@ -240,12 +237,7 @@ async fn the_php_client_says_what_went_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_php_status_worker_reconnects_after_a_broker_restart() {
-    let dir = scratch("php-worker");
-    let (b, addr) = broker(&dir, "127.0.0.1:0");
-    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
-        .await
-        .expect("sim");
-    let a = tokio::task::block_in_place(|| agent(&dir, addr, &sim));
+    let (dir, b, addr, _sim, a) = bundle("php-worker").await;
     let mut worker = php(addr, PASSWORD, &["examples/status-worker.php"]);
     worker.env("WSMB_STOP_AFTER", "after-restart");
     let mut worker = Proc::spawn(worker).expect("worker");
@@ -401,15 +393,7 @@ async fn over_the_brokers_own_tls_php_and_the_agent_connect_and_sighup_swaps_the
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-broker"));
     cmd.args(["--config", &cfg.display().to_string()])
         .env_remove("RUST_LOG");
-    let b = Proc::spawn(cmd).expect("broker");
-    let line = b
-        .wait_line("listening on ", T)
-        .unwrap_or_else(|| panic!("broker: {}", b.output()));
-    let addr: SocketAddr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|a| a.trim().parse().ok())
-        .expect("address");
+    let (b, addr) = spawn_listening(cmd);
     assert!(
         curl_healthz(addr, &first),
         "https:// with the first certificate"
@@ -515,12 +499,7 @@ async fn the_php_examples_work_on_php_7_4() {
             .env("WSMB_PASSWORD", PASSWORD);
         run(cmd)
     };
-    let dir = scratch("php74");
-    let (_b, addr) = broker(&dir, "127.0.0.1:0");
-    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
-        .await
-        .expect("sim");
-    let _a = tokio::task::block_in_place(|| agent(&dir, addr, &sim));
+    let (_dir, _b, addr, sim, _a) = bundle("php74").await;
     let examples = client_dir().join("examples");
     let (_, version) = php74(addr, &["-r", "echo PHP_VERSION;"]);
     assert!(version.starts_with("7.4."), "{version}");
