@@ -1,11 +1,13 @@
 //! What `wsmb-broker` and `wsmb-agent` share besides the wire protocol: loading a TOML config
 //! file (explicit path, else a default path when it exists, else embedded defaults), durations
 //! written `"30s"`, the `[log]` section, and logging to stderr.
-//! [`systemd`]: READY, STATUS and the watchdog of `Type=notify` units.
+//! [`systemd`]: READY, STATUS and the watchdog of `Type=notify` units. [`tls`]: what TLS
+//! clients trust.
 
 #![forbid(unsafe_code)]
 
 pub mod systemd;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

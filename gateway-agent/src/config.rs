@@ -235,7 +235,8 @@ impl Config {
             ));
         }
         if !self.broker.ca_file.as_os_str().is_empty() {
-            crate::tls::trust_store(&self.broker.ca_file).map_err(ConfigError::Invalid)?;
+            wsmb_common::tls::trust_store(&self.broker.ca_file, "broker.ca_file")
+                .map_err(ConfigError::Invalid)?;
         }
         if self.broker.user.is_empty() {
             return bad("broker.user is empty: set the broker user name".into());

@@ -338,13 +338,14 @@ async fn send_job(
         }
     };
     let attempts = job.attempts + 1;
-    let parts = match pdu::encode_submit(&addr, &job.message, reference, ctx.opts) {
-        Ok(p) => p,
-        Err(e) => {
-            finish(Status::Failed, "too_long", e.to_string(), false).await;
-            return;
-        }
-    };
+    let parts =
+        match pdu::encode_submit(&addr, &job.message, reference, job_options(ctx.opts, &job)) {
+            Ok(p) => p,
+            Err(e) => {
+                finish(Status::Failed, "too_long", e.to_string(), false).await;
+                return;
+            }
+        };
     let total = parts.len() as u32;
     debug!(job = %job.id, modem = %modem.name, attempt = attempts, "sending {total} part(s)");
     for (k, part) in parts.into_iter().enumerate().skip(job.parts_done as usize) {
@@ -486,6 +487,14 @@ fn spawn_health_watcher(
             }
         }
     });
+}
+
+/// The submit options of one job: the agent's, with the job's own delivery-report choice.
+fn job_options(agent: SubmitOptions, job: &JobRow) -> SubmitOptions {
+    SubmitOptions {
+        status_report: job.status_report.unwrap_or(agent.status_report),
+        ..agent
+    }
 }
 
 #[cfg(test)]

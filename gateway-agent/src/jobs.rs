@@ -18,6 +18,10 @@ pub struct ValidJob {
     pub parts: u32,
     /// Epoch seconds after which it must not be sent.
     pub expires_at: Option<u64>,
+    /// Queue priority; [`wsmb_protocol::sms::PRIORITY_LANE`] and above go first.
+    pub priority: i32,
+    /// The job's own choice about a delivery report (`None`: `agent.status_report`).
+    pub status_report: Option<bool>,
 }
 
 /// Why a job is refused.
@@ -145,6 +149,8 @@ pub fn validate(
         message: message.to_owned(),
         parts,
         expires_at,
+        priority: 0,
+        status_report: None,
     })
 }
 

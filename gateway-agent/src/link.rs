@@ -133,7 +133,9 @@ pub async fn intake(
                     now,
                     &cfg.agent,
                 ) {
-                    Ok(valid) => {
+                    Ok(mut valid) => {
+                        valid.priority = job.priority;
+                        valid.status_report = job.delivery_report;
                         let r = store.insert(valid).await;
                         if let Ok(Inserted::New) = r {
                             queued += 1;

@@ -43,6 +43,8 @@ pub struct JobRow {
     pub modem: Option<String>,
     /// The modem of the last failed attempt (avoided when another can take it).
     pub last_failed_modem: Option<String>,
+    /// The job's own choice about a delivery report (`None`: the agent's default).
+    pub status_report: Option<bool>,
 }
 
 /// A storage failure.
@@ -94,7 +96,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_code TEXT,
     reason TEXT,
     ambiguous INTEGER NOT NULL DEFAULT 0,
-    finished_at INTEGER
+    finished_at INTEGER,
+    priority INTEGER NOT NULL DEFAULT 0,
+    status_report INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, next_attempt_ms);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -106,6 +110,23 @@ CREATE TABLE IF NOT EXISTS meta (
     value INTEGER NOT NULL
 );
 ";
+
+/// Columns added after the first release: a queue made by an older agent gets them.
+const ADDED: [(&str, &str); 2] = [
+    ("priority", "INTEGER NOT NULL DEFAULT 0"),
+    ("status_report", "INTEGER"),
+];
+
+fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
+    let mut st = c.prepare("SELECT name FROM pragma_table_info('jobs')")?;
+    let have: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    for (name, ty) in ADDED {
+        if !have.iter().any(|h| h == name) {
+            c.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {ty}"))?;
+        }
+    }
+    Ok(())
+}
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -165,6 +186,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        add_missing_columns(&conn)?;
         let reader = Connection::open_with_flags(
             dir.join("jobs.sqlite"),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -232,9 +254,9 @@ impl Store {
         self.with_events(move |c| {
             let tx = c.transaction()?;
             let n = tx.execute(
-                "INSERT OR IGNORE INTO jobs(id, receiver, message, state, expires_at, received_at, parts)
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6)",
-                params![job.id, job.receiver, job.message, job.expires_at.map(|e| e as i64), now_secs() as i64, job.parts],
+                "INSERT OR IGNORE INTO jobs(id, receiver, message, state, expires_at, received_at, parts, priority, status_report)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8)",
+                params![job.id, job.receiver, job.message, job.expires_at.map(|e| e as i64), now_secs() as i64, job.parts, job.priority, job.status_report],
             )?;
             if n == 0 {
                 return Ok(Inserted::Duplicate);
@@ -284,14 +306,17 @@ impl Store {
         .await
     }
 
-    /// Up to `limit` queued jobs due now, oldest first.
+    /// Up to `limit` queued jobs due now: the OTP lane (priority >= 100) first, then oldest
+    /// first.
     pub async fn due(&self, limit: usize) -> Result<Vec<JobRow>, StoreError> {
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT id, receiver, message, attempts, expires_at, concat_ref, parts_done, mrs, modem, last_failed_modem
-                 FROM jobs WHERE state = 'queued' AND next_attempt_ms <= ?1 ORDER BY next_attempt_ms, seq LIMIT ?2",
+                "SELECT id, receiver, message, attempts, expires_at, concat_ref, parts_done, mrs, modem, last_failed_modem, status_report
+                 FROM jobs WHERE state = 'queued' AND next_attempt_ms <= ?1
+                 ORDER BY priority >= ?3 DESC, next_attempt_ms, seq LIMIT ?2",
             )?;
-            let rows = st.query_map(params![now_ms(), limit as i64], |r| {
+            let lane = wsmb_protocol::sms::PRIORITY_LANE;
+            let rows = st.query_map(params![now_ms(), limit as i64, lane], |r| {
                 let mrs: String = r.get(7)?;
                 Ok(JobRow {
                     id: r.get(0)?,
@@ -304,6 +329,7 @@ impl Store {
                     mrs: mrs.split(',').filter_map(|m| m.parse().ok()).collect(),
                     modem: r.get(8)?,
                     last_failed_modem: r.get(9)?,
+                    status_report: r.get(10)?,
                 })
             })?;
             rows.collect()
@@ -587,6 +613,7 @@ fn state_name(s: Status) -> &'static str {
     match s {
         Status::Queued => "queued",
         Status::Sent => "sent",
+        Status::Delivered => "delivered",
         Status::Failed => "failed",
         Status::Expired => "expired",
         Status::Modem => "modem",
@@ -604,6 +631,8 @@ mod tests {
             message: "hi".into(),
             parts: 2,
             expires_at: None,
+            priority: 0,
+            status_report: None,
         }
     }
 

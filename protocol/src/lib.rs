@@ -11,6 +11,7 @@
 //!   pass without copying, with a precise error for every malformed input.
 //! - [`reply`]: frames the broker sends back (`connect`, `send-result`, `error`).
 //! - [`frames`]: building the frames a client sends.
+//! - [`gsm7`], [`segments`]: the GSM 7-bit alphabet and how a text splits into SMS parts.
 //! - [`sms`]: the SMS gateway's payloads: jobs on `sms`, status events on `sms-status`.
 //! - [`time`]: the legacy timestamp format.
 //!
@@ -21,7 +22,9 @@
 pub mod client;
 pub mod codes;
 pub mod frames;
+pub mod gsm7;
 pub mod reply;
+pub mod segments;
 pub mod sms;
 pub mod time;
 

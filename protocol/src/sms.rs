@@ -3,8 +3,10 @@
 //! - **jobs**, sent by applications on the `sms` channel: `data` is an array of items
 //!   `{"id", "time", "receiver", "message"}` (the seed README's shape), optionally with
 //!   `expiration` (epoch seconds; the job is dropped as expired after it) and `date_time`
-//!   (informational, as the original author's Pi gateway used). A single object as `data` is
-//!   accepted too.
+//!   (informational, as the original author's Pi gateway used), `priority` (-128..127; 100 and
+//!   above jump the agent's queue: the OTP lane) and `delivery_report` (true: ask the network
+//!   for a delivery report for this job whatever the agent's default). A single object as
+//!   `data` is accepted too. [`JobItem`] builds one (the broker's HTTP API does).
 //! - **status events**, published by the agent on the status channel (`sms-status`): one item
 //!   per event, `{"id", "status", ...}`, see [`StatusEvent`].
 //!
@@ -29,6 +31,39 @@ pub struct Job {
     pub date_time: Option<String>,
     /// The application's `time` (epoch seconds).
     pub time: Option<i64>,
+    /// Queue priority, -128..127 (0 when absent); 100 and above: the OTP lane.
+    pub priority: i32,
+    /// `Some(true)`: request a delivery report for this job; `None`: the agent's default.
+    pub delivery_report: Option<bool>,
+}
+
+/// Priority from which a job jumps the queue (the OTP lane).
+pub const PRIORITY_LANE: i32 = 100;
+
+/// A job as the broker writes it (the same shape as an application's item).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobItem<'a> {
+    /// Job id.
+    pub id: &'a str,
+    /// Epoch seconds, when it was accepted.
+    pub time: u64,
+    /// Destination.
+    pub receiver: &'a str,
+    /// Text.
+    pub message: &'a str,
+    /// Epoch seconds after which it must not be sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expiration: Option<u64>,
+    /// Queue priority.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub priority: i32,
+    /// Ask for a delivery report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery_report: Option<bool>,
+}
+
+fn is_zero(p: &i32) -> bool {
+    *p == 0
 }
 
 /// Why an item of `data` is not a job at all.
@@ -141,6 +176,19 @@ fn job_from_value(v: Value) -> Result<Job, ItemError> {
         .and_then(Value::as_str)
         .map(str::to_owned);
     let time = map.get("time").and_then(Value::as_i64);
+    let priority = match map.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_i64()
+            .filter(|p| (-128..=127).contains(p))
+            .ok_or_else(|| err("\"priority\" must be a whole number from -128 to 127".into()))?
+            as i32,
+    };
+    let delivery_report = match map.get("delivery_report") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => return Err(err("\"delivery_report\" must be true or false".into())),
+    };
     Ok(Job {
         id,
         receiver,
@@ -148,6 +196,8 @@ fn job_from_value(v: Value) -> Result<Job, ItemError> {
         expiration,
         date_time,
         time,
+        priority,
+        delivery_report,
     })
 }
 
@@ -159,6 +209,8 @@ pub enum Status {
     Queued,
     /// The network accepted every part.
     Sent,
+    /// The network reported every part delivered to the handset.
+    Delivered,
     /// The job will not be sent (see `reason`, `error_code`, `ambiguous`).
     Failed,
     /// The job's `expiration` passed before it could be sent.
@@ -244,6 +296,8 @@ mod tests {
                 expiration: None,
                 date_time: None,
                 time: Some(1_700_000_000),
+                priority: 0,
+                delivery_report: None,
             })]
         );
     }

@@ -310,6 +310,16 @@ impl Engine {
         durable::ack(self, conn, ids);
     }
 
+    /// Takes back a stored message that no receiver has been handed yet (a cancelled SMS).
+    /// `Ok(true)`: it will never be delivered; `Ok(false)`: it was handed out already, or it
+    /// is not stored (memory backend).
+    pub async fn withdraw(&self, message_id: &str) -> Result<bool, StoreError> {
+        let Some(store) = &self.store else {
+            return Ok(false);
+        };
+        Ok(!store.withdraw(message_id).await?.is_empty())
+    }
+
     /// Routes one message.
     pub async fn publish(&self, p: Publish<'_>) -> Accepted {
         if self.store.is_some() {

@@ -33,6 +33,8 @@
 mod sql;
 mod sqlite;
 
+pub(crate) use sql::{Pool as SqlPool, connect_lazy, safe};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -178,12 +180,15 @@ pub enum Op {
     Release(Vec<i64>),
     /// Take rows for a receiver.
     Claim(ClaimRequest),
-    /// Delete expired rows: at most `max` of those with `expires_at <= now`.
+    /// Delete expired rows: at most `max` of those with `expires_at <= now`; or, with `key`,
+    /// the rows of that message that nobody holds (a withdrawn message).
     Sweep {
         /// Epoch seconds.
         now: u64,
         /// Most rows.
         max: usize,
+        /// Withdraw this message (`msg_key`) instead.
+        key: Option<String>,
     },
 }
 
@@ -274,6 +279,7 @@ enum Job {
     Sweep(
         u64,
         usize,
+        Option<String>,
         oneshot::Sender<Result<Vec<(i64, String)>, StoreError>>,
     ),
 }
@@ -525,7 +531,22 @@ impl Storage {
     /// Deletes up to `max` rows that expired by `now` (epoch seconds); returns them.
     pub async fn sweep(&self, now: u64, max: usize) -> Result<Vec<(i64, String)>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Job::Sweep(now, max, tx)).is_err() {
+        if self.tx.send(Job::Sweep(now, max, None, tx)).is_err() {
+            return Err(StoreError::Unavailable("the storage writer stopped".into()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("the storage writer stopped".into())))
+    }
+
+    /// Deletes the stored rows of message `key` that no receiver holds; returns them (none:
+    /// it was handed out already, or is not stored).
+    pub async fn withdraw(&self, key: &str) -> Result<Vec<(i64, String)>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Job::Sweep(0, 64, Some(key.to_owned()), tx))
+            .is_err()
+        {
             return Err(StoreError::Unavailable("the storage writer stopped".into()));
         }
         rx.await
@@ -670,7 +691,7 @@ fn fail(j: Job, why: &str, retry: &mut std::collections::VecDeque<Job>, storage:
         Job::Claim(_, reply) => {
             let _ = reply.send(Err(err()));
         }
-        Job::Sweep(_, _, reply) => {
+        Job::Sweep(_, _, _, reply) => {
             let _ = reply.send(Err(err()));
         }
         j @ (Job::Complete { .. } | Job::Release(_)) => {
@@ -783,8 +804,8 @@ async fn commit(
                 ops.push(Op::Claim(req));
                 waiters.push(Waiter::Claim(reply));
             }
-            Job::Sweep(now, max, reply) => {
-                ops.push(Op::Sweep { now, max });
+            Job::Sweep(now, max, key, reply) => {
+                ops.push(Op::Sweep { now, max, key });
                 waiters.push(Waiter::Sweep(reply));
             }
         }

@@ -21,9 +21,37 @@ enum Dialect {
     Postgres,
 }
 
-enum Pool {
+/// A MySQL/MariaDB or PostgreSQL pool (shared with the SMS service's tables).
+pub(crate) enum Pool {
+    /// MySQL/MariaDB.
     My(MySqlPool),
+    /// PostgreSQL.
     Pg(PgPool),
+}
+
+/// A lazily connecting pool of at most `max` connections for the database `cfg` names.
+pub(crate) fn connect_lazy(cfg: &StorageConfig, max: u32) -> Result<Pool, DbError> {
+    let url = url_with_password(&cfg.url, &cfg.password)?;
+    let url = url.replacen("mariadb://", "mysql://", 1);
+    let bad = |e: sqlx::Error| DbError(format!("storage.url is not a valid database URL: {e}"));
+    // Short: while the server is down, a write should fail (and the sender hear `05`) soon,
+    // not after a long wait for a connection that cannot be made.
+    let timeout = std::time::Duration::from_secs(2);
+    Ok(if cfg.backend == Backend::Postgres {
+        Pool::Pg(
+            PgPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(timeout)
+                .connect_lazy_with(PgConnectOptions::from_str(&url).map_err(bad)?),
+        )
+    } else {
+        Pool::My(
+            MySqlPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(timeout)
+                .connect_lazy_with(MySqlConnectOptions::from_str(&url).map_err(bad)?),
+        )
+    })
 }
 
 /// Runs `$body` with `$p` bound to the concrete pool (the same code, typed for each database).
@@ -47,7 +75,7 @@ pub struct SqlDb {
 /// name, built from `storage.prefix`, which validation restricts to letters, digits and `_`.
 /// Values always go through bind parameters. (sqlx 0.8 takes the statement as `&str`; 0.9's
 /// `AssertSqlSafe` needs Rust 1.94, beyond the workspace's 1.85.)
-fn safe(sql: impl AsRef<str>) -> String {
+pub(crate) fn safe(sql: impl AsRef<str>) -> String {
     sql.as_ref().to_owned()
 }
 
@@ -79,30 +107,10 @@ fn url_with_password(url: &str, password: &str) -> Result<String, DbError> {
 impl SqlDb {
     /// Prepares a lazily connecting pool (a database that is down is not an error here).
     pub fn new(cfg: &StorageConfig) -> Result<SqlDb, DbError> {
-        let dialect = if cfg.backend == Backend::Postgres {
-            Dialect::Postgres
-        } else {
-            Dialect::Mysql
-        };
-        let url = url_with_password(&cfg.url, &cfg.password)?;
-        let url = url.replacen("mariadb://", "mysql://", 1);
-        let bad = |e: sqlx::Error| DbError(format!("storage.url is not a valid database URL: {e}"));
-        // Short: while the server is down, a write should fail (and the sender hear `05`) soon,
-        // not after a long wait for a connection that cannot be made.
-        let timeout = std::time::Duration::from_secs(2);
-        let pool = match dialect {
-            Dialect::Mysql => Pool::My(
-                MySqlPoolOptions::new()
-                    .max_connections(4)
-                    .acquire_timeout(timeout)
-                    .connect_lazy_with(MySqlConnectOptions::from_str(&url).map_err(bad)?),
-            ),
-            Dialect::Postgres => Pool::Pg(
-                PgPoolOptions::new()
-                    .max_connections(4)
-                    .acquire_timeout(timeout)
-                    .connect_lazy_with(PgConnectOptions::from_str(&url).map_err(bad)?),
-            ),
+        let pool = connect_lazy(cfg, 4)?;
+        let dialect = match pool {
+            Pool::My(_) => Dialect::Mysql,
+            Pool::Pg(_) => Dialect::Postgres,
         };
         let mut table = format!("{}data", cfg.prefix);
         if dialect == Dialect::Postgres {
@@ -442,12 +450,22 @@ impl SqlDb {
                     .collect::<Result<_, sqlx::Error>>()?;
                 results[i] = Some(OpResult::Claimed(rows, more));
             }
-            Step::Sweep(i, now, max) => {
-                let rows = sqlx::query(&safe(format!(
-                    "SELECT data_id, channel FROM `{t}`
-                     WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?"
-                )))
-                .bind(now as i64)
+            Step::Sweep(i, now, max, key) => {
+                let sql = safe(match key {
+                    None => format!(
+                        "SELECT data_id, channel FROM `{t}`
+                         WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?"
+                    ),
+                    Some(_) => format!(
+                        "SELECT data_id, channel FROM `{t}`
+                         WHERE msg_key = ? AND claimed_until IS NULL LIMIT ? FOR UPDATE"
+                    ),
+                });
+                let q = sqlx::query(&sql);
+                let rows = match key {
+                    None => q.bind(now as i64),
+                    Some(k) => q.bind(k),
+                }
                 .bind(max as i64)
                 .fetch_all(&mut *tx)
                 .await?;
@@ -599,14 +617,26 @@ impl SqlDb {
                 rows.sort_by_key(|r| r.data_id);
                 results[i] = Some(OpResult::Claimed(rows, more));
             }
-            Step::Sweep(i, now, max) => {
-                let rows = sqlx::query(&safe(format!(
-                    "DELETE FROM {t} WHERE data_id IN (
-                       SELECT data_id FROM {t}
-                       WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2)
-                     RETURNING data_id, channel"
-                )))
-                .bind(now as i64)
+            Step::Sweep(i, now, max, key) => {
+                let sql = safe(match key {
+                    None => format!(
+                        "DELETE FROM {t} WHERE data_id IN (
+                           SELECT data_id FROM {t}
+                           WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2)
+                         RETURNING data_id, channel"
+                    ),
+                    Some(_) => format!(
+                        "DELETE FROM {t} WHERE data_id IN (
+                           SELECT data_id FROM {t}
+                           WHERE msg_key = $1 AND claimed_until IS NULL LIMIT $2 FOR UPDATE)
+                         RETURNING data_id, channel"
+                    ),
+                });
+                let q = sqlx::query(&sql);
+                let rows = match key {
+                    None => q.bind(now as i64),
+                    Some(k) => q.bind(k),
+                }
                 .bind(max as i64)
                 .fetch_all(&mut *tx)
                 .await?;
@@ -655,7 +685,7 @@ enum Step {
     /// A claim.
     Claim(usize, super::ClaimRequest),
     /// A sweep.
-    Sweep(usize, u64, usize),
+    Sweep(usize, u64, usize, Option<String>),
 }
 
 /// Completions of one channel: (op index, row).
@@ -699,7 +729,7 @@ fn plan(ops: Vec<Op>) -> Vec<Step> {
                 _ => steps.push(Step::Release(ids)),
             },
             Op::Claim(req) => steps.push(Step::Claim(i, req)),
-            Op::Sweep { now, max } => steps.push(Step::Sweep(i, now, max)),
+            Op::Sweep { now, max, key } => steps.push(Step::Sweep(i, now, max, key)),
         }
     }
     flush(&mut steps, &mut deletes);

@@ -199,13 +199,16 @@ impl SqliteDb {
                             let (rows, more) = claim(&tx, t, &req)?;
                             OpResult::Claimed(rows, more)
                         }
-                        Op::Sweep { now, max } => {
+                        Op::Sweep { now, max, key } => {
+                            let (cond, arg): (&str, &dyn rusqlite::ToSql) = match &key {
+                                None => ("expires_at IS NOT NULL AND expires_at <= ?1", &now),
+                                Some(k) => ("msg_key = ?1 AND claimed_until IS NULL", k),
+                            };
                             let mut st = tx.prepare_cached(&format!(
-                                "SELECT data_id, channel FROM {t}
-                                 WHERE expires_at IS NOT NULL AND expires_at <= ?1 LIMIT ?2"
+                                "SELECT data_id, channel FROM {t} WHERE {cond} LIMIT ?2"
                             ))?;
                             let rows: Vec<(i64, String)> = st
-                                .query_map(params![now as i64, max as i64], |r| {
+                                .query_map(params![arg, max as i64], |r| {
                                     Ok((
                                         r.get(0)?,
                                         r.get::<_, Option<String>>(1)?.unwrap_or_default(),

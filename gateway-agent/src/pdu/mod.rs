@@ -13,31 +13,14 @@
 //! [`decode_submit`] reads a TPDU back; the modem simulator uses it, and the tests compare both
 //! directions with Gammu's independent implementation.
 
-pub mod gsm7;
+pub use wsmb_protocol::gsm7;
+pub use wsmb_protocol::segments::{
+    Encoding, GSM7_PART, GSM7_SINGLE, MAX_PARTS, Plan, UCS2_PART, UCS2_SINGLE,
+};
 
 use std::time::Duration;
 
-use gsm7::Septets;
-
-/// Septets in a single-part 7-bit SMS.
-pub const GSM7_SINGLE: usize = 160;
-/// Septets of text per part of a concatenated 7-bit SMS.
-pub const GSM7_PART: usize = 153;
-/// UTF-16 units in a single-part UCS-2 SMS.
-pub const UCS2_SINGLE: usize = 70;
-/// UTF-16 units of text per part of a concatenated UCS-2 SMS.
-pub const UCS2_PART: usize = 67;
-/// The concatenation header can number at most this many parts.
-pub const MAX_PARTS: usize = 255;
-
-/// The data coding of a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// GSM 7-bit default alphabet (DCS 0x00).
-    Gsm7,
-    /// UCS-2 / UTF-16BE (DCS 0x08).
-    Ucs2,
-}
+use wsmb_protocol::segments::SegmentError;
 
 /// A destination number.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,70 +76,17 @@ pub enum PduError {
     /// The number is not `+` and digits, or digits.
     #[error("{0:?} is not a phone number (expected + and digits, or digits)")]
     BadNumber(String),
-    /// The text is empty.
-    #[error("the message text is empty")]
-    Empty,
-    /// More parts than a concatenation header can number.
-    #[error("the message needs {0} parts; at most {MAX_PARTS} are possible")]
-    TooLong(usize),
+    /// The text is empty, or needs more parts than a concatenation header can number.
+    #[error(transparent)]
+    Segments(#[from] SegmentError),
     /// A TPDU that cannot be decoded.
     #[error("malformed PDU: {0}")]
     Malformed(String),
 }
 
-/// How a text will be sent: its encoding and its parts (each a run of characters).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    /// The encoding chosen.
-    pub encoding: Encoding,
-    /// The text of each part, in order.
-    pub parts: Vec<String>,
-}
-
 /// Chooses the smallest encoding and splits `text` into parts.
 pub fn plan(text: &str) -> Result<Plan, PduError> {
-    if text.is_empty() {
-        return Err(PduError::Empty);
-    }
-    let (encoding, cost, single, part): (Encoding, fn(char) -> usize, usize, usize) =
-        if gsm7::is_gsm7(text) {
-            (
-                Encoding::Gsm7,
-                |c| gsm7::septets_of(c).map_or(1, Septets::len),
-                GSM7_SINGLE,
-                GSM7_PART,
-            )
-        } else {
-            (Encoding::Ucs2, char::len_utf16, UCS2_SINGLE, UCS2_PART)
-        };
-    let total: usize = text.chars().map(cost).sum();
-    if total <= single {
-        return Ok(Plan {
-            encoding,
-            parts: vec![text.to_owned()],
-        });
-    }
-    // Characters are never split: an extension character (2 septets) or a surrogate pair
-    // (2 units) that does not fit moves whole to the next part.
-    let mut parts = Vec::new();
-    let mut current = String::new();
-    let mut used = 0;
-    for c in text.chars() {
-        let n = cost(c);
-        if used + n > part {
-            parts.push(std::mem::take(&mut current));
-            used = 0;
-        }
-        current.push(c);
-        used += n;
-    }
-    if !current.is_empty() {
-        parts.push(current);
-    }
-    if parts.len() > MAX_PARTS {
-        return Err(PduError::TooLong(parts.len()));
-    }
-    Ok(Plan { encoding, parts })
+    Ok(wsmb_protocol::segments::plan(text)?)
 }
 
 /// Options of SMS-SUBMIT.
@@ -432,6 +362,7 @@ pub fn decode_submit(hex: &str) -> Result<Submit, PduError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wsmb_protocol::gsm7::Septets;
 
     fn intl() -> Address {
         Address::parse("+628123456789").expect("number")
@@ -578,7 +509,10 @@ mod tests {
         assert_eq!(plan("àéèùìòÇÑÜß").expect("p").encoding, Encoding::Gsm7);
         assert_eq!(plan("ç").expect("p").encoding, Encoding::Ucs2);
         assert_eq!(plan("مرحبا").expect("p").encoding, Encoding::Ucs2);
-        assert_eq!(plan("").err(), Some(PduError::Empty));
+        assert_eq!(
+            plan("").err(),
+            Some(PduError::Segments(SegmentError::Empty))
+        );
     }
 
     #[test]
