@@ -45,6 +45,9 @@ pub enum Cmd {
     /// Check the configuration and the credentials files, print a summary and exit
     /// (non-zero when something is wrong)
     CheckConfig,
+    /// Print the key that signs webhook calls (X-Signature), making and storing one when there
+    /// is none yet, so that a webhook receiver can be given it
+    WebhookKey,
     /// Add a user to an htpasswd file, change its password, or remove it (--delete). The
     /// password is asked for on the terminal, or read from the first line of stdin with
     /// --stdin; never from the command line. The running broker picks the change up.
@@ -126,6 +129,37 @@ pub fn main() -> ExitCode {
     match cli.command.unwrap_or(Cmd::Run) {
         Cmd::CheckConfig => check_config(&config, &origin),
         Cmd::Passwd { .. } => ExitCode::FAILURE,
+        Cmd::WebhookKey => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("wsmb-broker: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(crate::sms::show_signing_key(&config)) {
+                Ok(k) => {
+                    use std::io::Write as _;
+                    let _ = writeln!(std::io::stdout(), "{k}");
+                    if config.storage.backend == crate::config::Backend::Memory
+                        && config.sms.webhook_signing_key.is_empty()
+                    {
+                        eprintln!(
+                            "wsmb-broker: storage.backend = \"memory\" keeps no key: each run \
+                             makes its own; set sms.webhook_signing_key or WSMB_WEBHOOK_KEY"
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("wsmb-broker: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run => {
             wsmb_common::init_logging(&config.log.level);
             let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -22,6 +22,12 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/wsmb/broker.toml";
 /// Environment variable whose htpasswd lines (one per line) replace `credentials.lines`.
 pub const ENV_CREDENTIALS: &str = "WSMB_CREDENTIALS";
 
+/// Where the HTTP SMS API lives.
+pub const API_PREFIX: &str = "/3rdparty/v1";
+
+/// Environment variable that replaces `sms.webhook_signing_key`.
+pub const ENV_WEBHOOK_KEY: &str = "WSMB_WEBHOOK_KEY";
+
 /// Environment variable that replaces `storage.password`.
 pub const ENV_DB_PASSWORD: &str = "WSMB_DATABASE_PASSWORD";
 
@@ -37,6 +43,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `[tls]`.
     pub tls: TlsConfig,
+    /// `[sms]`.
+    pub sms: SmsConfig,
     /// `[log]`.
     pub log: LogConfig,
 }
@@ -56,6 +64,78 @@ impl TlsConfig {
     /// Whether TLS is configured.
     pub fn enabled(&self) -> bool {
         !self.cert_file.as_os_str().is_empty() || !self.key_file.as_os_str().is_empty()
+    }
+}
+
+/// `[sms]`: the SMS service (the HTTP API under `/3rdparty/v1`, message states, webhooks).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmsConfig {
+    /// Serve the HTTP API and track SMS jobs.
+    pub enabled: bool,
+    /// The channel the gateway agents take jobs from.
+    pub jobs_channel: String,
+    /// The channel the agents publish status events on.
+    pub status_channel: String,
+    /// Longest text, in SMS parts (the agent's `max_parts` should be the same).
+    pub max_parts: u32,
+    /// Most recipients of one message.
+    pub max_recipients: usize,
+    /// Largest HTTP request body.
+    pub max_body_bytes: usize,
+    /// Most messages kept (states); past it new messages get 503.
+    pub max_messages: usize,
+    /// How long a message's state is kept after it was accepted.
+    #[serde(deserialize_with = "duration")]
+    pub keep: Duration,
+    /// Key of the webhook signatures (`WSMB_WEBHOOK_KEY` replaces it); empty: one is made at
+    /// first start and kept in the database (`wsmb-broker webhook-key` shows it).
+    pub webhook_signing_key: String,
+    /// Most webhooks per user.
+    pub max_webhooks: usize,
+    /// Deadline of one webhook call (connect, TLS, request, response head).
+    #[serde(deserialize_with = "duration")]
+    pub webhook_timeout: Duration,
+    /// First delay before a failed webhook call is tried again (it doubles each time)...
+    #[serde(deserialize_with = "duration")]
+    pub webhook_retry_initial: Duration,
+    /// ...up to this.
+    #[serde(deserialize_with = "duration")]
+    pub webhook_retry_max: Duration,
+    /// A webhook call still failing this long after its event is given up (kept, visible in
+    /// `GET /webhooks`, logged).
+    #[serde(deserialize_with = "duration")]
+    pub webhook_give_up_after: Duration,
+    /// Hosts whose webhooks may use plain `http://` (loopback always may).
+    pub webhook_http_hosts: Vec<String>,
+    /// PEM certificates trusted for `https://` webhooks besides the public roots.
+    pub webhook_ca_file: PathBuf,
+    /// Interval of `system:ping` webhooks (0 = none).
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
+}
+
+impl Default for SmsConfig {
+    fn default() -> Self {
+        SmsConfig {
+            enabled: true,
+            jobs_channel: "sms".into(),
+            status_channel: "sms-status".into(),
+            max_parts: 10,
+            max_recipients: 100,
+            max_body_bytes: 64 * 1024,
+            max_messages: 1_000_000,
+            keep: Duration::from_secs(30 * 24 * 3600),
+            webhook_signing_key: String::new(),
+            max_webhooks: 100,
+            webhook_timeout: Duration::from_secs(10),
+            webhook_retry_initial: Duration::from_secs(10),
+            webhook_retry_max: Duration::from_secs(3600),
+            webhook_give_up_after: Duration::from_secs(24 * 3600),
+            webhook_http_hosts: Vec::new(),
+            webhook_ca_file: PathBuf::new(),
+            ping_interval: Duration::ZERO,
+        }
     }
 }
 
@@ -272,6 +352,9 @@ impl Config {
         if let Some(p) = get(ENV_DB_PASSWORD) {
             self.storage.password = p;
         }
+        if let Some(k) = get(ENV_WEBHOOK_KEY).filter(|k| !k.is_empty()) {
+            self.sms.webhook_signing_key = k;
+        }
         if let Some(lines) = get(ENV_CREDENTIALS) {
             self.credentials.lines = lines
                 .lines()
@@ -421,6 +504,41 @@ impl Config {
                 st.node
             ));
         }
+        let sms = &self.sms;
+        let channel_ok = |c: &str| !c.is_empty() && c.len() <= 100;
+        if !channel_ok(&sms.jobs_channel) || !channel_ok(&sms.status_channel) {
+            return bad("sms.jobs_channel and sms.status_channel must be 1 to 100 bytes".into());
+        }
+        if sms.jobs_channel == sms.status_channel {
+            return bad("sms.jobs_channel and sms.status_channel must differ".into());
+        }
+        if !(1..=255).contains(&sms.max_parts) {
+            return bad(format!(
+                "sms.max_parts = {} must be 1 to 255",
+                sms.max_parts
+            ));
+        }
+        if sms.max_recipients == 0 || sms.max_messages == 0 {
+            return bad("sms.max_recipients and sms.max_messages must be at least 1".into());
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&sms.max_body_bytes) {
+            return bad(format!(
+                "sms.max_body_bytes = {} is out of range; use 1024 to 16777216",
+                sms.max_body_bytes
+            ));
+        }
+        if sms.webhook_timeout.is_zero() || sms.webhook_retry_initial.is_zero() {
+            return bad(
+                "sms.webhook_timeout and sms.webhook_retry_initial must be more than 0s".into(),
+            );
+        }
+        if sms.webhook_retry_max < sms.webhook_retry_initial {
+            return bad("sms.webhook_retry_max must be at least sms.webhook_retry_initial".into());
+        }
+        if !sms.webhook_ca_file.as_os_str().is_empty() {
+            wsmb_common::tls::trust_store(&sms.webhook_ca_file, "sms.webhook_ca_file")
+                .map_err(ConfigError::Invalid)?;
+        }
         if self.credentials.bcrypt_concurrency == 0 {
             return bad("credentials.bcrypt_concurrency must be at least 1".into());
         }
@@ -508,6 +626,21 @@ mod tests {
             "bcrypt_concurrency",
             "cert_file",
             "key_file",
+            "jobs_channel",
+            "status_channel",
+            "max_parts",
+            "max_recipients",
+            "max_body_bytes",
+            "max_messages",
+            "keep",
+            "webhook_signing_key",
+            "max_webhooks",
+            "webhook_timeout",
+            "webhook_retry_initial",
+            "webhook_retry_max",
+            "webhook_give_up_after",
+            "webhook_http_hosts",
+            "webhook_ca_file",
             "level",
         ] {
             assert!(text.contains(&format!("{key} =")), "example lacks {key}");

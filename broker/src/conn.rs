@@ -73,10 +73,11 @@ async fn serve<S: Socket>(
 ) -> anyhow::Result<()> {
     // Boxed, so that what the handshake needs is not kept in the connection's future for its
     // whole life.
-    let Some((stream, reader, first)) = Box::pin(handshake(stream, peer, shared, id)).await? else {
+    let Some((stream, reader, first, user)) = Box::pin(handshake(stream, peer, shared, id)).await?
+    else {
         return Ok(());
     };
-    session(stream, reader, first, shared, id).await;
+    session(stream, reader, first, shared, id, user).await;
     Ok(())
 }
 
@@ -90,7 +91,7 @@ async fn handshake<S: Socket>(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     id: u64,
-) -> anyhow::Result<Option<(S, Reader, First)>> {
+) -> anyhow::Result<Option<(S, Reader, First, Arc<str>)>> {
     let _ = stream.set_nodelay(true);
     let cfg = &shared.config.server;
     let head = tokio::time::timeout(cfg.handshake_timeout, http::read_head(&mut stream)).await;
@@ -122,6 +123,10 @@ async fn handshake<S: Socket>(
         Ok(Err(HeadError::Io(e))) => return Err(e.into()),
         Ok(Ok(h)) => h,
     };
+    if head.path.starts_with(crate::config::API_PREFIX) && !head.wants_websocket() {
+        Box::pin(crate::api::serve(stream, head, leftover, peer, shared)).await;
+        return Ok(None);
+    }
     if let Some(resp) = http_answer(&head, shared) {
         respond(&mut stream, &resp, cfg.write_timeout).await?;
         return Ok(None);
@@ -152,11 +157,11 @@ async fn handshake<S: Socket>(
         .await
         .ok();
 
-    if user.is_none() {
+    let Some(user) = user else {
         reject(&stream, &mut reader, shared, peer, id).await;
         return Ok(None);
-    }
-    Ok(Some((stream, reader, first)))
+    };
+    Ok(Some((stream, reader, first, Arc::from(user))))
 }
 
 /// An accepted connection: reader, completer and writer side by side until the close.
@@ -166,6 +171,7 @@ async fn session<S: Socket>(
     first: First,
     shared: &Arc<Shared>,
     id: u64,
+    user: Arc<str>,
 ) {
     let cfg = &shared.config.server;
     debug!("accepted");
@@ -191,6 +197,7 @@ async fn session<S: Socket>(
         id,
         shared: Arc::clone(shared),
         v2: false,
+        user,
         subscriptions: Vec::new(),
         outbox: Arc::clone(&outbox),
         replies: &replies,
@@ -637,6 +644,8 @@ struct Session<'a> {
     shared: Arc<Shared>,
     /// `"protocol": 2` seen: keep subscriptions when sending, allow several.
     v2: bool,
+    /// The authenticated user.
+    user: Arc<str>,
     subscriptions: Vec<Box<str>>,
     outbox: Arc<Outbox>,
     replies: &'a Replies,
@@ -824,6 +833,11 @@ impl Session<'_> {
                     }
                     self.subscriptions.push(channel.into());
                     debug!(channel, "receiving");
+                    if let Some(sms) = &shared.sms {
+                        if channel == sms.config().jobs_channel {
+                            sms.agent_online(&self.user, self.id);
+                        }
+                    }
                 }
                 true
             }
@@ -850,6 +864,16 @@ impl Session<'_> {
                     to: Arc::downgrade(&self.outbox),
                     ids: ids.clone(),
                 });
+                if let Some(sms) = &shared.sms {
+                    // Tracked before it is routed: a status event can never come first.
+                    let c = sms.config();
+                    if channel == c.jobs_channel {
+                        sms.track_jobs(&self.user, &message_id, payload.as_str())
+                            .await;
+                    } else if channel == c.status_channel {
+                        sms.ingest(&self.user, payload.as_str()).await;
+                    }
+                }
                 let publish = Publish {
                     sender: self.id,
                     channel,
@@ -901,6 +925,15 @@ impl Session<'_> {
     }
 
     fn unsubscribe_all(&mut self) {
+        if let Some(sms) = &self.shared.sms {
+            if self
+                .subscriptions
+                .iter()
+                .any(|c| **c == *sms.config().jobs_channel)
+            {
+                sms.agent_offline(self.id);
+            }
+        }
         for c in self.subscriptions.drain(..) {
             self.shared.engine.unsubscribe(&c, self.id);
         }
@@ -968,7 +1001,7 @@ mod tests {
         );
         let (table, _) = cfg.credential_sources().load().expect("no users");
         let auth = Arc::new(crate::auth::Authenticator::new(table, Default::default()));
-        let shared = Shared::new(Arc::new(cfg), auth, engine, stats, token);
+        let shared = Shared::new(Arc::new(cfg), auth, engine, stats, token, None);
         let f = handle(c, addr, shared, 1);
         let size = std::mem::size_of_val(&f);
         assert!(size <= 2600, "the connection future is {size} bytes");

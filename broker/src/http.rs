@@ -20,6 +20,12 @@ pub struct RequestHead {
     pub method: String,
     /// The path without query string.
     pub path: String,
+    /// The query string (after `?`, without it), undecoded.
+    pub query: String,
+    /// `Content-Length`, when given and valid (`Some(Err)`: given but not a number).
+    pub content_length: Option<Result<usize, ()>>,
+    /// Whether `Transfer-Encoding` was given (chunked bodies are not read).
+    pub transfer_encoding: bool,
     /// `Upgrade` header.
     pub upgrade: Option<String>,
     /// `Connection` header.
@@ -92,10 +98,12 @@ pub async fn read_head<S: AsyncRead + Unpin>(
 
 fn extract(req: &httparse::Request<'_, '_>) -> RequestHead {
     let target = req.path.unwrap_or("/");
-    let path = target.split(['?', '#']).next().unwrap_or("/").to_owned();
+    let target = target.split('#').next().unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut head = RequestHead {
         method: req.method.unwrap_or("").to_owned(),
-        path,
+        path: path.to_owned(),
+        query: query.to_owned(),
         ..RequestHead::default()
     };
     for h in req.headers.iter() {
@@ -110,9 +118,63 @@ fn extract(req: &httparse::Request<'_, '_>) -> RequestHead {
             head.ws_version = Some(text());
         } else if h.name.eq_ignore_ascii_case("authorization") {
             head.authorization = Some(h.value.to_vec());
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            head.content_length = Some(text().parse::<usize>().map_err(|_| ()));
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            head.transfer_encoding = true;
         }
     }
     head
+}
+
+/// Reads a request body of `len` bytes (some may already be in `have`).
+pub async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut have: BytesMut,
+    len: usize,
+) -> std::io::Result<BytesMut> {
+    while have.len() < len {
+        have.reserve(len - have.len());
+        if stream.read_buf(&mut have).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    have.truncate(len);
+    Ok(have)
+}
+
+/// Percent-decodes a query component (`+` is a space).
+pub fn decode_component(s: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The `key=value` pairs of a query string, decoded.
+pub fn query_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode_component(k), decode_component(v))
+        })
+        .collect()
 }
 
 /// Decodes `Authorization: Basic base64(user:password)`; the scheme is case-insensitive.
@@ -226,6 +288,21 @@ mod tests {
             read_head(&mut r).await,
             Err(HeadError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn query_strings() {
+        assert_eq!(
+            query_pairs("state=Sent&limit=5&to=2026-12-02T10%3A00%3A00%2B00%3A00&x&a+b=%zz%"),
+            vec![
+                ("state".into(), "Sent".into()),
+                ("limit".into(), "5".into()),
+                ("to".into(), "2026-12-02T10:00:00+00:00".into()),
+                ("x".into(), "".into()),
+                ("a b".into(), "%zz%".into()),
+            ]
+        );
+        assert_eq!(decode_component("%C3%A9%"), "é%");
     }
 
     #[test]

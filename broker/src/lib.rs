@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML configuration, defaults, validation.
 //! - [`auth`]: htpasswd users (`{SHA}`, `$apr1$`, bcrypt), constant-time checks, reloading.
 //! - [`http`]: the request head, routing to WebSocket, `/healthz` or an HTTP error.
+//! - [`api`]: the HTTP SMS API under `/3rdparty/v1` (session side: requests, responses).
 //! - [`ws`]: RFC 6455 framing (reading client frames, writing server frames), no buffers held
 //!   while idle.
 //! - [`conn`]: the session: one connection from the handshake to the close; welcome timing,
@@ -14,17 +15,20 @@
 //!   session and the delivery engine, importing neither.
 //! - [`delivery`]: the delivery engine: channels, receivers, rotation and receiver limits,
 //!   memory and durable backends, acknowledgements, expiry.
+//! - [`sms`]: the SMS service: message states, jobs from the API and over WebSocket, status
+//!   events, gateways, webhooks (durable, signed).
 //! - [`storage`]: the database (SQLite, MariaDB/MySQL, PostgreSQL), claims, group commit.
 //! - [`tls`]: the broker's own TLS listener, certificates reloaded on SIGHUP.
 //! - [`state`], [`stats`]: what every connection shares; counters.
 //! - [`server`]: accept loop, start-up, credential reloading, graceful shutdown.
 //! - [`cli`]: the `wsmb-broker` command line.
 //!
-//! Imports go one way: `server` → `conn` → `delivery` → `storage`; `outbox` and `ws` are
-//! leaves. The wire format itself lives in the `wsmb-protocol` crate.
+//! Imports go one way: `server` → `conn` → `api` → `sms` → `delivery` → `storage`; `outbox`
+//! and `ws` are leaves. The wire format itself lives in the `wsmb-protocol` crate.
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -33,6 +37,7 @@ pub mod delivery;
 pub mod http;
 pub mod outbox;
 pub mod server;
+pub mod sms;
 pub mod state;
 pub mod stats;
 pub mod storage;

@@ -284,7 +284,12 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
         Arc::clone(&stats),
         shutdown.clone(),
     );
-    let shared = Shared::new(Arc::new(config), auth, engine, stats, shutdown);
+    let sms = if config.sms.enabled {
+        Some(crate::sms::Service::start(&config, Arc::clone(&engine), shutdown.clone()).await?)
+    } else {
+        None
+    };
+    let shared = Shared::new(Arc::new(config), auth, engine, stats, shutdown, sms);
     spawn_credentials_watcher(&shared, sources, interval);
     spawn_keepalive(&shared);
     if let Some(t) = &tls {

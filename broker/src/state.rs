@@ -116,6 +116,8 @@ pub struct Shared {
     pub message_ids: MessageIds,
     /// Live WebSocket sessions.
     pub sessions: Sessions,
+    /// The SMS service (`sms.enabled`).
+    pub sms: Option<Arc<crate::sms::Service>>,
     started: Instant,
     next_conn: AtomicU64,
 }
@@ -146,6 +148,7 @@ impl Shared {
         engine: Arc<Engine>,
         stats: Arc<Stats>,
         shutdown: CancellationToken,
+        sms: Option<Arc<crate::sms::Service>>,
     ) -> Arc<Self> {
         Arc::new(Shared {
             config,
@@ -155,6 +158,7 @@ impl Shared {
             shutdown,
             message_ids: MessageIds::default(),
             sessions: Sessions::default(),
+            sms,
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
         })

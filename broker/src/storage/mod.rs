@@ -33,7 +33,8 @@
 mod sql;
 mod sqlite;
 
-pub(crate) use sql::{Pool as SqlPool, connect_lazy, safe};
+pub use sql::Pool as SqlPool;
+pub(crate) use sql::{connect_lazy, safe};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -22,7 +22,7 @@ enum Dialect {
 }
 
 /// A MySQL/MariaDB or PostgreSQL pool (shared with the SMS service's tables).
-pub(crate) enum Pool {
+pub enum Pool {
     /// MySQL/MariaDB.
     My(MySqlPool),
     /// PostgreSQL.

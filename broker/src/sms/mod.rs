@@ -1,0 +1,1244 @@
+//! The SMS service: what the broker knows about SMS beyond moving frames. It turns a message
+//! accepted by the HTTP API into jobs on the jobs channel (one per recipient, in the agents'
+//! existing job format), tracks the jobs applications send over WebSocket the same way, reads
+//! the agents' status events to move each message through `Pending`, `Processed`, `Sent`,
+//! `Delivered`, `Failed` or `Cancelled`, knows the connected gateways and their modems, and
+//! queues the webhook calls those changes cause ([`webhooks`]).
+//!
+//! It sits beside the delivery engine, above it: it publishes through [`Engine::publish`] like
+//! any sender, and the session layer (`conn`, `api`) calls it; it imports neither. States are
+//! kept in the storage backend's database ([`store`]), or in memory with the memory backend.
+//!
+//! - [`model`]: states, the message document, the API's JSON shapes, request validation.
+//! - [`store`]: the `<prefix>sms` table.
+//! - [`webhooks`]: signatures, URL rules, the durable outbox and its deliverer.
+
+pub mod model;
+pub mod store;
+pub mod webhooks;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wsmb_protocol::ResponseCode;
+use wsmb_protocol::sms::{JobItem, Status, StatusEvent, parse_jobs};
+
+use crate::config::{Config, SmsConfig};
+use crate::delivery::{Engine, Publish};
+use crate::storage::DbError;
+use crate::ws::Text;
+use model::{Message, Recipient, SendRequest, Source, State, Webhook, WebhookRequest};
+use store::{Doc, DocStore, Kind, Query, Write};
+
+/// The connection id the service publishes as (no session has it).
+const SERVICE_CONN: u64 = 0;
+
+/// An API error: the HTTP status and what is wrong, in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// What is wrong and how to fix it.
+    pub message: String,
+    /// `Retry-After` seconds (503).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// A 400.
+    pub fn bad(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 400,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn status(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError {
+            status: 503,
+            message: message.into(),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    fn db(e: DbError) -> ApiError {
+        warn!("SMS service: database error: {e}");
+        ApiError::unavailable(format!("the message store is unavailable: {e}"), 5)
+    }
+}
+
+/// A modem of a gateway, as its last `modem` event described it.
+#[derive(Debug, Clone, Default)]
+struct ModemInfo {
+    state: String,
+    reason: Option<String>,
+    at_ms: i64,
+}
+
+/// A gateway agent (by its broker user).
+#[derive(Debug, Clone, Default)]
+struct Device {
+    conns: BTreeSet<u64>,
+    first_ms: i64,
+    last_ms: i64,
+    modems: BTreeMap<String, ModemInfo>,
+    last_sms_ms: Option<i64>,
+}
+
+/// Listing filters of `GET /messages`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this state.
+    pub state: Option<State>,
+    /// Created at or after (epoch ms).
+    pub from: Option<i64>,
+    /// Created before (epoch ms).
+    pub to: Option<i64>,
+    /// Most messages (default 50, at most 500).
+    pub limit: usize,
+    /// Skipped first.
+    pub offset: usize,
+    /// Oldest first (`sort=created_at`); newest first by default.
+    pub oldest_first: bool,
+}
+
+/// The SMS service.
+pub struct Service {
+    cfg: SmsConfig,
+    store: Arc<DocStore>,
+    engine: Arc<Engine>,
+    /// Serialises read-modify-write of message documents.
+    lock: tokio::sync::Mutex<()>,
+    devices: Mutex<BTreeMap<String, Device>>,
+    messages: AtomicUsize,
+    seq: AtomicU64,
+    seq_prefix: String,
+    hooks: Arc<webhooks::Deliverer>,
+}
+
+/// Epoch milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn fingerprint(owner: &str, text: &str, numbers: &[String]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in std::iter::once(owner)
+        .chain(std::iter::once(text))
+        .chain(numbers.iter().map(String::as_str))
+    {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    if getrandom::fill(&mut b).is_err() {
+        // Never reached on Linux; still unique enough for an id (not used for the key).
+        let t = now_ms().to_be_bytes();
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = t[i % 8] ^ (i as u8);
+        }
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn message_doc(m: &Message) -> Doc {
+    let pending = m.state() == State::Pending;
+    Doc {
+        kind: Kind::Message,
+        id: m.id.clone(),
+        owner: m.owner.clone(),
+        created: m.created_ms,
+        state: m.state().as_str().into(),
+        // A pending message with an expiry is due then (it fails as expired unless a gateway
+        // took it).
+        due: match (pending, m.expires_at) {
+            (true, Some(e)) => (e as i64).saturating_mul(1000),
+            _ => 0,
+        },
+        body: serde_json::to_string(m).unwrap_or_default(),
+    }
+}
+
+fn parse_message(d: &Doc) -> Option<Message> {
+    serde_json::from_str(&d.body).ok()
+}
+
+impl Service {
+    /// Opens the service's store, resolves the webhook signing key and starts its background
+    /// work (webhook deliveries, expiry of pending messages, retention) until `shutdown`.
+    pub async fn start(
+        config: &Config,
+        engine: Arc<Engine>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Service>> {
+        let cfg = config.sms.clone();
+        let store = Arc::new(DocStore::open(&config.storage).await.map_err(|e| {
+            anyhow::anyhow!("the SMS service cannot open its table (<prefix>sms): {e}")
+        })?);
+        if !store.durable() {
+            warn!(
+                "SMS service: storage.backend = \"memory\": message states, webhooks and pending \
+                 webhook calls are kept in memory only and lost at restart"
+            );
+        }
+        let key = signing_key(&cfg, &store).await?;
+        let messages = store
+            .count(Kind::Message, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("the SMS service cannot read its table: {e}"))?;
+        let hooks = webhooks::Deliverer::new(&cfg, key, Arc::clone(&store))?;
+        let svc = Arc::new(Service {
+            cfg,
+            store,
+            engine,
+            lock: tokio::sync::Mutex::new(()),
+            devices: Mutex::new(BTreeMap::new()),
+            messages: AtomicUsize::new(messages),
+            seq: AtomicU64::new(1),
+            seq_prefix: random_hex(4),
+            hooks: Arc::clone(&hooks),
+        });
+        hooks.spawn(shutdown.clone());
+        spawn_sweeper(&svc, shutdown);
+        info!(
+            "SMS service: HTTP API under {}, jobs on {:?}, status on {:?}, {messages} message(s) \
+             kept",
+            crate::config::API_PREFIX,
+            svc.cfg.jobs_channel,
+            svc.cfg.status_channel
+        );
+        Ok(svc)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SmsConfig {
+        &self.cfg
+    }
+
+    fn next_event_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.seq_prefix,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    // ---- messages -------------------------------------------------------------------------
+
+    /// `POST /messages`: validates, stores (Pending), publishes the jobs. Returns the HTTP
+    /// status (202 new, 200 a repeat of a known id) and the state.
+    pub async fn send(
+        &self,
+        owner: &str,
+        frame_id: String,
+        req: SendRequest,
+        skip_validation: bool,
+    ) -> Result<(u16, Value), ApiError> {
+        let now = now_ms();
+        let text = self.validate_text(&req)?;
+        let numbers = self.validate_numbers(&req, skip_validation)?;
+        let expires_at = self.validate_expiry(&req, now)?;
+        let priority = match req.priority {
+            None => 0,
+            Some(p) if (-128..=127).contains(&p) => p as i32,
+            Some(p) => return Err(ApiError::bad(format!("priority = {p} must be -128 to 127"))),
+        };
+        if req.sim_number.is_some() {
+            return Err(ApiError::bad(
+                "simNumber is not supported: the gateway agent picks the modem (its [[routes]] \
+                 by number prefix); leave simNumber out",
+            ));
+        }
+        if req.is_encrypted {
+            return Err(ApiError::bad(
+                "isEncrypted messages are not supported: send the text in clear over HTTPS",
+            ));
+        }
+        let id = match req.id.as_deref().map(str::trim) {
+            None | Some("") => random_hex(11),
+            Some(id) if id.len() > model::MAX_ID || id.chars().any(char::is_control) => {
+                return Err(ApiError::bad(format!(
+                    "id must be 1 to {} characters without control characters",
+                    model::MAX_ID
+                )));
+            }
+            Some(id) => id.to_owned(),
+        };
+        let fp = fingerprint(owner, &text, &numbers);
+        if self.messages.load(Ordering::Relaxed) >= self.cfg.max_messages {
+            return Err(ApiError::unavailable(
+                format!(
+                    "the broker keeps {} message states, its limit (sms.max_messages); older ones \
+                     age out after sms.keep",
+                    self.cfg.max_messages
+                ),
+                60,
+            ));
+        }
+        let jobs: Vec<String> = if numbers.len() == 1 {
+            vec![id.clone()]
+        } else {
+            (1..=numbers.len()).map(|i| format!("{id}/{i}")).collect()
+        };
+        let mut msg = Message {
+            id: id.clone(),
+            owner: owner.to_owned(),
+            source: Source::Api,
+            device: None,
+            created_ms: now,
+            expires_at,
+            frame_id: frame_id.clone(),
+            fingerprint: fp.clone(),
+            recipients: numbers
+                .iter()
+                .zip(&jobs)
+                .map(|(n, j)| Recipient {
+                    phone: n.clone(),
+                    job: j.clone(),
+                    state: State::Pending,
+                    error: None,
+                    parts: None,
+                    modem: None,
+                })
+                .collect(),
+            states: BTreeMap::new(),
+        };
+        msg.note_state(now);
+        let inserted = self
+            .store
+            .apply(vec![Write::Insert(message_doc(&msg))])
+            .await
+            .map_err(ApiError::db)?;
+        if inserted.first() != Some(&true) {
+            let known = self.get(owner, &id).await?;
+            return match known {
+                Some(k) if k.fingerprint == fp => Ok((200, k.view())),
+                _ => Err(ApiError::status(
+                    409,
+                    format!(
+                        "the id {id:?} is already used by another message; use a new id (a \
+                         repeated id with the same text and numbers is not sent again)"
+                    ),
+                )),
+            };
+        }
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        let now_s = (now / 1000) as u64;
+        let items: Vec<JobItem<'_>> = numbers
+            .iter()
+            .zip(&jobs)
+            .map(|(n, j)| JobItem {
+                id: j,
+                time: now_s,
+                receiver: n,
+                message: &text,
+                expiration: expires_at,
+                priority,
+                delivery_report: Some(req.with_delivery_report),
+            })
+            .collect();
+        let frame = wsmb_protocol::frames::send_message(&self.cfg.jobs_channel, &items);
+        let outcome = match Text::new(Bytes::from(frame)) {
+            Ok(frame) => {
+                self.engine
+                    .publish(Publish {
+                        sender: SERVICE_CONN,
+                        channel: &self.cfg.jobs_channel,
+                        message_id: frame_id,
+                        frame,
+                        limit: 1,
+                        expires_at,
+                        report: None,
+                    })
+                    .await
+                    .outcome()
+                    .await
+            }
+            Err(_) => crate::delivery::Outcome {
+                code: ResponseCode::InvalidData,
+                receivers: 0,
+                stored: None,
+                reason: Some("internal: the job frame is not UTF-8".into()),
+            },
+        };
+        if outcome.code != ResponseCode::Accepted {
+            // Not queued: forget it, so that the client may retry with the same id.
+            let _ = self
+                .store
+                .apply(vec![Write::Delete(Kind::Message, id.clone())])
+                .await;
+            self.messages.fetch_sub(1, Ordering::Relaxed);
+            let why = match outcome.code {
+                ResponseCode::NoReceiver | ResponseCode::ReceiversBusy => format!(
+                    "no gateway agent is connected to take the message (channel {:?}), and \
+                     storage.backend = \"memory\" keeps nothing for later; retry when an agent \
+                     is connected, or use a durable backend",
+                    self.cfg.jobs_channel
+                ),
+                _ => outcome
+                    .reason
+                    .unwrap_or_else(|| format!("refused ({:?})", outcome.code)),
+            };
+            info!(message = %id, "SMS not queued: {why}");
+            return Err(ApiError::unavailable(why, 30));
+        }
+        debug!(message = %id, recipients = numbers.len(), "SMS accepted");
+        Ok((202, msg.view()))
+    }
+
+    fn validate_text(&self, req: &SendRequest) -> Result<String, ApiError> {
+        if req.data_message.is_some() || req.mms_message.is_some() {
+            return Err(ApiError::bad(
+                "dataMessage and mmsMessage are not supported: send a textMessage",
+            ));
+        }
+        let text = match (&req.text_message, &req.message) {
+            (Some(t), _) => t.text.clone(),
+            (None, Some(m)) => m.clone(),
+            (None, None) => {
+                return Err(ApiError::bad(
+                    "the message has no text: send {\"textMessage\": {\"text\": \"...\"}}",
+                ));
+            }
+        };
+        if text.trim().is_empty() {
+            return Err(ApiError::bad("the message text is empty"));
+        }
+        let parts = wsmb_protocol::segments::plan(&text)
+            .map(|p| p.parts.len())
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        if parts > self.cfg.max_parts as usize {
+            return Err(ApiError::bad(format!(
+                "the text needs {parts} SMS parts; at most {} are allowed (sms.max_parts); \
+                 shorten it",
+                self.cfg.max_parts
+            )));
+        }
+        Ok(text)
+    }
+
+    fn validate_numbers(
+        &self,
+        req: &SendRequest,
+        skip_validation: bool,
+    ) -> Result<Vec<String>, ApiError> {
+        if req.phone_numbers.is_empty() {
+            return Err(ApiError::bad(
+                "phoneNumbers is empty: give at least one number, e.g. [\"+628123456789\"]",
+            ));
+        }
+        if req.phone_numbers.len() > self.cfg.max_recipients {
+            return Err(ApiError::bad(format!(
+                "{} phone numbers; at most {} per message (sms.max_recipients)",
+                req.phone_numbers.len(),
+                self.cfg.max_recipients
+            )));
+        }
+        let mut out: Vec<String> = Vec::with_capacity(req.phone_numbers.len());
+        for n in &req.phone_numbers {
+            let n = if skip_validation {
+                let t = n.trim();
+                if t.is_empty() || t.len() > 32 || t.chars().any(char::is_control) {
+                    return Err(ApiError::bad(format!("{n:?} is not a phone number")));
+                }
+                t.to_owned()
+            } else {
+                model::e164(n).map_err(ApiError::bad)?
+            };
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
+    fn validate_expiry(&self, req: &SendRequest, now: i64) -> Result<Option<u64>, ApiError> {
+        match (req.ttl, &req.valid_until) {
+            (Some(_), Some(_)) => Err(ApiError::bad(
+                "ttl and validUntil are mutually exclusive: give one of them",
+            )),
+            (Some(t), None) if t <= 0 => Err(ApiError::bad(format!(
+                "ttl = {t} must be a positive number of seconds"
+            ))),
+            (Some(t), None) => Ok(Some((now / 1000) as u64 + t as u64)),
+            (None, Some(v)) => {
+                let ms = model::parse_iso(v).ok_or_else(|| {
+                    ApiError::bad(format!(
+                        "validUntil = {v:?} is not an ISO 8601 time such as \
+                         2026-12-02T10:00:00+00:00"
+                    ))
+                })?;
+                if ms <= now {
+                    return Err(ApiError::bad(format!("validUntil = {v:?} is in the past")));
+                }
+                Ok(Some((ms / 1000) as u64))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// One message of `owner`.
+    pub async fn get(&self, owner: &str, id: &str) -> Result<Option<Message>, ApiError> {
+        let doc = self
+            .store
+            .get(Kind::Message, id)
+            .await
+            .map_err(ApiError::db)?;
+        Ok(doc
+            .as_ref()
+            .and_then(parse_message)
+            .filter(|m| m.owner == owner))
+    }
+
+    /// `GET /messages`.
+    pub async fn list(&self, owner: &str, f: &ListFilter) -> Result<Vec<Value>, ApiError> {
+        let q = Query {
+            kind: Kind::Message,
+            owner: Some(owner.to_owned()),
+            state: f.state.map(|s| s.as_str().to_owned()),
+            from: f.from,
+            to: f.to,
+            limit: f.limit,
+            offset: f.offset,
+            newest_first: !f.oldest_first,
+        };
+        let docs = self.store.list(&q).await.map_err(ApiError::db)?;
+        Ok(docs
+            .iter()
+            .filter_map(parse_message)
+            .map(|m| m.view())
+            .collect())
+    }
+
+    /// `DELETE /messages/{id}`: cancels a message no gateway has taken yet.
+    pub async fn cancel(&self, owner: &str, id: &str) -> Result<Value, ApiError> {
+        let _g = self.lock.lock().await;
+        let Some(mut m) = self.get(owner, id).await? else {
+            return Err(not_found("message", id));
+        };
+        let st = m.state();
+        if st == State::Cancelled {
+            return Ok(m.view());
+        }
+        if m.recipients.iter().any(|r| r.state != State::Pending) {
+            return Err(ApiError::status(
+                409,
+                format!(
+                    "the message is {} (a gateway has taken it): it can no longer be cancelled",
+                    st.as_str()
+                ),
+            ));
+        }
+        let withdrawn = self
+            .engine
+            .withdraw(&m.frame_id)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("cannot cancel now: {e}"), 5))?;
+        if !withdrawn {
+            return Err(ApiError::status(
+                409,
+                "the message has been handed to a gateway agent already: it can no longer be \
+                 cancelled",
+            ));
+        }
+        let now = now_ms();
+        for r in &mut m.recipients {
+            r.state = State::Cancelled;
+        }
+        m.note_state(now);
+        self.store
+            .apply(vec![Write::Put(message_doc(&m))])
+            .await
+            .map_err(ApiError::db)?;
+        info!(message = %id, "SMS cancelled");
+        Ok(m.view())
+    }
+
+    // ---- what the session layer tells the service ------------------------------------------
+
+    /// A `send-message` on the jobs channel from `owner` over WebSocket: its jobs are tracked
+    /// (before they are routed) under their ids.
+    pub async fn track_jobs(&self, owner: &str, frame_id: &str, frame: &str) {
+        let Ok((_, items)) = parse_jobs(frame) else {
+            return;
+        };
+        let now = now_ms();
+        let mut writes = Vec::new();
+        for job in items.into_iter().flatten() {
+            let Some(id) = job.id.filter(|i| i.len() <= model::MAX_ID) else {
+                continue;
+            };
+            if self.messages.load(Ordering::Relaxed) + writes.len() >= self.cfg.max_messages {
+                warn!("sms.max_messages reached: WebSocket jobs are routed but not tracked");
+                break;
+            }
+            let mut m = Message {
+                id: id.clone(),
+                owner: owner.to_owned(),
+                source: Source::Ws,
+                device: None,
+                created_ms: now,
+                expires_at: job.expiration,
+                frame_id: frame_id.to_owned(),
+                fingerprint: String::new(),
+                recipients: vec![Recipient {
+                    phone: job.receiver.unwrap_or_default(),
+                    job: id,
+                    state: State::Pending,
+                    error: None,
+                    parts: None,
+                    modem: None,
+                }],
+                states: BTreeMap::new(),
+            };
+            m.note_state(now);
+            writes.push(Write::Insert(message_doc(&m)));
+        }
+        if writes.is_empty() {
+            return;
+        }
+        match self.store.apply(writes).await {
+            Ok(r) => {
+                let n = r.iter().filter(|x| **x).count();
+                self.messages.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => warn!("SMS service: cannot track WebSocket jobs: {e}"),
+        }
+    }
+
+    /// A gateway agent (`user`, connection `conn`) receives on the jobs channel.
+    pub fn agent_online(&self, user: &str, conn: u64) {
+        let now = now_ms();
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let dev = d.entry(user.to_owned()).or_insert_with(|| Device {
+            first_ms: now,
+            ..Device::default()
+        });
+        dev.conns.insert(conn);
+        dev.last_ms = now;
+    }
+
+    /// Connection `conn` no longer receives on the jobs channel.
+    pub fn agent_offline(&self, conn: u64) {
+        let now = now_ms();
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        for dev in d.values_mut() {
+            if dev.conns.remove(&conn) {
+                dev.last_ms = now;
+            }
+        }
+    }
+
+    /// A frame the agent `device` published on the status channel: each status event moves
+    /// its message on, and queues the webhooks it causes, in one transaction, before the frame
+    /// is acknowledged.
+    pub async fn ingest(&self, device: &str, frame: &str) {
+        #[derive(serde::Deserialize)]
+        struct F {
+            #[serde(default)]
+            data: Value,
+        }
+        let Ok(f) = serde_json::from_str::<F>(frame) else {
+            return;
+        };
+        let items = match f.data {
+            Value::Array(a) => a,
+            v @ Value::Object(_) => vec![v],
+            _ => return,
+        };
+        let events: Vec<StatusEvent> = items
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect();
+        let now = now_ms();
+        {
+            let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+            let dev = d.entry(device.to_owned()).or_insert_with(|| Device {
+                first_ms: now,
+                ..Device::default()
+            });
+            dev.last_ms = now;
+            for e in &events {
+                if e.status == Status::Modem {
+                    let name = e.id.strip_prefix("modem:").unwrap_or(&e.id).to_owned();
+                    dev.modems.insert(
+                        name,
+                        ModemInfo {
+                            state: e.modem_state.clone().unwrap_or_default(),
+                            reason: e.reason.clone(),
+                            at_ms: now,
+                        },
+                    );
+                } else if e.status == Status::Sent {
+                    dev.last_sms_ms = Some(now);
+                }
+            }
+        }
+        let events: Vec<StatusEvent> = events
+            .into_iter()
+            .filter(|e| e.status != Status::Modem && !e.id.is_empty())
+            .collect();
+        if events.is_empty() {
+            return;
+        }
+        let _g = self.lock.lock().await;
+        let mut changed: HashMap<String, Message> = HashMap::new();
+        let mut fired: Vec<(String, &'static str, Value)> = Vec::new();
+        for e in &events {
+            let Some(msg_id) = self.load_for(&e.id, &mut changed).await else {
+                debug!(job = %e.id, "status event for a job the SMS service does not know");
+                continue;
+            };
+            let Some(m) = changed.get_mut(&msg_id) else {
+                continue;
+            };
+            if let Some((event, payload)) = apply_event(m, e, device, now) {
+                fired.push((msg_id.clone(), event, payload));
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let mut writes: Vec<Write> = Vec::new();
+        for m in changed.values_mut() {
+            m.note_state(now);
+            writes.push(Write::Put(message_doc(m)));
+        }
+        let mut hooks_by_owner: HashMap<String, Vec<Webhook>> = HashMap::new();
+        for (msg_id, event, payload) in fired {
+            let Some(m) = changed.get(&msg_id) else {
+                continue;
+            };
+            if !hooks_by_owner.contains_key(&m.owner) {
+                let hooks = self.webhooks_of(&m.owner).await.unwrap_or_default();
+                hooks_by_owner.insert(m.owner.clone(), hooks);
+            }
+            for h in hooks_by_owner.get(&m.owner).into_iter().flatten() {
+                if h.event != event || h.device_id.as_deref().is_some_and(|d| d != device) {
+                    continue;
+                }
+                writes.push(self.hooks.call(
+                    &m.owner,
+                    h,
+                    &self.next_event_id(),
+                    device,
+                    payload.clone(),
+                    now,
+                ));
+            }
+        }
+        let calls = writes
+            .iter()
+            .any(|w| matches!(w, Write::Put(d) if d.kind == Kind::Outbox));
+        if let Err(e) = self.store.apply(writes).await {
+            warn!("SMS service: cannot record status events: {e}");
+        } else if calls {
+            self.hooks.wake();
+        }
+    }
+
+    /// The message a job id belongs to, loaded into `changed` for this batch.
+    async fn load_for(&self, job: &str, changed: &mut HashMap<String, Message>) -> Option<String> {
+        let mut candidates = vec![job.to_owned()];
+        if let Some((base, n)) = job.rsplit_once('/') {
+            if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+                candidates.push(base.to_owned());
+            }
+        }
+        for c in candidates {
+            if let Some(m) = changed.get(&c) {
+                if m.recipients.iter().any(|r| r.job == job) {
+                    return Some(c);
+                }
+                continue;
+            }
+            if let Ok(Some(doc)) = self.store.get(Kind::Message, &c).await {
+                if let Some(m) = parse_message(&doc) {
+                    if m.recipients.iter().any(|r| r.job == job) {
+                        changed.insert(c.clone(), m);
+                        return Some(c);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    // ---- webhooks --------------------------------------------------------------------------
+
+    async fn webhooks_of(&self, owner: &str) -> Result<Vec<Webhook>, DbError> {
+        let q = Query {
+            kind: Kind::Webhook,
+            owner: Some(owner.to_owned()),
+            state: None,
+            from: None,
+            to: None,
+            limit: self.cfg.max_webhooks,
+            offset: 0,
+            newest_first: false,
+        };
+        Ok(self
+            .store
+            .list(&q)
+            .await?
+            .iter()
+            .filter_map(|d| serde_json::from_str(&d.body).ok())
+            .collect())
+    }
+
+    /// `GET /webhooks`, with each webhook's pending and given-up calls.
+    pub async fn list_webhooks(&self, owner: &str) -> Result<Vec<Value>, ApiError> {
+        let hooks = self.webhooks_of(owner).await.map_err(ApiError::db)?;
+        let stats = self.hooks.stats(owner).await.map_err(ApiError::db)?;
+        Ok(hooks
+            .iter()
+            .map(|h| {
+                let s = stats.get(&h.id).cloned().unwrap_or_default();
+                json!({
+                    "id": h.id,
+                    "url": h.url,
+                    "event": h.event,
+                    "deviceId": h.device_id,
+                    "pendingDeliveries": s.pending,
+                    "failedDeliveries": s.failed,
+                    "lastError": s.last_error,
+                })
+            })
+            .collect())
+    }
+
+    /// `POST /webhooks`.
+    pub async fn add_webhook(&self, owner: &str, req: WebhookRequest) -> Result<Value, ApiError> {
+        if !model::EVENTS.contains(&req.event.as_str()) {
+            return Err(ApiError::bad(format!(
+                "event {:?} is not one of {}",
+                req.event,
+                model::EVENTS.join(", ")
+            )));
+        }
+        self.hooks.check_url(&req.url).map_err(ApiError::bad)?;
+        let id = match req.id.as_deref().map(str::trim) {
+            None | Some("") => random_hex(11),
+            Some(i) if i.len() > model::MAX_ID || i.chars().any(char::is_control) => {
+                return Err(ApiError::bad(format!(
+                    "id must be 1 to {} characters",
+                    model::MAX_ID
+                )));
+            }
+            Some(i) => i.to_owned(),
+        };
+        let existing = self
+            .store
+            .get(Kind::Webhook, &id)
+            .await
+            .map_err(ApiError::db)?;
+        match &existing {
+            Some(d) if d.owner != owner => {
+                return Err(ApiError::status(
+                    409,
+                    format!("the webhook id {id:?} is taken"),
+                ));
+            }
+            None => {
+                let n = self
+                    .store
+                    .count(Kind::Webhook, Some(owner))
+                    .await
+                    .map_err(ApiError::db)?;
+                if n >= self.cfg.max_webhooks {
+                    return Err(ApiError::bad(format!(
+                        "{n} webhooks are registered, the limit (sms.max_webhooks); delete one \
+                         first"
+                    )));
+                }
+            }
+            Some(_) => {}
+        }
+        let h = Webhook {
+            id: id.clone(),
+            url: req.url,
+            event: req.event,
+            device_id: req.device_id.filter(|d| !d.is_empty()),
+        };
+        let doc = Doc {
+            kind: Kind::Webhook,
+            id,
+            owner: owner.to_owned(),
+            created: now_ms(),
+            state: h.event.clone(),
+            due: 0,
+            body: serde_json::to_string(&h).unwrap_or_default(),
+        };
+        self.store
+            .apply(vec![Write::Put(doc)])
+            .await
+            .map_err(ApiError::db)?;
+        info!(webhook = %h.id, event = %h.event, url = %h.url, "webhook registered");
+        Ok(json!({"id": h.id, "url": h.url, "event": h.event, "deviceId": h.device_id}))
+    }
+
+    /// `DELETE /webhooks/{id}` (its queued calls go too).
+    pub async fn delete_webhook(&self, owner: &str, id: &str) -> Result<(), ApiError> {
+        let existing = self
+            .store
+            .get(Kind::Webhook, id)
+            .await
+            .map_err(ApiError::db)?;
+        if existing.is_none_or(|d| d.owner != owner) {
+            return Err(not_found("webhook", id));
+        }
+        self.hooks.forget(owner, id).await.map_err(ApiError::db)?;
+        self.store
+            .apply(vec![Write::Delete(Kind::Webhook, id.to_owned())])
+            .await
+            .map_err(ApiError::db)?;
+        info!(webhook = %id, "webhook deleted");
+        Ok(())
+    }
+
+    /// The signing key in force.
+    pub fn signing_key(&self) -> &str {
+        self.hooks.key()
+    }
+
+    // ---- devices and health ----------------------------------------------------------------
+
+    /// `GET /devices`: the gateway agents seen since the broker started.
+    pub fn devices(&self) -> Vec<Value> {
+        let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        d.iter()
+            .map(|(id, dev)| {
+                let modems: Vec<Value> = dev
+                    .modems
+                    .iter()
+                    .map(|(name, m)| {
+                        json!({"name": name, "state": m.state, "reason": m.reason,
+                               "updatedAt": model::iso(m.at_ms)})
+                    })
+                    .collect();
+                json!({
+                    "id": id,
+                    "name": id,
+                    "connected": !dev.conns.is_empty(),
+                    "createdAt": model::iso(dev.first_ms),
+                    "updatedAt": model::iso(dev.last_ms),
+                    "lastSeen": model::iso(dev.last_ms),
+                    "lastSmsAt": dev.last_sms_ms.map(model::iso),
+                    "modems": modems,
+                })
+            })
+            .collect()
+    }
+
+    /// `GET /health`: storage, agents connected, modems ready.
+    pub async fn health(&self) -> Value {
+        let storage = match self.store.ping().await {
+            Ok(()) if self.store.durable() => ("pass", "the message store answers".to_owned()),
+            Ok(()) => ("warn", "memory only: states are lost at restart".to_owned()),
+            Err(e) => ("fail", format!("the message store does not answer: {e}")),
+        };
+        let (agents, modems_ready, modems) = {
+            let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+            let online: Vec<&Device> = d.values().filter(|x| !x.conns.is_empty()).collect();
+            let ready = online
+                .iter()
+                .flat_map(|x| x.modems.values())
+                .filter(|m| m.state == "ready")
+                .count();
+            let all = online.iter().map(|x| x.modems.len()).sum::<usize>();
+            (online.len(), ready, all)
+        };
+        let receivers = self.engine.receivers(&self.cfg.jobs_channel);
+        let agents_check = if receivers > 0 {
+            ("pass", format!("{receivers} agent connection(s) take jobs"))
+        } else {
+            (
+                "warn",
+                "no gateway agent is connected: messages wait".to_owned(),
+            )
+        };
+        let modems_check = if modems_ready > 0 {
+            ("pass", format!("{modems_ready} of {modems} modem(s) ready"))
+        } else if agents == 0 {
+            ("warn", "no agent, so no modem, is connected".to_owned())
+        } else if modems == 0 {
+            ("pass", "no modem state reported yet".to_owned())
+        } else {
+            ("warn", format!("none of {modems} modem(s) is ready"))
+        };
+        let checks = [
+            ("storage", storage),
+            ("agents", agents_check),
+            ("modems", modems_check),
+        ];
+        let status = if checks.iter().any(|(_, (s, _))| *s == "fail") {
+            "fail"
+        } else if checks.iter().any(|(_, (s, _))| *s == "warn") {
+            "warn"
+        } else {
+            "pass"
+        };
+        let checks: serde_json::Map<String, Value> = checks
+            .iter()
+            .map(|(k, (s, d))| ((*k).to_owned(), json!({"status": s, "description": d})))
+            .collect();
+        json!({"status": status, "version": env!("CARGO_PKG_VERSION"), "checks": checks})
+    }
+
+    // ---- background -------------------------------------------------------------------------
+
+    /// Pending messages whose expiry passed fail as expired (no gateway took them in time, and
+    /// none will send them: the agent refuses an expired job); states older than `sms.keep`
+    /// are deleted.
+    async fn sweep(&self) {
+        let now = now_ms();
+        let due = match self.store.due(Kind::Message, now, 200).await {
+            Ok(d) => d,
+            Err(e) => {
+                debug!("SMS sweep: {e}");
+                return;
+            }
+        };
+        if !due.is_empty() {
+            let _g = self.lock.lock().await;
+            let mut writes = Vec::new();
+            for d in due {
+                // read again under the lock: an event may have moved it on
+                let Ok(Some(d)) = self.store.get(Kind::Message, &d.id).await else {
+                    continue;
+                };
+                let Some(mut m) = parse_message(&d) else {
+                    continue;
+                };
+                if m.state() != State::Pending {
+                    writes.push(Write::Put(message_doc(&m)));
+                    continue;
+                }
+                for r in &mut m.recipients {
+                    if r.state == State::Pending {
+                        r.state = State::Failed;
+                        r.error = Some(
+                            "expired: the message's ttl/validUntil passed before a gateway took \
+                             it"
+                            .into(),
+                        );
+                    }
+                }
+                m.note_state(now);
+                info!(message = %m.id, "SMS expired before a gateway took it");
+                writes.push(Write::Put(message_doc(&m)));
+                let hooks = self.webhooks_of(&m.owner).await.unwrap_or_default();
+                for r in &m.recipients {
+                    let payload = json!({"messageId": m.id, "phoneNumber": r.phone,
+                        "failedAt": model::iso(now), "reason": r.error});
+                    for h in hooks.iter().filter(|h| h.event == "sms:failed") {
+                        writes.push(self.hooks.call(
+                            &m.owner,
+                            h,
+                            &self.next_event_id(),
+                            "",
+                            payload.clone(),
+                            now,
+                        ));
+                    }
+                }
+            }
+            if let Err(e) = self.store.apply(writes).await {
+                warn!("SMS sweep: {e}");
+            } else {
+                self.hooks.wake();
+            }
+        }
+        let keep = self.cfg.keep.as_millis() as i64;
+        let q = Query {
+            kind: Kind::Message,
+            owner: None,
+            state: None,
+            from: None,
+            to: Some(now - keep),
+            limit: 500,
+            offset: 0,
+            newest_first: false,
+        };
+        if let Ok(old) = self.store.list(&q).await {
+            if !old.is_empty() {
+                let n = old.len();
+                let writes = old
+                    .into_iter()
+                    .map(|d| Write::Delete(Kind::Message, d.id))
+                    .collect();
+                if self.store.apply(writes).await.is_ok() {
+                    let _ = self
+                        .messages
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                            Some(v.saturating_sub(n))
+                        });
+                    debug!("{n} message state(s) older than sms.keep deleted");
+                }
+            }
+        }
+    }
+}
+
+fn not_found(what: &str, id: &str) -> ApiError {
+    ApiError::status(404, format!("no {what} with id {id:?}"))
+}
+
+/// Moves `m` on by one status event; returns the webhook event it causes with its payload.
+fn apply_event(
+    m: &mut Message,
+    e: &StatusEvent,
+    device: &str,
+    now: i64,
+) -> Option<(&'static str, Value)> {
+    let r = m.recipients.iter_mut().find(|r| r.job == e.id)?;
+    let at = model::iso((e.time as i64).saturating_mul(1000).max(0));
+    let prev = r.state;
+    if prev == State::Cancelled {
+        return None;
+    }
+    let fired = match e.status {
+        Status::Queued => {
+            if prev == State::Pending {
+                r.state = State::Processed;
+            }
+            None
+        }
+        Status::Sent => {
+            if matches!(prev, State::Delivered | State::Sent) {
+                return None;
+            }
+            r.state = State::Sent;
+            r.error = None;
+            r.parts = e.parts;
+            r.modem = e.modem.clone();
+            Some((
+                "sms:sent",
+                json!({"messageId": m.id, "phoneNumber": r.phone, "partsCount": e.parts,
+                       "sentAt": at}),
+            ))
+        }
+        Status::Delivered => {
+            if prev == State::Delivered {
+                return None;
+            }
+            r.state = State::Delivered;
+            Some((
+                "sms:delivered",
+                json!({"messageId": m.id, "phoneNumber": r.phone, "deliveredAt": at}),
+            ))
+        }
+        Status::Failed | Status::Expired => {
+            if matches!(prev, State::Failed | State::Delivered) {
+                return None;
+            }
+            let reason = e.reason.clone().unwrap_or_else(|| "failed".into());
+            let reason = if e.status == Status::Expired {
+                format!("expired: {reason}")
+            } else {
+                match &e.error_code {
+                    Some(c) if !reason.contains(c.as_str()) => format!("{reason} ({c})"),
+                    _ => reason,
+                }
+            };
+            r.state = State::Failed;
+            r.error = Some(reason.clone());
+            Some((
+                "sms:failed",
+                json!({"messageId": m.id, "phoneNumber": r.phone, "failedAt": at,
+                       "reason": reason}),
+            ))
+        }
+        Status::Modem => None,
+    };
+    if m.device.is_none() && !device.is_empty() {
+        m.device = Some(device.to_owned());
+    }
+    let _ = now;
+    fired
+}
+
+/// The webhook signing key: the configured one (or `WSMB_WEBHOOK_KEY`), else the one kept in
+/// the database, else a new one, kept there.
+async fn signing_key(cfg: &SmsConfig, store: &DocStore) -> anyhow::Result<String> {
+    if !cfg.webhook_signing_key.is_empty() {
+        return Ok(cfg.webhook_signing_key.clone());
+    }
+    const ID: &str = "webhook_signing_key";
+    let read = |d: Option<Doc>| d.map(|d| d.body);
+    let db = |e: DbError| anyhow::anyhow!("the SMS service cannot read its signing key: {e}");
+    if let Some(k) = read(store.get(Kind::Setting, ID).await.map_err(db)?) {
+        return Ok(k);
+    }
+    let key = random_hex(32);
+    let doc = Doc {
+        kind: Kind::Setting,
+        id: ID.into(),
+        owner: String::new(),
+        created: now_ms(),
+        state: String::new(),
+        due: 0,
+        body: key.clone(),
+    };
+    store.apply(vec![Write::Insert(doc)]).await.map_err(db)?;
+    let key = read(store.get(Kind::Setting, ID).await.map_err(db)?).unwrap_or(key);
+    if store.durable() {
+        info!("SMS service: made a webhook signing key (`wsmb-broker webhook-key` shows it)");
+    } else {
+        warn!(
+            "SMS service: made a webhook signing key for this run only (memory backend); set \
+             sms.webhook_signing_key or WSMB_WEBHOOK_KEY to keep one"
+        );
+    }
+    Ok(key)
+}
+
+/// The key `wsmb-broker webhook-key` prints.
+pub async fn show_signing_key(config: &Config) -> anyhow::Result<String> {
+    let store = DocStore::open(&config.storage).await?;
+    signing_key(&config.sms, &store).await
+}
+
+fn spawn_sweeper(svc: &Arc<Service>, shutdown: CancellationToken) {
+    let weak = Arc::downgrade(svc);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(svc) = weak.upgrade() else {
+                return;
+            };
+            svc.sweep().await;
+        }
+    });
+}

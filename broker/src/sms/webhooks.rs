@@ -1,0 +1,463 @@
+//! Webhooks: the signed calls, the rules for URLs, and the durable outbox with its deliverer.
+//!
+//! - **Signature.** `X-Timestamp` is the Unix time in seconds; `X-Signature` is the hex
+//!   HMAC-SHA256, keyed with the UTF-8 bytes of the signing key, over the raw body bytes
+//!   followed by the timestamp string (SMSGate's scheme, so its receivers' checks work).
+//! - **Durable.** A call is a document of the service's table, written in the same
+//!   transaction as the state change that causes it. It is deleted only after a 2xx answer;
+//!   other answers, timeouts and connection errors schedule it again after a delay that doubles
+//!   from `webhook_retry_initial` up to `webhook_retry_max`; after `webhook_give_up_after` it is
+//!   kept as failed (shown in `GET /webhooks`) and logged. A restart finds what is left.
+//! - **Never in the way.** Calls run in their own tasks (at most [`IN_FLIGHT`] at once), each
+//!   with the `webhook_timeout` deadline; message flow only writes the document.
+//! - **URLs.** `https://` only, except loopback and `webhook_http_hosts`; redirects are not
+//!   followed (a 3xx is a failure, with its `Location` in the error).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::model::Webhook;
+use super::now_ms;
+use super::store::{Doc, DocStore, Kind, Query, Write};
+use crate::config::SmsConfig;
+use crate::storage::DbError;
+
+/// Most webhook calls in flight at once.
+pub const IN_FLIGHT: usize = 8;
+
+/// One queued call (the outbox document's body).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Call {
+    hook: String,
+    url: String,
+    event: String,
+    body: String,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default)]
+    last_error: Option<String>,
+}
+
+/// Pending and given-up calls of one webhook.
+#[derive(Debug, Clone, Default)]
+pub struct HookStats {
+    /// Calls waiting for a 2xx.
+    pub pending: usize,
+    /// Calls given up.
+    pub failed: usize,
+    /// The last error of any of them.
+    pub last_error: Option<String>,
+}
+
+/// The `X-Signature` of `body` sent at `timestamp`.
+pub fn sign(key: &str, body: &[u8], timestamp: &str) -> String {
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()) else {
+        return String::new();
+    };
+    mac.update(body);
+    mac.update(timestamp.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The webhook outbox and its deliverer.
+pub struct Deliverer {
+    key: String,
+    store: Arc<DocStore>,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    initial: Duration,
+    max: Duration,
+    give_up: Duration,
+    http_hosts: Vec<String>,
+    wake: Notify,
+    in_flight: Mutex<HashSet<String>>,
+}
+
+fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Deliverer {
+    /// A deliverer signing with `key`.
+    pub fn new(cfg: &SmsConfig, key: String, store: Arc<DocStore>) -> anyhow::Result<Arc<Self>> {
+        let tls = wsmb_common::tls::client_config(&cfg.webhook_ca_file, "sms.webhook_ca_file")
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Arc::new(Deliverer {
+            key,
+            store,
+            tls: Arc::new(tls),
+            timeout: cfg.webhook_timeout,
+            initial: cfg.webhook_retry_initial,
+            max: cfg.webhook_retry_max,
+            give_up: cfg.webhook_give_up_after,
+            http_hosts: cfg.webhook_http_hosts.clone(),
+            wake: Notify::new(),
+            in_flight: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// The signing key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Whether `url` may be registered; why not.
+    pub fn check_url(&self, url: &str) -> Result<(), String> {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("url {url:?} is not a valid URL: {e}"))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("url {url:?} has no host"))?;
+        match uri.scheme_str() {
+            Some("https") => Ok(()),
+            Some("http")
+                if is_loopback(host)
+                    || self.http_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) =>
+            {
+                Ok(())
+            }
+            Some("http") => Err(format!(
+                "url {url:?}: webhooks must use https:// (plain http:// only on loopback or on the \
+                 hosts of sms.webhook_http_hosts)"
+            )),
+            _ => Err(format!("url {url:?} must start with https://")),
+        }
+    }
+
+    /// The outbox document of one call of `hook` for an event, signed when it is sent.
+    pub fn call(
+        &self,
+        owner: &str,
+        hook: &Webhook,
+        event_id: &str,
+        device: &str,
+        payload: Value,
+        now: i64,
+    ) -> Write {
+        let body = json!({
+            "deviceId": device,
+            "event": hook.event,
+            "id": event_id,
+            "payload": payload,
+            "webhookId": hook.id,
+        });
+        let call = Call {
+            hook: hook.id.clone(),
+            url: hook.url.clone(),
+            event: hook.event.clone(),
+            body: body.to_string(),
+            attempts: 0,
+            last_error: None,
+        };
+        Write::Put(Doc {
+            kind: Kind::Outbox,
+            id: format!("{event_id}.{}", hook.id),
+            owner: owner.to_owned(),
+            created: now,
+            state: "pending".into(),
+            due: now.max(1),
+            body: serde_json::to_string(&call).unwrap_or_default(),
+        })
+    }
+
+    /// New calls are queued: look now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn calls_of(owner: &str) -> Query {
+        Query {
+            kind: Kind::Outbox,
+            owner: Some(owner.to_owned()),
+            state: None,
+            from: None,
+            to: None,
+            limit: 10_000,
+            offset: 0,
+            newest_first: true,
+        }
+    }
+
+    /// Per webhook of `owner`: pending and given-up calls.
+    pub async fn stats(&self, owner: &str) -> Result<HashMap<String, HookStats>, DbError> {
+        let mut out: HashMap<String, HookStats> = HashMap::new();
+        for d in self.store.list(&Self::calls_of(owner)).await? {
+            let Ok(c) = serde_json::from_str::<Call>(&d.body) else {
+                continue;
+            };
+            let s = out.entry(c.hook).or_default();
+            if d.state == "failed" {
+                s.failed += 1;
+            } else {
+                s.pending += 1;
+            }
+            if s.last_error.is_none() {
+                s.last_error = c.last_error;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the queued calls of a webhook that is deleted.
+    pub async fn forget(&self, owner: &str, hook: &str) -> Result<(), DbError> {
+        let writes: Vec<Write> = self
+            .store
+            .list(&Self::calls_of(owner))
+            .await?
+            .into_iter()
+            .filter(|d| serde_json::from_str::<Call>(&d.body).is_ok_and(|c| c.hook == hook))
+            .map(|d| Write::Delete(Kind::Outbox, d.id))
+            .collect();
+        self.store.apply(writes).await.map(|_| ())
+    }
+
+    /// Delivers due calls until `shutdown`.
+    pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = me.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                me.round();
+            }
+        });
+    }
+
+    /// Starts the due calls that are not in flight, up to [`IN_FLIGHT`].
+    fn round(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let room = IN_FLIGHT.saturating_sub(me.flying().len());
+            if room == 0 {
+                return;
+            }
+            let due = match me.store.due(Kind::Outbox, now_ms(), IN_FLIGHT * 2).await {
+                Ok(d) => d,
+                Err(e) => {
+                    debug!("webhook outbox: {e}");
+                    return;
+                }
+            };
+            let mut started = 0;
+            for d in due {
+                if started >= room {
+                    break;
+                }
+                if !me.flying().insert(d.id.clone()) {
+                    continue;
+                }
+                started += 1;
+                let m = Arc::clone(&me);
+                tokio::spawn(async move {
+                    let id = d.id.clone();
+                    m.attempt(d).await;
+                    m.flying().remove(&id);
+                    m.wake();
+                });
+            }
+        });
+    }
+
+    fn flying(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One attempt of one call, and what it leaves in the outbox.
+    async fn attempt(&self, mut d: Doc) {
+        let Ok(mut call) = serde_json::from_str::<Call>(&d.body) else {
+            let _ = self
+                .store
+                .apply(vec![Write::Delete(Kind::Outbox, d.id)])
+                .await;
+            return;
+        };
+        let ts = (now_ms() / 1000).to_string();
+        let sig = sign(&self.key, call.body.as_bytes(), &ts);
+        let result = post(
+            &call.url,
+            Bytes::from(call.body.clone()),
+            &ts,
+            &sig,
+            Arc::clone(&self.tls),
+            self.timeout,
+        )
+        .await;
+        let now = now_ms();
+        call.attempts += 1;
+        let write = match result {
+            Ok(status) if (200..300).contains(&status) => {
+                debug!(call = %d.id, event = %call.event, status, "webhook delivered");
+                Write::Delete(Kind::Outbox, d.id.clone())
+            }
+            other => {
+                let err = match other {
+                    Ok(status) => format!("HTTP {status}"),
+                    Err(e) => e,
+                };
+                let age = Duration::from_millis((now - d.created).max(0) as u64);
+                call.last_error = Some(err.clone());
+                if age >= self.give_up {
+                    warn!(
+                        webhook = %call.hook, url = %call.url, event = %call.event,
+                        "webhook call given up after {} attempt(s) over {age:?} \
+                         (sms.webhook_give_up_after): {err}",
+                        call.attempts
+                    );
+                    d.state = "failed".into();
+                    d.due = 0;
+                } else {
+                    let shift = call.attempts.saturating_sub(1).min(20);
+                    let delay = self.initial.saturating_mul(1u32 << shift).min(self.max);
+                    if call.attempts == 1 {
+                        info!(
+                            webhook = %call.hook, url = %call.url, event = %call.event,
+                            "webhook endpoint failing ({err}); retrying with growing delays"
+                        );
+                    } else {
+                        debug!(call = %d.id, attempts = call.attempts, "webhook call failed: {err}; next in {delay:?}");
+                    }
+                    d.due = now + delay.as_millis() as i64;
+                }
+                d.body = serde_json::to_string(&call).unwrap_or_default();
+                Write::Put(d.clone())
+            }
+        };
+        // The call may have been deleted meanwhile (its webhook was): do not bring it back.
+        if matches!(write, Write::Put(_))
+            && self
+                .store
+                .get(Kind::Outbox, &d.id)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+        {
+            return;
+        }
+        if let Err(e) = self.store.apply(vec![write]).await {
+            warn!("webhook outbox: cannot record the call's outcome: {e}");
+        }
+    }
+}
+
+/// POSTs `body` to `url` with the signature headers; the HTTP status, or why there is none.
+/// One connection per call, HTTP/1.1, no redirects, everything within `timeout`.
+async fn post(
+    url: &str,
+    body: Bytes,
+    ts: &str,
+    sig: &str,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<u16, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
+    let https = uri.scheme_str() == Some("https");
+    let host = uri.host().ok_or("no host")?.to_owned();
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_else(|| host.clone());
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    let req = hyper::Request::post(path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("wsmb-broker/", env!("CARGO_PKG_VERSION")),
+        )
+        .header("X-Timestamp", ts)
+        .header("X-Signature", sig)
+        .body(http_body_util::Full::new(body))
+        .map_err(|e| format!("request: {e}"))?;
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect((bare.as_str(), port))
+            .await
+            .map_err(|e| format!("connect to {bare}:{port}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        if https {
+            let name = rustls_pki_types::ServerName::try_from(bare.clone())
+                .map_err(|e| format!("TLS name {bare:?}: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            exchange(hyper_util::rt::TokioIo::new(tls), req).await
+        } else {
+            exchange(hyper_util::rt::TokioIo::new(tcp), req).await
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer within {timeout:?} (sms.webhook_timeout)"
+            ))
+        })
+}
+
+async fn exchange<I>(io: I, req: hyper::Request<http_body_util::Full<Bytes>>) -> Result<u16, String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let driver = tokio::spawn(conn);
+    let resp = sender.send_request(req).await;
+    driver.abort();
+    let resp = resp.map_err(|e| format!("HTTP: {e}"))?;
+    let status = resp.status().as_u16();
+    if (300..400).contains(&status) {
+        let to = resp
+            .headers()
+            .get(hyper::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?");
+        return Err(format!(
+            "HTTP {status} redirect to {to} (redirects are not followed)"
+        ));
+    }
+    Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_of_body_then_timestamp() {
+        // printf '%s' '{"a":1}1700000000' | openssl dgst -sha256 -hmac k
+        assert_eq!(
+            sign("k", br#"{"a":1}"#, "1700000000"),
+            "863b3ca22f830ea9a313aa1f225e62edf8b5f12937b1ed0de39156638a94b26a"
+        );
+    }
+}
