@@ -144,7 +144,11 @@ async fn answer<S: Socket>(
         .strip_prefix(API_PREFIX)
         .unwrap_or("")
         .trim_end_matches('/');
-    let segments: Vec<&str> = route.split('/').filter(|s| !s.is_empty()).collect();
+    let mut segments: Vec<&str> = route.split('/').filter(|s| !s.is_empty()).collect();
+    // SMSGate serves `/message` as an alias of `/messages` (its JS client, 3.x, uses it).
+    if segments.first() == Some(&"message") {
+        segments[0] = "messages";
+    }
     let method = if head.method == "HEAD" {
         "GET"
     } else {

@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
@@ -190,4 +190,45 @@ pub fn spawn_listening(cmd: Command) -> (Proc, SocketAddr) {
         .and_then(|a| a.trim().parse().ok())
         .unwrap_or_else(|| panic!("no address in {line:?}"));
     (p, addr)
+}
+
+/// The password of user `qa` in `deploy/htpasswd.example`.
+pub const QA_PASSWORD: &str = "4lt0@1234";
+
+/// The broker binary `exe` with its SQLite store in `dir/broker`, the users of
+/// `deploy/htpasswd.example`, on `listen`, with `args` added (e.g. `--config FILE`).
+pub fn sqlite_broker(exe: &str, dir: &Path, listen: &str, args: &[&str]) -> (Proc, SocketAddr) {
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .args([
+            "--htpasswd",
+            &repo_root()
+                .join("deploy/htpasswd.example")
+                .display()
+                .to_string(),
+            "--state-dir",
+            &dir.join("broker").display().to_string(),
+            "--listen",
+            listen,
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("WSMB_CREDENTIALS")
+        .env_remove("WSMB_WEBHOOK_KEY");
+    spawn_listening(cmd)
+}
+
+/// The agent binary `exe` with config `cfg` (user `qa`), once connected and its modem ready.
+pub fn ready_agent(exe: &str, cfg: &Path) -> Proc {
+    let mut cmd = Command::new(exe);
+    cmd.args(["--config", &cfg.display().to_string(), "run"])
+        .env("WSMB_PASSWORD", QA_PASSWORD);
+    let a = Proc::spawn(cmd).expect("agent");
+    for needle in ["connected to the broker", "modem ready"] {
+        assert!(
+            a.wait_line(needle, Duration::from_secs(30)).is_some(),
+            "agent: {}",
+            a.output()
+        );
+    }
+    a
 }

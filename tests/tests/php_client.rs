@@ -8,7 +8,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use wsmb_agent::sim::{SimConfig, Simulator};
-use wsmb_e2e::{Proc, agent_config, repo_root, scratch, spawn_listening};
+use wsmb_e2e::{
+    Proc, agent_config, ready_agent, repo_root, scratch, spawn_listening, sqlite_broker,
+};
 
 const PASSWORD: &str = "4lt0@1234";
 const T: Duration = Duration::from_secs(30);
@@ -19,21 +21,7 @@ fn client_dir() -> PathBuf {
 
 /// The broker binary with its SQLite store in `dir`, on `listen`.
 fn broker(dir: &Path, listen: &str) -> (Proc, SocketAddr) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-broker"));
-    cmd.args([
-        "--htpasswd",
-        &repo_root()
-            .join("deploy/htpasswd.example")
-            .display()
-            .to_string(),
-        "--state-dir",
-        &dir.join("broker").display().to_string(),
-        "--listen",
-        listen,
-    ])
-    .env_remove("RUST_LOG")
-    .env_remove("WSMB_CREDENTIALS");
-    spawn_listening(cmd)
+    sqlite_broker(env!("CARGO_BIN_EXE_e2e-broker"), dir, listen, &[])
 }
 
 /// A broker (SQLite in a scratch dir), a simulated modem and an agent on it, ready.
@@ -49,14 +37,7 @@ async fn bundle(tag: &str) -> (PathBuf, Proc, SocketAddr, Simulator, Proc) {
 
 fn agent(dir: &Path, addr: SocketAddr, sim: &Simulator) -> Proc {
     let cfg = agent_config(dir, &format!("ws://{addr}/"), sim.path(), "");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-agent"));
-    cmd.args(["--config", &cfg.display().to_string(), "run"])
-        .env("WSMB_PASSWORD", PASSWORD);
-    let a = Proc::spawn(cmd).expect("agent");
-    for needle in ["connected to the broker", "modem ready"] {
-        assert!(a.wait_line(needle, T).is_some(), "agent: {}", a.output());
-    }
-    a
+    ready_agent(env!("CARGO_BIN_EXE_e2e-agent"), &cfg)
 }
 
 fn php(addr: SocketAddr, password: &str, args: &[&str]) -> Command {

@@ -35,6 +35,7 @@ mod sqlite;
 
 pub use sql::Pool as SqlPool;
 pub(crate) use sql::{connect_lazy, safe};
+pub(crate) use sqlite::open_file;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -27,31 +27,39 @@ const ADDED: [(&str, &str); 7] = [
     ("deliveries", "INTEGER"),
 ];
 
+/// Opens (creating) the SQLite file at `path` and its directory, with a message that says what
+/// to change when it cannot be; WAL, full sync and a 5 s busy timeout. The broker's message
+/// table and the SMS service's table share the file, each with its own connection.
+pub fn open_file(path: &Path) -> Result<Connection, DbError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            DbError(format!(
+                "cannot create {} for the SQLite store: {e}; set storage.path (or \
+                 --state-dir) to a writable place, or storage.backend = \"memory\"",
+                dir.display()
+            ))
+        })?;
+    }
+    let conn = Connection::open(path).map_err(|e| {
+        DbError(format!(
+            "cannot open {} for the SQLite store: {e}; set storage.path (or --state-dir) to \
+             a writable place",
+            path.display()
+        ))
+    })?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
 impl SqliteDb {
     /// Opens (creating) the file; its directory is created too.
     pub fn open(path: &Path, prefix: &str) -> Result<SqliteDb, DbError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                DbError(format!(
-                    "cannot create {} for the SQLite store: {e}; set storage.path (or \
-                     --state-dir) to a writable place, or storage.backend = \"memory\"",
-                    dir.display()
-                ))
-            })?;
-        }
-        let conn = Connection::open(path).map_err(|e| {
-            DbError(format!(
-                "cannot open {} for the SQLite store: {e}; set storage.path (or --state-dir) to \
-                 a writable place",
-                path.display()
-            ))
-        })?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        let conn = open_file(path)?;
         // A small page cache: the broker reads rows once, in order; memory stays bounded
         // whatever the size of the backlog.
         conn.pragma_update(None, "cache_size", -1024)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(SqliteDb {
             conn: Arc::new(Mutex::new(conn)),
             table: format!("{prefix}data"),

@@ -1,0 +1,704 @@
+//! The HTTP SMS API (`/3rdparty/v1`) end to end: the official SMSGate clients (Python from
+//! PyPI, JS from npm), PHP with curl, the real broker and agent binaries on a simulated modem,
+//! and webhooks received by a local HTTP server that checks their signatures itself.
+//!
+//! The clients come from `.ci/run`: `WSMB_TEST_PYTHON` (a venv with `android-sms-gateway`) and
+//! `WSMB_TEST_NODE_MODULES` (a folder with the npm package `android-sms-gateway`).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use wsmb_agent::sim::{SimConfig, Simulator};
+use wsmb_e2e::{Proc, QA_PASSWORD, agent_config, ready_agent, repo_root, scratch, sqlite_broker};
+
+const T: Duration = Duration::from_secs(30);
+const BROKER: &str = env!("CARGO_BIN_EXE_e2e-broker");
+const AGENT: &str = env!("CARGO_BIN_EXE_e2e-agent");
+
+/// Webhook retries fast enough for a test.
+const FAST_RETRY: &str =
+    "[sms]\nwebhook_retry_initial = \"200ms\"\nwebhook_retry_max = \"400ms\"\n";
+
+// ---- a webhook receiver ---------------------------------------------------------------------
+
+/// One webhook call as received.
+#[derive(Debug, Clone)]
+struct Hit {
+    headers: HashMap<String, String>,
+    body: String,
+    answered: u16,
+}
+
+impl Hit {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// A local HTTP server that records every call; the first `fail_first` get a 500.
+#[derive(Clone)]
+struct Receiver {
+    addr: SocketAddr,
+    hits: Arc<(Mutex<Vec<Hit>>, Condvar)>,
+}
+
+impl Receiver {
+    fn start(fail_first: usize) -> Receiver {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let hits: Arc<(Mutex<Vec<Hit>>, Condvar)> = Arc::default();
+        let h = Arc::clone(&hits);
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let Some((headers, body)) = read_request(&mut conn) else {
+                    continue;
+                };
+                let (lock, cv) = &*h;
+                let mut v = lock.lock().expect("lock");
+                let answered = if v.len() < fail_first { 500 } else { 200 };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {answered} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                v.push(Hit {
+                    headers,
+                    body,
+                    answered,
+                });
+                cv.notify_all();
+            }
+        });
+        Receiver { addr, hits }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Waits until `pred` holds for the calls received; returns them.
+    fn wait(&self, what: &str, pred: impl Fn(&[Hit]) -> bool) -> Vec<Hit> {
+        let (lock, cv) = &*self.hits;
+        let deadline = Instant::now() + T;
+        let mut v = lock.lock().expect("lock");
+        while !pred(&v) {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("webhook receiver: {what} did not happen: {v:#?}"));
+            v = cv.wait_timeout(v, left).expect("wait").0;
+        }
+        v.clone()
+    }
+}
+
+fn read_request(conn: &mut std::net::TcpStream) -> Option<(HashMap<String, String>, String)> {
+    let mut r = BufReader::new(conn.try_clone().ok()?);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    let mut headers = HashMap::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).ok()?;
+        let l = l.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':')?;
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+    }
+    headers.insert(":request".into(), line.trim().to_owned());
+    let len: usize = headers.get("content-length")?.parse().ok()?;
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).ok()?;
+    Some((headers, String::from_utf8(body).ok()?))
+}
+
+/// Checks a call's signature with our own HMAC: hex HMAC-SHA256 over body + timestamp.
+fn signature_ok(hit: &Hit, key: &str) -> bool {
+    let (Some(ts), Some(sig)) = (
+        hit.headers.get("x-timestamp"),
+        hit.headers.get("x-signature"),
+    ) else {
+        return false;
+    };
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("key");
+    mac.update(hit.body.as_bytes());
+    mac.update(ts.as_bytes());
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let fresh = ts
+        .parse::<u64>()
+        .ok()
+        .zip(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok(),
+        )
+        .is_some_and(|(t, now)| now.as_secs().abs_diff(t) < 300);
+    *sig == want && fresh
+}
+
+// ---- the bundle -----------------------------------------------------------------------------
+
+struct Bundle {
+    dir: PathBuf,
+    broker: Option<Proc>,
+    addr: SocketAddr,
+    sim: Simulator,
+    agent: Option<Proc>,
+}
+
+impl Bundle {
+    /// Broker (SQLite, `broker_toml` as its config file), simulated modem, agent (`agent_extra`
+    /// in its modem section).
+    async fn start(tag: &str, broker_toml: &str, agent_extra: &str) -> Bundle {
+        let dir = scratch(tag);
+        let cfg = dir.join("broker.toml");
+        std::fs::write(&cfg, broker_toml).expect("config");
+        let (broker, addr) = tokio::task::block_in_place(|| {
+            sqlite_broker(
+                BROKER,
+                &dir,
+                "127.0.0.1:0",
+                &["--config", &cfg.display().to_string()],
+            )
+        });
+        let sim = Simulator::start(dir.join("modem"), SimConfig::default())
+            .await
+            .expect("sim");
+        let mut b = Bundle {
+            dir,
+            broker: Some(broker),
+            addr,
+            sim,
+            agent: None,
+        };
+        b.start_agent(agent_extra);
+        b
+    }
+
+    fn start_agent(&mut self, extra: &str) {
+        let cfg = agent_config(
+            &self.dir,
+            &format!("ws://{}/", self.addr),
+            self.sim.path(),
+            extra,
+        );
+        self.agent = Some(tokio::task::block_in_place(|| ready_agent(AGENT, &cfg)));
+    }
+
+    fn restart_broker(&mut self) {
+        drop(self.broker.take());
+        let cfg = self.dir.join("broker.toml").display().to_string();
+        let listen = self.addr.to_string();
+        let (b, _) = tokio::task::block_in_place(|| {
+            sqlite_broker(BROKER, &self.dir, &listen, &["--config", &cfg])
+        });
+        self.broker = Some(b);
+    }
+
+    fn base(&self) -> String {
+        format!("http://{}/3rdparty/v1", self.addr)
+    }
+
+    /// `wsmb-broker webhook-key` on this broker's state.
+    fn key(&self) -> String {
+        let out = Command::new(BROKER)
+            .args([
+                "--config",
+                &self.dir.join("broker.toml").display().to_string(),
+                "--state-dir",
+                &self.dir.join("broker").display().to_string(),
+                "webhook-key",
+            ])
+            .env_remove("WSMB_WEBHOOK_KEY")
+            .output()
+            .expect("webhook-key");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// One API request with curl: (status, JSON body or Null).
+    fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-u", &format!("qa:{QA_PASSWORD}"), "-X", method])
+            .args(["-w", "\n%{http_code}", &format!("{}{path}", self.base())]);
+        if let Some(b) = body {
+            cmd.args(["-H", "Content-Type: application/json", "-d", &b.to_string()]);
+        }
+        let out = cmd.output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Polls `GET /messages/{id}` until its state is `state` (every 50 ms, for `T` at most).
+    fn wait_state(&self, id: &str, state: &str) -> Value {
+        let deadline = Instant::now() + T;
+        loop {
+            let (code, v) = self.api("GET", &format!("/messages/{id}"), None);
+            if code == 200 && v["state"] == state {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never became {state}: {code} {v}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn send_body(id: &str, text: &str, extra: Value) -> Value {
+    let mut b = json!({"id": id, "textMessage": {"text": text}, "phoneNumbers": ["+628126666666"]});
+    if let (Some(o), Value::Object(e)) = (b.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    b
+}
+
+fn tool(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(default))
+}
+
+fn run(mut cmd: Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e} (.ci/run installs it)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
+}
+
+/// The last line of `out` that parses as JSON.
+fn last_json(out: &str) -> Value {
+    out.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or_else(|| panic!("no JSON line in:\n{out}"))
+}
+
+/// The sim got `text` for +628126666666, and the webhook receiver a signed `sms:sent` for
+/// message `id` of webhook `hook`.
+fn check_sent_and_signed(b: &Bundle, hooks: &Receiver, id: &str, hook: &str, text: &str) {
+    let msgs = b.sim.messages();
+    assert!(
+        msgs.iter().any(|(n, t)| n == "+628126666666" && t == text),
+        "the modem did not get it: {msgs:?}"
+    );
+    let hits = hooks.wait("sms:sent", |h| {
+        h.iter().any(|x| x.json()["payload"]["messageId"] == id)
+    });
+    let hit = hits
+        .iter()
+        .find(|x| x.json()["payload"]["messageId"] == id)
+        .expect("hit");
+    let v = hit.json();
+    assert_eq!(v["event"], "sms:sent", "{v}");
+    assert_eq!(v["webhookId"], hook, "{v}");
+    assert_eq!(v["deviceId"], "qa", "{v}");
+    assert_eq!(v["payload"]["phoneNumber"], "+628126666666", "{v}");
+    assert!(v["id"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+    assert!(signature_ok(hit, &b.key()), "bad signature: {hit:?}");
+    assert!(!signature_ok(hit, "another key"));
+}
+
+// ---- the tests ------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_client_sends_reads_the_state_and_gets_a_signed_webhook() {
+    let b = Bundle::start("api-py", "", "").await;
+    let hooks = Receiver::start(0);
+    let script = r#"
+import json, os, time
+import android_sms_gateway as g
+with g.APIClient("qa", os.environ["PW"], base_url=os.environ["BASE"]) as c:
+    hook = c.create_webhook(g.Webhook(id=None, url=os.environ["HOOK"], event=g.WebhookEvent.SMS_SENT))
+    st = c.send(g.Message(phone_numbers=["+628126666666"], text_message=g.TextMessage(text="Your code is 482913"), id="py-otp-1"))
+    print("accepted:", st.state.value, flush=True)
+    deadline = time.time() + 30
+    while st.state.value not in ("Sent", "Delivered", "Failed") and time.time() < deadline:
+        time.sleep(0.05)
+        st = c.get_state("py-otp-1")
+    print(json.dumps({"hook": hook.id, "state": st.state.value,
+                      "recipients": [[r.phone_number, r.state.value] for r in st.recipients],
+                      "states": sorted((st.states or {}).keys()),
+                      "listed": [m.id for m in c.get_messages()],
+                      "webhooks": [w.url for w in c.get_webhooks()]}))
+"#;
+    let py = tool("WSMB_TEST_PYTHON", "target/ci-venv/bin/python");
+    let mut cmd = Command::new(&py);
+    cmd.args(["-c", script])
+        .env("PW", QA_PASSWORD)
+        .env("BASE", b.base())
+        .env("HOOK", hooks.url());
+    let out = tokio::task::block_in_place(|| run(cmd, "the Python client (android-sms-gateway)"));
+    assert!(out.contains("accepted: Pending"), "{out}");
+    let v = last_json(&out);
+    assert_eq!(v["state"], "Sent", "{out}");
+    assert_eq!(v["recipients"], json!([["+628126666666", "Sent"]]), "{out}");
+    assert_eq!(
+        v["states"],
+        json!(["Pending", "Processed", "Sent"]),
+        "{out}"
+    );
+    assert_eq!(v["listed"], json!(["py-otp-1"]), "{out}");
+    assert_eq!(v["webhooks"], json!([hooks.url()]), "{out}");
+    let hook = v["hook"].as_str().expect("hook id").to_owned();
+    tokio::task::block_in_place(|| {
+        check_sent_and_signed(&b, &hooks, "py-otp-1", &hook, "Your code is 482913")
+    });
+    // The client's default withDeliveryReport = true asked the network for a report.
+    let sent = b.sim.sent();
+    assert!(
+        sent.iter()
+            .filter_map(|s| s.submit.as_ref())
+            .all(|s| s.status_report),
+        "TP-SRR not set: {sent:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_js_client_sends_reads_the_state_and_gets_a_signed_webhook() {
+    let b = Bundle::start("api-js", "", "").await;
+    let hooks = Receiver::start(0);
+    let script = r#"
+const Client = require("android-sms-gateway").default;
+const http = {
+  get: async (url, headers) => (await fetch(url, { method: "GET", headers })).json(),
+  post: async (url, body, headers) =>
+    (await fetch(url, { method: "POST", headers, body: JSON.stringify(body) })).json(),
+  delete: async (url, headers) => { await fetch(url, { method: "DELETE", headers }); },
+};
+(async () => {
+  const api = new Client("qa", process.env.PW, http, process.env.BASE);
+  const hook = await api.registerWebhook({ url: process.env.HOOK, event: "sms:sent" });
+  let st = await api.send({ id: "js-otp-1", phoneNumbers: ["+628126666666"],
+                            textMessage: { text: "Kode Anda 771204" } });
+  console.log("accepted:", st.state);
+  const deadline = Date.now() + 30000;
+  while (!["Sent", "Delivered", "Failed"].includes(st.state) && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50));
+    st = await api.getState("js-otp-1");
+  }
+  const health = await api.getHealth();
+  console.log(JSON.stringify({ hook: hook.id, state: st.state,
+                               recipients: st.recipients.map((r) => [r.phoneNumber, r.state]),
+                               health: health.status, checks: Object.keys(health.checks).sort() }));
+})().catch((e) => { console.error(e); process.exit(1); });
+"#;
+    let modules = tool("WSMB_TEST_NODE_MODULES", "target/ci-node/node_modules");
+    let mut cmd = Command::new("node");
+    cmd.args(["-e", script])
+        .env("NODE_PATH", &modules)
+        .env("PW", QA_PASSWORD)
+        .env("BASE", b.base())
+        .env("HOOK", hooks.url());
+    let out = tokio::task::block_in_place(|| run(cmd, "the JS client (npm android-sms-gateway)"));
+    assert!(out.contains("accepted: Pending"), "{out}");
+    let v = last_json(&out);
+    assert_eq!(v["state"], "Sent", "{out}");
+    assert_eq!(v["recipients"], json!([["+628126666666", "Sent"]]), "{out}");
+    assert_eq!(v["health"], "pass", "{out}");
+    assert_eq!(v["checks"], json!(["agents", "modems", "storage"]), "{out}");
+    let hook = v["hook"].as_str().expect("hook id").to_owned();
+    tokio::task::block_in_place(|| {
+        check_sent_and_signed(&b, &hooks, "js-otp-1", &hook, "Kode Anda 771204")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_php_curl_example_sends_an_otp_and_prints_its_state() {
+    let b = Bundle::start("api-php", "", "").await;
+    let example = repo_root().join("clients/php/examples/http-send-otp.php");
+    let mut cmd = Command::new("php");
+    cmd.arg(&example)
+        .args(["+628126666666", "Your code is 118822"])
+        .env("WSMB_API", b.base())
+        .env("WSMB_USER", "qa")
+        .env("WSMB_PASSWORD", QA_PASSWORD);
+    let out = tokio::task::block_in_place(|| run(cmd, "php with php-curl"));
+    assert!(out.contains("accepted: Pending"), "{out}");
+    assert!(out.contains("state: Sent"), "{out}");
+    let msgs = b.sim.messages();
+    assert!(
+        msgs.contains(&("+628126666666".into(), "Your code is 118822".into())),
+        "{msgs:?}"
+    );
+    // A bad number: the example prints the API's reason and exits 1.
+    let mut cmd = Command::new("php");
+    cmd.arg(&example)
+        .args(["0812", "x"])
+        .env("WSMB_API", b.base())
+        .env("WSMB_USER", "qa")
+        .env("WSMB_PASSWORD", QA_PASSWORD);
+    let out = cmd.output().expect("php");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("HTTP 400") && text.contains("international format"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_fails_five_times_is_delivered_once_across_a_broker_kill() {
+    let mut b = Bundle::start("api-retry", FAST_RETRY, "").await;
+    let hooks = Receiver::start(5);
+    let (code, h) = b.api(
+        "POST",
+        "/webhooks",
+        Some(json!({"url": hooks.url(), "event": "sms:sent", "id": "flaky"})),
+    );
+    assert_eq!(code, 201, "{h}");
+    let (code, v) = b.api(
+        "POST",
+        "/messages",
+        Some(send_body("retry-1", "Code 5501", json!({}))),
+    );
+    assert_eq!(code, 202, "{v}");
+    tokio::task::block_in_place(|| {
+        hooks.wait("two failed calls", |h| h.len() >= 2);
+        // Killed between failures: the call is in the database and is tried again after the
+        // restart.
+        b.restart_broker();
+        let hits = hooks.wait("a 2xx", |h| h.iter().any(|x| x.answered == 200));
+        assert_eq!(
+            hits.iter().filter(|x| x.answered == 500).count(),
+            5,
+            "{hits:#?}"
+        );
+        let event = hits[0].json()["id"].clone();
+        assert!(
+            hits.iter().all(|x| x.json()["id"] == event),
+            "one event: {hits:#?}"
+        );
+        // Done: nothing of it is left to send again.
+        let deadline = Instant::now() + T;
+        loop {
+            let (_, list) = b.api("GET", "/webhooks", None);
+            let w = &list[0];
+            if w["pendingDeliveries"] == 0 {
+                assert_eq!(w["failedDeliveries"], 0, "{w}");
+                assert_eq!(w["id"], "flaky");
+                break;
+            }
+            assert!(Instant::now() < deadline, "still pending: {list}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ok = hooks
+            .wait("the 2xx", |h| h.iter().any(|x| x.answered == 200))
+            .iter()
+            .filter(|x| x.answered == 200)
+            .count();
+        assert_eq!(ok, 1, "exactly one successful delivery");
+        b.wait_state("retry-1", "Sent");
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_ids_cancel_expiry_and_bad_input() {
+    let mut b = Bundle::start("api-rules", "", "").await;
+    tokio::task::block_in_place(|| {
+        // A repeated id is not sent again; the same id with another text is a conflict.
+        let (code, _) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("dup-1", "Code 1", json!({}))),
+        );
+        assert_eq!(code, 202);
+        b.wait_state("dup-1", "Sent");
+        let (code, v) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("dup-1", "Code 1", json!({}))),
+        );
+        assert_eq!((code, v["state"].as_str()), (200, Some("Sent")), "{v}");
+        let (code, v) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("dup-1", "Code 2", json!({}))),
+        );
+        assert_eq!(code, 409, "{v}");
+        // Bad input: 400 with the reason.
+        for (body, needle) in [
+            (
+                json!({"textMessage": {"text": "x"}, "phoneNumbers": ["12"]}),
+                "international format",
+            ),
+            (
+                json!({"textMessage": {"text": " "}, "phoneNumbers": ["+628126666666"]}),
+                "empty",
+            ),
+            (json!({"phoneNumbers": ["+628126666666"]}), "no text"),
+            (
+                send_body("long", &"x".repeat(153 * 10 + 1), json!({})),
+                "11 SMS parts",
+            ),
+            (
+                send_body(
+                    "both",
+                    "x",
+                    json!({"ttl": 60, "validUntil": "2030-01-01T00:00:00Z"}),
+                ),
+                "mutually exclusive",
+            ),
+            (send_body("prio", "x", json!({"priority": 300})), "priority"),
+        ] {
+            let (code, v) = b.api("POST", "/messages", Some(body));
+            assert_eq!(code, 400, "{v}");
+            assert!(
+                v["message"].as_str().is_some_and(|m| m.contains(needle)),
+                "{needle}: {v}"
+            );
+        }
+        let (code, v) = b.api("GET", "/messages/nope", None);
+        assert_eq!(code, 404, "{v}");
+        // With no agent: a cancelled message is never sent, an expired one fails.
+        drop(b.agent.take());
+        let (code, _) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("cancel-1", "Cancelled code", json!({}))),
+        );
+        assert_eq!(code, 202);
+        let (code, _) = b.api("DELETE", "/messages/cancel-1", None);
+        assert_eq!(code, 204);
+        let v = b.wait_state("cancel-1", "Cancelled");
+        assert_eq!(v["recipients"][0]["state"], "Cancelled", "{v}");
+        let (code, _) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("expire-1", "Expired code", json!({"ttl": 1}))),
+        );
+        assert_eq!(code, 202);
+        let v = b.wait_state("expire-1", "Failed");
+        assert!(
+            v["recipients"][0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("expired")),
+            "{v}"
+        );
+    });
+    b.start_agent("");
+    tokio::task::block_in_place(|| {
+        let (code, _) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("after-1", "After code", json!({}))),
+        );
+        assert_eq!(code, 202);
+        b.wait_state("after-1", "Sent");
+        let (code, v) = b.api("DELETE", "/messages/after-1", None);
+        assert_eq!(code, 409, "{v}");
+        let texts: Vec<String> = b.sim.messages().into_iter().map(|(_, t)| t).collect();
+        assert_eq!(
+            texts,
+            ["Code 1", "After code"],
+            "sent once each, cancelled and expired never"
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_jobs_are_tracked_and_their_webhooks_fire() {
+    use futures_util::{SinkExt, StreamExt};
+    let b = Bundle::start("api-ws", "", "").await;
+    let hooks = Receiver::start(0);
+    let (code, h) = tokio::task::block_in_place(|| {
+        b.api(
+            "POST",
+            "/webhooks",
+            Some(json!({"url": hooks.url(), "event": "sms:sent"})),
+        )
+    });
+    assert_eq!(code, 201, "{h}");
+    // The legacy way: a send-message on `sms` over WebSocket, as the PHP sender does.
+    let url = format!("ws://{}/", b.addr);
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        url.as_str(),
+    )
+    .expect("req");
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("qa:{QA_PASSWORD}"));
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Basic {auth}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws");
+    let frame = json!({"command": "send-message", "channel": "sms",
+        "data": [{"id": "ws-job-7", "time": 1_800_000_000, "receiver": "08126666666", "message": "Legacy code 7"}]});
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        frame.to_string(),
+    ))
+    .await
+    .expect("send");
+    while let Some(Ok(m)) = ws.next().await {
+        if m.to_text().is_ok_and(|t| t.contains("send-result")) {
+            break;
+        }
+    }
+    tokio::task::block_in_place(|| {
+        let v = b.wait_state("ws-job-7", "Sent");
+        assert_eq!(v["deviceId"], "qa", "{v}");
+        let hits = hooks.wait("sms:sent of ws-job-7", |h| {
+            h.iter()
+                .any(|x| x.json()["payload"]["messageId"] == "ws-job-7")
+        });
+        assert!(signature_ok(&hits[0], &b.key()));
+        let (code, devices) = b.api("GET", "/devices", None);
+        assert_eq!(code, 200);
+        assert_eq!(devices[0]["id"], "qa", "{devices}");
+        assert_eq!(devices[0]["connected"], true, "{devices}");
+    });
+}
+
+/// Jobs ask for a delivery report by themselves (`withDeliveryReport`), whatever the agent's
+/// default (off here); `false` leaves it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_delivery_report_sets_tp_srr_per_job() {
+    let b = Bundle::start("api-srr", "", "").await;
+    tokio::task::block_in_place(|| {
+        for (id, report) in [("srr-on", true), ("srr-off", false)] {
+            let (code, v) = b.api(
+                "POST",
+                "/messages",
+                Some(send_body(id, id, json!({"withDeliveryReport": report}))),
+            );
+            assert_eq!(code, 202, "{v}");
+            b.wait_state(id, "Sent");
+        }
+    });
+    let sent = b.sim.sent();
+    let srr = |text: &str| {
+        sent.iter()
+            .filter_map(|s| s.submit.as_ref())
+            .find(|s| s.text == text)
+            .map(|s| s.status_report)
+    };
+    assert_eq!(srr("srr-on"), Some(true), "{sent:?}");
+    assert_eq!(srr("srr-off"), Some(false), "{sent:?}");
+    let _ = Path::new("");
+}
