@@ -871,7 +871,29 @@ impl Session<'_> {
                         sms.track_jobs(&self.user, &message_id, payload.as_str())
                             .await;
                     } else if channel == c.status_channel {
-                        sms.ingest(&self.user, payload.as_str()).await;
+                        if let Err(e) = sms.ingest(&self.user, payload.as_str()).await {
+                            // Not recorded: refused, so that the agent keeps the events and
+                            // sends them again.
+                            tracing::warn!("SMS service: status events not recorded: {e}");
+                            let result = SendResult {
+                                message_id,
+                                channel: channel.to_owned(),
+                                receivers: 0,
+                                ids,
+                                ids_omitted: omitted,
+                                stored: Some(false),
+                                reason: None,
+                            };
+                            let refused = crate::delivery::Outcome {
+                                code: ResponseCode::StorageUnavailable,
+                                receivers: 0,
+                                stored: Some(false),
+                                reason: Some(format!(
+                                    "the SMS service cannot record status events now: {e}"
+                                )),
+                            };
+                            return self.reply(send_result(refused, result)).await;
+                        }
                     }
                 }
                 let publish = Publish {

@@ -178,12 +178,12 @@ fn check_config(cfg: &Config, origin: &str) -> ExitCode {
     for m in &cfg.modems {
         let exists = m.device.exists();
         println!(
-            "modem {}: {} ({}), group {:?}, {} SMS/min",
+            "modem {}: {} ({}), group {:?}, limits {}",
             m.name,
             m.device.display(),
             if exists { "present" } else { "NOT FOUND now" },
             m.group,
-            m.rate_per_minute
+            limits(m)
         );
     }
     for r in &cfg.routes {
@@ -191,6 +191,24 @@ fn check_config(cfg: &Config, origin: &str) -> ExitCode {
     }
     println!("configuration OK");
     ExitCode::SUCCESS
+}
+
+/// A modem's sending limits in words: "10/min, 500/day" or "none".
+fn limits(m: &crate::config::ModemConfig) -> String {
+    let l: Vec<String> = [
+        (m.rate_per_minute, "min"),
+        (m.rate_per_hour, "hour"),
+        (m.rate_per_day, "day"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, per)| format!("{n}/{per}"))
+    .collect();
+    if l.is_empty() {
+        "none".into()
+    } else {
+        l.join(", ")
+    }
 }
 
 async fn probe(cfg: &Config) -> ExitCode {

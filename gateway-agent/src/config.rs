@@ -140,6 +140,10 @@ pub struct ModemConfig {
     pub group: String,
     /// Most SMS (parts) per minute through this modem; 0 = no limit.
     pub rate_per_minute: u32,
+    /// Most SMS (parts) per hour; 0 = no limit.
+    pub rate_per_hour: u32,
+    /// Most SMS (parts) per day (any 24 hours); 0 = no limit. Counted across restarts.
+    pub rate_per_day: u32,
     /// Extra AT commands run after initialisation.
     pub init: Vec<String>,
     /// Deadline of ordinary AT commands.
@@ -166,6 +170,8 @@ impl Default for ModemConfig {
             pin: String::new(),
             group: "default".into(),
             rate_per_minute: 10,
+            rate_per_hour: 0,
+            rate_per_day: 0,
             init: Vec::new(),
             command_timeout: d.command_timeout,
             prompt_timeout: d.prompt_timeout,
@@ -364,6 +370,8 @@ mod tests {
             "pin",
             "group",
             "rate_per_minute",
+            "rate_per_hour",
+            "rate_per_day",
             "init",
             "command_timeout",
             "prompt_timeout",

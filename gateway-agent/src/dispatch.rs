@@ -4,7 +4,9 @@
 //!   `default`; when no modem has that group, any modem); modems of the group take turns
 //!   (round-robin). A job whose first parts went out through a modem finishes on that modem
 //!   (phones join parts only from one sender).
-//! - One job at a time per modem; a rate limit per modem (parts per minute).
+//! - One job at a time per modem; sending limits per modem (parts per minute, hour and day,
+//!   counted across restarts). A job that only limited modems could send is reported `held`
+//!   once, with the limit and until when; a job that expires while it waits ends `expired`.
 //! - Failures: transient ones are retried with exponential back-off (another modem of the group
 //!   takes over at once on the first failure), up to `max_attempts`; permanent ones fail the
 //!   job; ambiguous ones fail it with `ambiguous` (or retry when `retry_ambiguous`); SIM trouble
@@ -14,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
@@ -30,42 +32,96 @@ use crate::store::{Ending, JobRow, Store};
 /// The longest retry delay.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(600);
 
-/// Parts-per-minute limiter of one modem.
-#[derive(Default)]
+/// A sending limit of a modem: at most `max` parts per `window_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limit {
+    max: u32,
+    window_ms: i64,
+    /// Its config key, for messages.
+    key: &'static str,
+}
+
+impl Limit {
+    fn words(&self, modem: &str) -> String {
+        let per = match self.key {
+            "rate_per_minute" => "minute",
+            "rate_per_hour" => "hour",
+            _ => "day",
+        };
+        format!(
+            "modem {modem} has sent its {} SMS part(s) per {per} ({} = {})",
+            self.max, self.key, self.max
+        )
+    }
+}
+
+/// The sending limits of one modem, and when it sent its recent parts (epoch ms, oldest
+/// first). Only the longest limited window is kept, so the times are bounded by that limit.
+/// Times are wall-clock and kept in the job store: a restart does not reset a day's count.
+#[derive(Debug, Default)]
 struct Rate {
-    per_minute: u32,
-    sent: VecDeque<Instant>,
+    limits: Vec<Limit>,
+    sent: VecDeque<i64>,
 }
 
 impl Rate {
-    fn purge(&mut self) {
-        while self
-            .sent
-            .front()
-            .is_some_and(|t| t.elapsed() >= Duration::from_secs(60))
-        {
+    fn new(per_minute: u32, per_hour: u32, per_day: u32) -> Rate {
+        let limits = [
+            (per_minute, 60_000, "rate_per_minute"),
+            (per_hour, 3_600_000, "rate_per_hour"),
+            (per_day, 86_400_000, "rate_per_day"),
+        ]
+        .into_iter()
+        .filter(|(max, _, _)| *max > 0)
+        .map(|(max, window_ms, key)| Limit {
+            max,
+            window_ms,
+            key,
+        })
+        .collect();
+        Rate {
+            limits,
+            sent: VecDeque::new(),
+        }
+    }
+
+    fn horizon(&self) -> i64 {
+        self.limits.iter().map(|l| l.window_ms).max().unwrap_or(0)
+    }
+
+    fn purge(&mut self, now: i64) {
+        let from = now - self.horizon();
+        while self.sent.front().is_some_and(|t| *t <= from) {
             self.sent.pop_front();
         }
     }
 
-    /// How long until one more part may go (zero: now).
-    fn wait(&mut self) -> Duration {
-        if self.per_minute == 0 {
-            return Duration::ZERO;
+    /// None when one more part may go now; else how long until it may (ms) and the limit that
+    /// holds it (the one that frees up last).
+    fn hold(&mut self, now: i64) -> Option<(i64, Limit)> {
+        self.purge(now);
+        let mut worst: Option<(i64, Limit)> = None;
+        for l in &self.limits {
+            let from = now - l.window_ms;
+            let first = self.sent.partition_point(|t| *t <= from);
+            let in_window = self.sent.len() - first;
+            if in_window < l.max as usize {
+                continue;
+            }
+            // The part whose leaving the window makes room for one more.
+            let leaving = self.sent[first + in_window - l.max as usize];
+            let wait = (leaving + l.window_ms - now).max(1);
+            if worst.is_none_or(|(w, _)| wait > w) {
+                worst = Some((wait, *l));
+            }
         }
-        self.purge();
-        if (self.sent.len() as u32) < self.per_minute {
-            return Duration::ZERO;
-        }
-        self.sent
-            .front()
-            .map(|t| Duration::from_secs(60).saturating_sub(t.elapsed()))
-            .unwrap_or_default()
+        worst
     }
 
-    fn record(&mut self) {
-        if self.per_minute > 0 {
-            self.sent.push_back(Instant::now());
+    fn record(&mut self, at: i64) {
+        if !self.limits.is_empty() {
+            self.sent.push_back(at);
+            self.purge(at);
         }
     }
 }
@@ -98,10 +154,9 @@ pub async fn run(
             let mc = cfg.modems.iter().find(|c| c.name == m.name);
             Slot {
                 group: mc.map_or_else(|| "default".to_owned(), |c| c.group.clone()),
-                rate: Arc::new(Mutex::new(Rate {
-                    per_minute: mc.map_or(0, |c| c.rate_per_minute),
-                    sent: VecDeque::new(),
-                })),
+                rate: Arc::new(Mutex::new(mc.map_or_else(Rate::default, |c| {
+                    Rate::new(c.rate_per_minute, c.rate_per_hour, c.rate_per_day)
+                }))),
                 modem: m,
                 busy: false,
             }
@@ -111,6 +166,7 @@ pub async fn run(
         spawn_health_watcher(
             s.modem.name.clone(),
             s.modem.watch(),
+            s.modem.radio(),
             store.clone(),
             Arc::clone(&wake),
         );
@@ -132,6 +188,24 @@ pub async fn run(
     let mut rr: HashMap<String, usize> = HashMap::new();
     let mut running: JoinSet<(usize, String)> = JoinSet::new();
     let mut in_progress: HashSet<String> = HashSet::new();
+    // Jobs reported held back by a sending limit (once per hold; bounded by the due jobs
+    // looked at, and emptied as they go).
+    let mut held: HashSet<String> = HashSet::new();
+    match store
+        .recent_sends(crate::store::now_ms() - 86_400_000)
+        .await
+    {
+        Ok(sends) => {
+            for (modem, at) in sends {
+                if let Some(s) = slots.iter().find(|s| s.modem.name == modem) {
+                    if let Ok(mut r) = s.rate.lock() {
+                        r.record(at);
+                    }
+                }
+            }
+        }
+        Err(e) => warn!("cannot read the recent sends (sending limits start from zero): {e}"),
+    }
 
     loop {
         if shutdown.is_cancelled() {
@@ -146,10 +220,26 @@ pub async fn run(
                     if in_progress.contains(&job.id) {
                         continue;
                     }
-                    let Some(i) = pick(&slots, &routes, &mut rr, &job) else {
-                        blocked = true;
+                    if job.expires_at.is_some_and(|e| e <= now_secs()) {
+                        // Expired while it waited (for a free modem, or behind a limit): it
+                        // ends now, whatever the modems do.
+                        expire(&store, &job).await;
+                        held.remove(&job.id);
                         continue;
+                    }
+                    let i = match pick(&slots, &routes, &mut rr, &job) {
+                        Ok(i) => i,
+                        Err(why) => {
+                            blocked = true;
+                            if let NoModem::Held { wait_ms, why } = why {
+                                if held.insert(job.id.clone()) {
+                                    report_held(&store, &job, wait_ms, why).await;
+                                }
+                            }
+                            continue;
+                        }
                     };
+                    held.remove(&job.id);
                     slots[i].busy = true;
                     in_progress.insert(job.id.clone());
                     let ctx = Arc::clone(&ctx);
@@ -198,6 +288,33 @@ pub async fn run(
     }
 }
 
+/// Ends a job whose expiry passed before a modem took it.
+async fn expire(store: &Store, job: &JobRow) {
+    let end = Ending {
+        status: Status::Expired,
+        code: Some("expired".into()),
+        reason: "the job expired before a modem could send it".into(),
+        ambiguous: false,
+        modem: job.modem.clone(),
+    };
+    if let Err(e) = store.finish(&job.id, end).await {
+        warn!(job = %job.id, "job store: {e}");
+    }
+}
+
+/// Tells (once per hold) that a job waits for a modem's sending limit, and until when.
+async fn report_held(store: &Store, job: &JobRow, wait_ms: i64, why: String) {
+    let until = (crate::store::now_ms() + wait_ms + 999) / 1000;
+    info!(job = %job.id, "held back until a modem may send again: {why}");
+    let mut e = StatusEvent::new(job.id.clone(), Status::Held, now_secs());
+    e.receiver = Some(job.receiver.clone());
+    e.reason = Some(why);
+    e.until = Some(until.max(0) as u64);
+    if let Err(err) = store.event(e).await {
+        warn!(job = %job.id, "job store: {err}");
+    }
+}
+
 /// Whether another modem could take a job that just failed on `i`.
 fn alternatives(slots: &[Slot], i: usize) -> bool {
     slots
@@ -213,49 +330,109 @@ fn group_of(routes: &[(String, String)], receiver: &str) -> String {
         .map_or_else(|| "default".to_owned(), |(_, g)| g.clone())
 }
 
+/// Why no modem takes a job now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NoModem {
+    /// Busy or down: it goes when one is free or back.
+    Wait,
+    /// Every modem that could send it has reached a sending limit: it goes in `wait_ms` at the
+    /// earliest, for the reason given.
+    Held { wait_ms: i64, why: String },
+}
+
+/// What a modem can do for a job now.
+enum Avail {
+    Free,
+    Busy,
+    Down,
+    Limited(i64, Limit),
+}
+
+fn avail(s: &Slot, now: i64) -> Avail {
+    if !s.modem.health().is_ready() {
+        return Avail::Down;
+    }
+    let held = s.rate.lock().map(|mut r| r.hold(now)).unwrap_or(None);
+    match held {
+        Some((w, l)) => Avail::Limited(w, l),
+        None if s.busy => Avail::Busy,
+        None => Avail::Free,
+    }
+}
+
 fn pick(
     slots: &[Slot],
     routes: &[(String, String)],
     rr: &mut HashMap<String, usize>,
     job: &JobRow,
-) -> Option<usize> {
-    let usable = |s: &Slot| {
-        !s.busy
-            && s.modem.health().is_ready()
-            && s.rate
-                .lock()
-                .map(|mut r| r.wait().is_zero())
-                .unwrap_or(true)
-    };
-    if let Some(m) = &job.modem {
+) -> Result<usize, NoModem> {
+    let now = crate::store::now_ms();
+    let candidates: Vec<usize> = if let Some(m) = &job.modem {
         // continue a partly sent message on the same modem
-        return slots.iter().position(|s| &s.modem.name == m && usable(s));
-    }
-    let group = group_of(routes, &job.receiver);
-    let mut members: Vec<usize> = (0..slots.len())
-        .filter(|i| slots[*i].group == group)
-        .collect();
-    if members.is_empty() {
-        members = (0..slots.len()).collect();
-    }
-    let start = rr.get(&group).copied().unwrap_or(0);
-    let n = members.len();
-    let mut fallback = None;
-    for k in 0..n {
-        let i = members[(start + k) % n];
-        if !usable(&slots[i]) {
-            continue;
+        slots
+            .iter()
+            .position(|s| &s.modem.name == m)
+            .into_iter()
+            .collect()
+    } else {
+        let group = group_of(routes, &job.receiver);
+        let members: Vec<usize> = (0..slots.len())
+            .filter(|i| slots[*i].group == group)
+            .collect();
+        if members.is_empty() {
+            (0..slots.len()).collect()
+        } else {
+            members
         }
-        if job.last_failed_modem.as_deref() == Some(slots[i].modem.name.as_str()) {
+    };
+    let group = group_of(routes, &job.receiver);
+    let start = if job.modem.is_some() {
+        0
+    } else {
+        rr.get(&group).copied().unwrap_or(0)
+    };
+    let n = candidates.len();
+    let mut fallback = None;
+    let mut waiting = false;
+    let mut held: Option<(i64, usize, Limit)> = None;
+    for k in 0..n {
+        let i = candidates[(start + k) % n];
+        match avail(&slots[i], now) {
+            Avail::Free => {}
+            Avail::Busy => {
+                waiting = true;
+                continue;
+            }
+            Avail::Down => continue,
+            Avail::Limited(w, l) => {
+                if held.is_none_or(|(hw, _, _)| w < hw) {
+                    held = Some((w, i, l));
+                }
+                continue;
+            }
+        }
+        if job.modem.is_none()
+            && job.last_failed_modem.as_deref() == Some(slots[i].modem.name.as_str())
+        {
             fallback.get_or_insert((i, k));
             continue;
         }
-        rr.insert(group, (start + k + 1) % n);
-        return Some(i);
+        if job.modem.is_none() {
+            rr.insert(group, (start + k + 1) % n);
+        }
+        return Ok(i);
     }
-    let (i, k) = fallback?;
-    rr.insert(group, (start + k + 1) % n);
-    Some(i)
+    if let Some((i, k)) = fallback {
+        rr.insert(group, (start + k + 1) % n);
+        return Ok(i);
+    }
+    match held {
+        Some((wait_ms, i, l)) if !waiting => Err(NoModem::Held {
+            wait_ms,
+            why: l.words(&slots[i].modem.name),
+        }),
+        _ => Err(NoModem::Wait),
+    }
 }
 
 fn now_secs() -> u64 {
@@ -350,15 +527,28 @@ async fn send_job(
     debug!(job = %job.id, modem = %modem.name, attempt = attempts, "sending {total} part(s)");
     for (k, part) in parts.into_iter().enumerate().skip(job.parts_done as usize) {
         let k = k as u32;
+        // A limit reached in the middle of a long message: a short wait here; a long one
+        // puts the job back (it goes on later on this modem, from this part).
         loop {
-            let wait = rate.lock().map(|mut r| r.wait()).unwrap_or_default();
-            if wait.is_zero() {
-                break;
+            let now = crate::store::now_ms();
+            let hold = rate.lock().map(|mut r| r.hold(now)).unwrap_or(None);
+            match hold {
+                None => {
+                    if let Ok(mut r) = rate.lock() {
+                        r.record(now);
+                    }
+                    break;
+                }
+                Some((wait, _)) if wait <= 2_000 => {
+                    tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+                }
+                Some((wait, limit)) => {
+                    let why = limit.words(&modem.name);
+                    debug!(job = %job.id, "part {k} waits {wait} ms: {why}");
+                    retry(wait, why, false).await;
+                    return;
+                }
             }
-            tokio::time::sleep(wait).await;
-        }
-        if let Ok(mut r) = rate.lock() {
-            r.record();
         }
         let (prompted, prompted_rx) = oneshot::channel();
         let (go_tx, go) = oneshot::channel();
@@ -455,6 +645,7 @@ async fn send_job(
 fn spawn_health_watcher(
     name: String,
     mut w: tokio::sync::watch::Receiver<Health>,
+    radio: tokio::sync::watch::Receiver<crate::modem::Radio>,
     store: Store,
     wake: Arc<Notify>,
 ) {
@@ -476,6 +667,11 @@ fn spawn_health_watcher(
                 e.modem = Some(name.clone());
                 e.modem_state = Some(state.to_owned());
                 e.reason = reason;
+                if h.is_ready() {
+                    let r = radio.borrow().clone();
+                    e.signal_dbm = r.signal_dbm;
+                    e.operator = r.operator;
+                }
                 if let Err(err) = store.event(e).await {
                     warn!("job store: {err}");
                 }
@@ -502,24 +698,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rate_limit_counts_a_minute() {
-        let mut r = Rate {
-            per_minute: 2,
-            sent: VecDeque::new(),
-        };
-        assert!(r.wait().is_zero());
-        r.record();
-        r.record();
-        let w = r.wait();
+    fn rate_limits_count_their_windows() {
+        let mut r = Rate::new(2, 3, 0);
+        let t0 = 1_000_000_000;
+        assert_eq!(r.hold(t0), None);
+        r.record(t0);
+        r.record(t0 + 1_000);
+        // two in the minute: the next when the first leaves it
+        let (w, l) = r.hold(t0 + 2_000).expect("held");
+        assert_eq!((w, l.key), (58_000, "rate_per_minute"));
         assert!(
-            w > Duration::from_secs(59) && w <= Duration::from_secs(60),
-            "{w:?}"
+            l.words("m1")
+                .contains("2 SMS part(s) per minute (rate_per_minute = 2)")
         );
-        let mut unlimited = Rate::default();
-        for _ in 0..100 {
-            unlimited.record();
+        assert_eq!(r.hold(t0 + 60_000), None);
+        r.record(t0 + 60_000);
+        // three in the hour: the hour's limit holds longer than the minute's
+        let (w, l) = r.hold(t0 + 61_000).expect("held");
+        assert_eq!((w, l.key), (3_600_000 - 61_000, "rate_per_hour"));
+        assert_eq!(r.hold(t0 + 3_600_000), None);
+        // only the longest window is kept
+        r.record(t0 + 3_600_000);
+        r.record(t0 + 2 * 3_600_000);
+        assert!(r.sent.len() <= 3, "{:?}", r.sent);
+
+        let mut day = Rate::new(0, 0, 1);
+        day.record(t0);
+        let (w, l) = day.hold(t0 + 1).expect("held");
+        assert_eq!((w, l.key), (86_400_000 - 1, "rate_per_day"));
+
+        let mut unlimited = Rate::new(0, 0, 0);
+        for i in 0..100 {
+            unlimited.record(t0 + i);
         }
-        assert!(unlimited.wait().is_zero());
+        assert_eq!(unlimited.hold(t0 + 100), None);
+        assert!(unlimited.sent.is_empty());
     }
 
     #[test]

@@ -115,6 +115,16 @@ impl Health {
     }
 }
 
+/// The radio side of a ready modem, read when it became ready: reported with its `modem`
+/// status event so that the broker can show it (`GET /3rdparty/v1/devices`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Radio {
+    /// `AT+CSQ`, in dBm.
+    pub signal_dbm: Option<i32>,
+    /// `AT+COPS?` operator name.
+    pub operator: Option<String>,
+}
+
 /// What a modem says about itself (`wsmb-agent probe`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModemInfo {
@@ -202,6 +212,7 @@ pub struct ModemHandle {
     pub name: String,
     tx: mpsc::Sender<Request>,
     health: watch::Receiver<Health>,
+    radio: watch::Receiver<Radio>,
 }
 
 impl ModemHandle {
@@ -213,6 +224,12 @@ impl ModemHandle {
     /// A receiver that sees every health change.
     pub fn watch(&self) -> watch::Receiver<Health> {
         self.health.clone()
+    }
+
+    /// Signal and operator as read when the modem last became ready (set before its health
+    /// turns `Ready`).
+    pub fn radio(&self) -> watch::Receiver<Radio> {
+        self.radio.clone()
     }
 
     /// Sends one part (see [`PartRequest`]).
@@ -254,16 +271,23 @@ impl ModemHandle {
 pub fn spawn(settings: ModemSettings) -> ModemHandle {
     let (tx, rx) = mpsc::channel(8);
     let (health_tx, health) = watch::channel(Health::Starting);
+    let (radio_tx, radio) = watch::channel(Radio::default());
     let name = settings.name.clone();
     tokio::spawn(
         Actor {
             s: settings,
             rx,
             health: health_tx,
+            radio: radio_tx,
         }
         .run(),
     );
-    ModemHandle { name, tx, health }
+    ModemHandle {
+        name,
+        tx,
+        health,
+        radio,
+    }
 }
 
 type Port = AtPort<tokio_serial::SerialStream>;
@@ -486,6 +510,14 @@ fn signal_dbm(r: &Response) -> Option<i32> {
     }
 }
 
+/// The operator's name in an `AT+COPS?` answer (`+COPS: 0,0,"Telkomsel",7`).
+fn operator_name(r: &Response) -> Option<String> {
+    r.value("+COPS:")
+        .and_then(|v| v.split(',').nth(2))
+        .map(|o| o.trim().trim_matches('"').to_owned())
+        .filter(|o| !o.is_empty())
+}
+
 /// Reads identity, SIM, operator, signal and registration.
 pub async fn probe(at: &mut Port, t: Duration) -> Result<ModemInfo, InitError> {
     let mut info = ModemInfo::default();
@@ -499,10 +531,7 @@ pub async fn probe(at: &mut Port, t: Duration) -> Result<ModemInfo, InitError> {
         Err(e) => e.to_string(),
     };
     let cops = at.command("AT+COPS?", t).await.map_err(at_err)?;
-    info.operator = cops
-        .value("+COPS:")
-        .and_then(|v| v.split(',').nth(2))
-        .map(|o| o.trim().trim_matches('"').to_owned());
+    info.operator = operator_name(&cops);
     let csq = at.command("AT+CSQ", t).await.map_err(at_err)?;
     info.signal_dbm = signal_dbm(&csq);
     info.registration = match registration(at, t).await {
@@ -516,6 +545,7 @@ struct Actor {
     s: ModemSettings,
     rx: mpsc::Receiver<Request>,
     health: watch::Sender<Health>,
+    radio: watch::Sender<Radio>,
 }
 
 impl Actor {
@@ -545,13 +575,25 @@ impl Actor {
             // Requests that arrive while initialising are answered at once.
             let opened = async {
                 let mut at = opened.await?;
-                // Signal quality, for the logs and the modem's status event.
-                let signal = at
-                    .command("AT+CSQ", self.s.command_timeout)
+                // Signal and operator, for the logs and the modem's status event.
+                let t = self.s.command_timeout;
+                let signal_dbm = at
+                    .command("AT+CSQ", t)
                     .await
                     .ok()
                     .and_then(|r| signal_dbm(&r));
-                Ok::<_, InitError>((at, signal))
+                let operator = at
+                    .command("AT+COPS?", t)
+                    .await
+                    .ok()
+                    .and_then(|r| operator_name(&r));
+                Ok::<_, InitError>((
+                    at,
+                    Radio {
+                        signal_dbm,
+                        operator,
+                    },
+                ))
             };
             let result = {
                 tokio::pin!(opened);
@@ -566,12 +608,16 @@ impl Actor {
                 }
             };
             let pause = match result {
-                Ok((at, signal)) => {
+                Ok((at, radio)) => {
                     backoff = Duration::from_millis(500);
-                    match signal {
-                        Some(dbm) => info!(modem = %self.s.name, "signal {dbm} dBm"),
-                        None => info!(modem = %self.s.name, "signal unknown"),
+                    let operator = radio.operator.as_deref().unwrap_or("unknown");
+                    match radio.signal_dbm {
+                        Some(dbm) => {
+                            info!(modem = %self.s.name, "signal {dbm} dBm, operator {operator}")
+                        }
+                        None => info!(modem = %self.s.name, "signal unknown, operator {operator}"),
                     }
+                    let _ = self.radio.send(radio);
                     self.set_health(Health::Ready);
                     match self.serve(at).await {
                         Some(reason) => {

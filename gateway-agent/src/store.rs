@@ -105,6 +105,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sends (
+    modem TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_at ON sends(at_ms);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -384,15 +389,37 @@ impl Store {
         .await
     }
 
-    /// Marks part `part` (0-based) of job `id` as being handed to `modem` now.
+    /// Marks part `part` (0-based) of job `id` as being handed to `modem` now, and counts it
+    /// for the modem's sending limits (`sends`, a day of them is kept).
     pub async fn mark_inflight(&self, id: &str, part: u32, modem: &str) -> Result<(), StoreError> {
         let (id, modem) = (id.to_owned(), modem.to_owned());
         self.with(move |c| {
-            c.execute(
+            let tx = c.transaction()?;
+            tx.execute(
                 "UPDATE jobs SET inflight_part = ?2, modem = COALESCE(modem, ?3) WHERE id = ?1",
                 params![id, part, modem],
             )?;
-            Ok(())
+            let now = now_ms();
+            tx.execute(
+                "INSERT INTO sends(modem, at_ms) VALUES (?1, ?2)",
+                params![modem, now],
+            )?;
+            tx.execute(
+                "DELETE FROM sends WHERE at_ms <= ?1",
+                params![now - 86_400_000],
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Parts handed to each modem since `since_ms` (epoch ms), oldest first.
+    pub async fn recent_sends(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read(move |c| {
+            let mut st =
+                c.prepare("SELECT modem, at_ms FROM sends WHERE at_ms > ?1 ORDER BY at_ms")?;
+            let rows = st.query_map(params![since_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
         })
         .await
     }
@@ -617,6 +644,7 @@ fn state_name(s: Status) -> &'static str {
         Status::Failed => "failed",
         Status::Expired => "expired",
         Status::Modem => "modem",
+        Status::Held => "queued",
     }
 }
 

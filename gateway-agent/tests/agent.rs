@@ -297,13 +297,61 @@ async fn rate_limit_holds_parts_back() {
     .await;
     status.wait("r1", Status::Sent, T).await;
     status.wait("r2", Status::Sent, T).await;
+    // The third waits for the minute, and says so once.
+    let held = status.wait("r3", Status::Held, T).await;
+    let reason = held.reason.clone().unwrap_or_default();
+    assert!(reason.contains("rate_per_minute = 2"), "{held:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let until = held.until.expect("until");
+    assert!(until > now + 30 && until <= now + 61, "{held:?}");
     status.settle(Duration::from_secs(2)).await;
     assert_eq!(
         status.of("r3"),
-        vec![Status::Queued],
+        vec![Status::Queued, Status::Held],
         "the third SMS must wait for the minute"
     );
     assert_eq!(sim.messages().len(), 2);
+}
+
+/// A day's limit counts what was sent before a restart of the agent, and a job held by it that
+/// expires ends `expired` without waiting for the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_limit_survives_a_restart_and_held_jobs_expire() {
+    let dir = scratch("rateday");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut m = modem("m1", &sim);
+    m.rate_per_day = 1;
+    let cfg = agent_config(b.addr, &dir, vec![m]);
+    {
+        let (agent, mut status) = start_ready(cfg.clone(), b.addr).await;
+        send_jobs(b.addr, serde_json::json!([job("d1", "+628123456789", "1")])).await;
+        status.wait("d1", Status::Sent, T).await;
+        let wsmb_agent::agent::Running { shutdown, task, .. } = agent;
+        shutdown.cancel();
+        let _ = task.await;
+    }
+    let (_agent, mut status) = start_ready(cfg, b.addr).await;
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3;
+    let mut d2 = job("d2", "+628123456789", "2");
+    d2["expiration"] = serde_json::json!(soon);
+    send_jobs(b.addr, serde_json::json!([d2])).await;
+    let held = status.wait("d2", Status::Held, T).await;
+    assert!(
+        held.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("rate_per_day = 1")),
+        "{held:?}"
+    );
+    status.wait("d2", Status::Expired, T).await;
+    assert_eq!(sim.messages().len(), 1, "the day's one SMS only");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

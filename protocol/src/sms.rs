@@ -217,6 +217,10 @@ pub enum Status {
     Expired,
     /// A modem changed state (`id` is `modem:<name>`; see `modem_state`).
     Modem,
+    /// The job waits because every modem that could send it has reached a sending limit
+    /// (`rate_per_minute`, `rate_per_hour`, `rate_per_day`); it stays queued until `until`
+    /// (epoch seconds), and `reason` names the limit. Sent once per hold, not repeated.
+    Held,
 }
 
 /// One status event, an item of the `data` array published on the status channel.
@@ -256,6 +260,15 @@ pub struct StatusEvent {
     /// For `modem`: `ready`, `down` or `stopped`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modem_state: Option<String>,
+    /// For `modem`: the signal in dBm, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_dbm: Option<i32>,
+    /// For `modem`: the network operator's name, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// For `held`: when a modem may send it (epoch seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
 }
 
 impl StatusEvent {
@@ -274,6 +287,9 @@ impl StatusEvent {
             ambiguous: false,
             attempts: None,
             modem_state: None,
+            signal_dbm: None,
+            operator: None,
+            until: None,
         }
     }
 }

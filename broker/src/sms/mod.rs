@@ -18,7 +18,7 @@ pub mod store;
 pub mod webhooks;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,6 +88,8 @@ struct ModemInfo {
     state: String,
     reason: Option<String>,
     at_ms: i64,
+    signal_dbm: Option<i32>,
+    operator: Option<String>,
 }
 
 /// A gateway agent (by its broker user).
@@ -125,7 +127,10 @@ pub struct Service {
     /// Serialises read-modify-write of message documents.
     lock: tokio::sync::Mutex<()>,
     devices: Mutex<BTreeMap<String, Device>>,
+    /// Message states kept (checked against `max_messages`)...
     messages: AtomicUsize,
+    /// ...once counted in the database.
+    counted: AtomicBool,
     seq: AtomicU64,
     seq_prefix: String,
     hooks: Arc<webhooks::Deliverer>,
@@ -207,33 +212,55 @@ impl Service {
                  webhook calls are kept in memory only and lost at restart"
             );
         }
-        let key = signing_key(&cfg, &store).await?;
-        let messages = store
-            .count(Kind::Message, None)
-            .await
-            .map_err(|e| anyhow::anyhow!("the SMS service cannot read its table: {e}"))?;
-        let hooks = webhooks::Deliverer::new(&cfg, key, Arc::clone(&store))?;
+        let hooks = webhooks::Deliverer::new(&cfg, Arc::clone(&store))?;
         let svc = Arc::new(Service {
             cfg,
             store,
             engine,
             lock: tokio::sync::Mutex::new(()),
             devices: Mutex::new(BTreeMap::new()),
-            messages: AtomicUsize::new(messages),
+            messages: AtomicUsize::new(0),
+            counted: AtomicBool::new(false),
             seq: AtomicU64::new(1),
             seq_prefix: random_hex(4),
             hooks: Arc::clone(&hooks),
         });
+        // What the service reads at start: the signing key and the number of messages kept. A
+        // database that is down now does not stop the broker (the message store copes too): the
+        // sweeper tries again every second, and requests meanwhile get 503.
+        match tokio::time::timeout(Duration::from_secs(5), svc.prepare()).await {
+            Ok(Ok(())) => info!(
+                "SMS service: HTTP API under {}, jobs on {:?}, status on {:?}, {} message(s) \
+                 kept",
+                crate::config::API_PREFIX,
+                svc.cfg.jobs_channel,
+                svc.cfg.status_channel,
+                svc.messages.load(Ordering::Relaxed)
+            ),
+            Ok(Err(e)) => warn!(
+                "SMS service: its database does not answer ({e}); the HTTP API answers 503 until \
+                 it does"
+            ),
+            Err(_) => warn!(
+                "SMS service: its database does not answer within 5 s; the HTTP API answers 503 \
+                 until it does"
+            ),
+        }
         hooks.spawn(shutdown.clone());
         spawn_sweeper(&svc, shutdown);
-        info!(
-            "SMS service: HTTP API under {}, jobs on {:?}, status on {:?}, {messages} message(s) \
-             kept",
-            crate::config::API_PREFIX,
-            svc.cfg.jobs_channel,
-            svc.cfg.status_channel
-        );
         Ok(svc)
+    }
+
+    /// Reads what the service needs from its database once: the signing key (made and kept
+    /// when there is none) and the number of messages kept.
+    async fn prepare(&self) -> Result<(), DbError> {
+        self.hooks.key().await?;
+        if !self.counted.load(Ordering::Acquire) {
+            let n = self.store.count(Kind::Message, None).await?;
+            self.messages.store(n, Ordering::Relaxed);
+            self.counted.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// The configuration in force.
@@ -291,6 +318,7 @@ impl Service {
             Some(id) => id.to_owned(),
         };
         let fp = fingerprint(owner, &text, &numbers);
+        self.prepare().await.map_err(ApiError::db)?;
         if self.messages.load(Ordering::Relaxed) >= self.cfg.max_messages {
             return Err(ApiError::unavailable(
                 format!(
@@ -325,6 +353,7 @@ impl Service {
                     error: None,
                     parts: None,
                     modem: None,
+                    held: None,
                 })
                 .collect(),
             states: BTreeMap::new(),
@@ -614,6 +643,7 @@ impl Service {
                     error: None,
                     parts: None,
                     modem: None,
+                    held: None,
                 }],
                 states: BTreeMap::new(),
             };
@@ -657,73 +687,52 @@ impl Service {
 
     /// A frame the agent `device` published on the status channel: each status event moves
     /// its message on, and queues the webhooks it causes, in one transaction, before the frame
-    /// is acknowledged.
-    pub async fn ingest(&self, device: &str, frame: &str) {
+    /// is acknowledged. An error means nothing was recorded: the frame must be refused so that
+    /// the agent sends it again (events are idempotent: a repeated one changes nothing).
+    pub async fn ingest(&self, device: &str, frame: &str) -> Result<(), DbError> {
         #[derive(serde::Deserialize)]
         struct F {
             #[serde(default)]
             data: Value,
         }
         let Ok(f) = serde_json::from_str::<F>(frame) else {
-            return;
+            return Ok(());
         };
         let items = match f.data {
             Value::Array(a) => a,
             v @ Value::Object(_) => vec![v],
-            _ => return,
+            _ => return Ok(()),
         };
         let events: Vec<StatusEvent> = items
             .into_iter()
             .filter_map(|v| serde_json::from_value(v).ok())
             .collect();
         let now = now_ms();
-        {
-            let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-            let dev = d.entry(device.to_owned()).or_insert_with(|| Device {
-                first_ms: now,
-                ..Device::default()
-            });
-            dev.last_ms = now;
-            for e in &events {
-                if e.status == Status::Modem {
-                    let name = e.id.strip_prefix("modem:").unwrap_or(&e.id).to_owned();
-                    dev.modems.insert(
-                        name,
-                        ModemInfo {
-                            state: e.modem_state.clone().unwrap_or_default(),
-                            reason: e.reason.clone(),
-                            at_ms: now,
-                        },
-                    );
-                } else if e.status == Status::Sent {
-                    dev.last_sms_ms = Some(now);
-                }
-            }
-        }
+        self.note_device(device, &events, now);
         let events: Vec<StatusEvent> = events
             .into_iter()
             .filter(|e| e.status != Status::Modem && !e.id.is_empty())
             .collect();
         if events.is_empty() {
-            return;
+            return Ok(());
         }
         let _g = self.lock.lock().await;
         let mut changed: HashMap<String, Message> = HashMap::new();
         let mut fired: Vec<(String, &'static str, Value)> = Vec::new();
         for e in &events {
-            let Some(msg_id) = self.load_for(&e.id, &mut changed).await else {
+            let Some(msg_id) = self.load_for(&e.id, &mut changed).await? else {
                 debug!(job = %e.id, "status event for a job the SMS service does not know");
                 continue;
             };
             let Some(m) = changed.get_mut(&msg_id) else {
                 continue;
             };
-            if let Some((event, payload)) = apply_event(m, e, device, now) {
+            if let Some((event, payload)) = apply_event(m, e, device) {
                 fired.push((msg_id.clone(), event, payload));
             }
         }
         if changed.is_empty() {
-            return;
+            return Ok(());
         }
         let mut writes: Vec<Write> = Vec::new();
         for m in changed.values_mut() {
@@ -736,7 +745,7 @@ impl Service {
                 continue;
             };
             if !hooks_by_owner.contains_key(&m.owner) {
-                let hooks = self.webhooks_of(&m.owner).await.unwrap_or_default();
+                let hooks = self.webhooks_of(&m.owner).await?;
                 hooks_by_owner.insert(m.owner.clone(), hooks);
             }
             for h in hooks_by_owner.get(&m.owner).into_iter().flatten() {
@@ -756,15 +765,47 @@ impl Service {
         let calls = writes
             .iter()
             .any(|w| matches!(w, Write::Put(d) if d.kind == Kind::Outbox));
-        if let Err(e) = self.store.apply(writes).await {
-            warn!("SMS service: cannot record status events: {e}");
-        } else if calls {
+        self.store.apply(writes).await?;
+        if calls {
             self.hooks.wake();
+        }
+        Ok(())
+    }
+
+    /// What status events tell about the gateway `device` itself: it is alive, its modems'
+    /// states, its last SMS.
+    fn note_device(&self, device: &str, events: &[StatusEvent], now: i64) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let dev = d.entry(device.to_owned()).or_insert_with(|| Device {
+            first_ms: now,
+            ..Device::default()
+        });
+        dev.last_ms = now;
+        for e in events {
+            if e.status == Status::Modem {
+                let name = e.id.strip_prefix("modem:").unwrap_or(&e.id).to_owned();
+                let m = dev.modems.entry(name).or_default();
+                m.state = e.modem_state.clone().unwrap_or_default();
+                m.reason = e.reason.clone();
+                m.at_ms = now;
+                if e.signal_dbm.is_some() {
+                    m.signal_dbm = e.signal_dbm;
+                }
+                if e.operator.is_some() {
+                    m.operator = e.operator.clone();
+                }
+            } else if e.status == Status::Sent {
+                dev.last_sms_ms = Some(now);
+            }
         }
     }
 
     /// The message a job id belongs to, loaded into `changed` for this batch.
-    async fn load_for(&self, job: &str, changed: &mut HashMap<String, Message>) -> Option<String> {
+    async fn load_for(
+        &self,
+        job: &str,
+        changed: &mut HashMap<String, Message>,
+    ) -> Result<Option<String>, DbError> {
         let mut candidates = vec![job.to_owned()];
         if let Some((base, n)) = job.rsplit_once('/') {
             if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
@@ -774,20 +815,24 @@ impl Service {
         for c in candidates {
             if let Some(m) = changed.get(&c) {
                 if m.recipients.iter().any(|r| r.job == job) {
-                    return Some(c);
+                    return Ok(Some(c));
                 }
                 continue;
             }
-            if let Ok(Some(doc)) = self.store.get(Kind::Message, &c).await {
-                if let Some(m) = parse_message(&doc) {
-                    if m.recipients.iter().any(|r| r.job == job) {
-                        changed.insert(c.clone(), m);
-                        return Some(c);
-                    }
+            if let Some(m) = self
+                .store
+                .get(Kind::Message, &c)
+                .await?
+                .as_ref()
+                .and_then(parse_message)
+            {
+                if m.recipients.iter().any(|r| r.job == job) {
+                    changed.insert(c.clone(), m);
+                    return Ok(Some(c));
                 }
             }
         }
-        None
+        Ok(None)
     }
 
     // ---- webhooks --------------------------------------------------------------------------
@@ -922,11 +967,6 @@ impl Service {
         Ok(())
     }
 
-    /// The signing key in force.
-    pub fn signing_key(&self) -> &str {
-        self.hooks.key()
-    }
-
     // ---- devices and health ----------------------------------------------------------------
 
     /// `GET /devices`: the gateway agents seen since the broker started.
@@ -939,6 +979,7 @@ impl Service {
                     .iter()
                     .map(|(name, m)| {
                         json!({"name": name, "state": m.state, "reason": m.reason,
+                               "signalDbm": m.signal_dbm, "operator": m.operator,
                                "updatedAt": model::iso(m.at_ms)})
                     })
                     .collect();
@@ -1111,12 +1152,7 @@ fn not_found(what: &str, id: &str) -> ApiError {
 }
 
 /// Moves `m` on by one status event; returns the webhook event it causes with its payload.
-fn apply_event(
-    m: &mut Message,
-    e: &StatusEvent,
-    device: &str,
-    now: i64,
-) -> Option<(&'static str, Value)> {
+fn apply_event(m: &mut Message, e: &StatusEvent, device: &str) -> Option<(&'static str, Value)> {
     let r = m.recipients.iter_mut().find(|r| r.job == e.id)?;
     let at = model::iso((e.time as i64).saturating_mul(1000).max(0));
     let prev = r.state;
@@ -1175,54 +1211,44 @@ fn apply_event(
                        "reason": reason}),
             ))
         }
+        Status::Held => {
+            if matches!(prev, State::Pending | State::Processed) {
+                r.state = State::Processed;
+                let reason = e
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "a sending limit of the modem".into());
+                r.held = Some(match e.until {
+                    Some(u) => format!(
+                        "{reason}; the gateway sends it from {}",
+                        model::iso((u as i64).saturating_mul(1000))
+                    ),
+                    None => reason,
+                });
+            }
+            None
+        }
         Status::Modem => None,
     };
+    if r.state != State::Processed {
+        r.held = None;
+    }
     if m.device.is_none() && !device.is_empty() {
         m.device = Some(device.to_owned());
     }
-    let _ = now;
     fired
 }
 
-/// The webhook signing key: the configured one (or `WSMB_WEBHOOK_KEY`), else the one kept in
-/// the database, else a new one, kept there.
-async fn signing_key(cfg: &SmsConfig, store: &DocStore) -> anyhow::Result<String> {
-    if !cfg.webhook_signing_key.is_empty() {
-        return Ok(cfg.webhook_signing_key.clone());
-    }
-    const ID: &str = "webhook_signing_key";
-    let read = |d: Option<Doc>| d.map(|d| d.body);
-    let db = |e: DbError| anyhow::anyhow!("the SMS service cannot read its signing key: {e}");
-    if let Some(k) = read(store.get(Kind::Setting, ID).await.map_err(db)?) {
-        return Ok(k);
-    }
-    let key = random_hex(32);
-    let doc = Doc {
-        kind: Kind::Setting,
-        id: ID.into(),
-        owner: String::new(),
-        created: now_ms(),
-        state: String::new(),
-        due: 0,
-        body: key.clone(),
-    };
-    store.apply(vec![Write::Insert(doc)]).await.map_err(db)?;
-    let key = read(store.get(Kind::Setting, ID).await.map_err(db)?).unwrap_or(key);
-    if store.durable() {
-        info!("SMS service: made a webhook signing key (`wsmb-broker webhook-key` shows it)");
-    } else {
-        warn!(
-            "SMS service: made a webhook signing key for this run only (memory backend); set \
-             sms.webhook_signing_key or WSMB_WEBHOOK_KEY to keep one"
-        );
-    }
-    Ok(key)
-}
-
-/// The key `wsmb-broker webhook-key` prints.
+/// The key `wsmb-broker webhook-key` prints: the configured one (or `WSMB_WEBHOOK_KEY`), else
+/// the one kept in the database, made and kept there when there is none yet.
 pub async fn show_signing_key(config: &Config) -> anyhow::Result<String> {
-    let store = DocStore::open(&config.storage).await?;
-    signing_key(&config.sms, &store).await
+    let store = Arc::new(DocStore::open(&config.storage).await?);
+    let hooks = webhooks::Deliverer::new(&config.sms, store)?;
+    let key = hooks
+        .key()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the webhook signing key: {e}"))?;
+    Ok(key.to_owned())
 }
 
 fn spawn_sweeper(svc: &Arc<Service>, shutdown: CancellationToken) {
@@ -1238,6 +1264,10 @@ fn spawn_sweeper(svc: &Arc<Service>, shutdown: CancellationToken) {
             let Some(svc) = weak.upgrade() else {
                 return;
             };
+            if let Err(e) = svc.prepare().await {
+                debug!("SMS service: database: {e}");
+                continue;
+            }
             svc.sweep().await;
         }
     });

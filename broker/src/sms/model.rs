@@ -86,6 +86,9 @@ pub struct Recipient {
     /// The modem that sent it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modem: Option<String>,
+    /// Why the gateway holds it back (a modem's sending limit), while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 /// A message as the service keeps it (the document's body).
@@ -156,11 +159,15 @@ impl Message {
             .recipients
             .iter()
             .map(|r| {
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "phoneNumber": r.phone,
                     "state": r.state.as_str(),
                     "error": r.error,
-                })
+                });
+                if let (Some(h), Some(o)) = (&r.held, v.as_object_mut()) {
+                    o.insert("heldBack".into(), Value::String(h.clone()));
+                }
+                v
             })
             .collect();
         let states: serde_json::Map<String, Value> = self
@@ -350,6 +357,7 @@ mod tests {
                     error: None,
                     parts: None,
                     modem: None,
+                    held: None,
                 })
                 .collect(),
             states: BTreeMap::new(),

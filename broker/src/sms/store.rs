@@ -99,8 +99,9 @@ pub enum DocStore {
     Memory(Mutex<BTreeMap<(Kind, String), Doc>>),
     /// The SQLite file.
     Sqlite(Arc<Mutex<Connection>>, String),
-    /// MariaDB/MySQL or PostgreSQL.
-    Sql(SqlPool, String),
+    /// MariaDB/MySQL or PostgreSQL; the table is created at the first operation that reaches
+    /// the server (the broker starts while the database is down, as the message store does).
+    Sql(SqlPool, String, tokio::sync::OnceCell<()>),
 }
 
 const COLS: &str = "kind, id, owner, created, state, due, body";
@@ -237,9 +238,7 @@ impl DocStore {
                 } else {
                     table
                 };
-                let store = DocStore::Sql(pool, table);
-                store.create_sql().await?;
-                Ok(store)
+                Ok(DocStore::Sql(pool, table, tokio::sync::OnceCell::new()))
             }
         }
     }
@@ -249,8 +248,16 @@ impl DocStore {
         !matches!(self, DocStore::Memory(_))
     }
 
+    /// Whether the table exists, creating it once the server answers.
+    async fn ready(&self) -> Result<(), DbError> {
+        if let DocStore::Sql(_, _, created) = self {
+            created.get_or_try_init(|| self.create_sql()).await?;
+        }
+        Ok(())
+    }
+
     async fn create_sql(&self) -> Result<(), DbError> {
-        let DocStore::Sql(pool, t) = self else {
+        let DocStore::Sql(pool, t, _) = self else {
             return Ok(());
         };
         match pool {
@@ -333,7 +340,8 @@ impl DocStore {
                 .map_err(|e| DbError(e.to_string()))?
                 .map_err(DbError::from)
             }
-            DocStore::Sql(pool, t) => {
+            DocStore::Sql(pool, t, _) => {
+                self.ready().await?;
                 let mut out = Vec::with_capacity(writes.len());
                 match pool {
                     SqlPool::My(p) => {
@@ -470,6 +478,7 @@ impl DocStore {
             sql.push_str(" AND owner = ?");
             args.push(Arg::S(o.into()));
         }
+        self.ready().await?;
         let n: i64 = match self {
             DocStore::Sqlite(c, t) => {
                 let (c, sql) = (Arc::clone(c), sql.replace("{t}", t));
@@ -481,13 +490,13 @@ impl DocStore {
                 .await
                 .map_err(|e| DbError(e.to_string()))??
             }
-            DocStore::Sql(SqlPool::My(p), t) => {
+            DocStore::Sql(SqlPool::My(p), t, _) => {
                 let sql = sql.replace("{t}", &format!("`{t}`"));
                 let q_sql = safe(sql);
                 let row = bound!(sqlx::query(&q_sql), args).fetch_one(p).await?;
                 sqlx::Row::try_get(&row, 0)?
             }
-            DocStore::Sql(SqlPool::Pg(p), t) => {
+            DocStore::Sql(SqlPool::Pg(p), t, _) => {
                 let sql = numbered(&sql.replace("{t}", t));
                 let q_sql = safe(sql);
                 let row = bound!(sqlx::query(&q_sql), args).fetch_one(p).await?;
@@ -505,6 +514,7 @@ impl DocStore {
 
     /// Runs a SELECT of [`COLS`]; `{t}` in `sql` is the table.
     async fn select(&self, sql: &str, args: Vec<Arg>) -> Result<Vec<Doc>, DbError> {
+        self.ready().await?;
         match self {
             DocStore::Memory(_) => Ok(Vec::new()),
             DocStore::Sqlite(c, t) => {
@@ -520,13 +530,13 @@ impl DocStore {
                 .map_err(|e| DbError(e.to_string()))?
                 .map_err(DbError::from)
             }
-            DocStore::Sql(SqlPool::My(p), t) => {
+            DocStore::Sql(SqlPool::My(p), t, _) => {
                 let sql = sql.replace("{t}", &format!("`{t}`"));
                 let q_sql = safe(sql);
                 let rows = bound!(sqlx::query(&q_sql), args).fetch_all(p).await?;
                 Ok(rows.iter().map(my_doc).collect::<Result<_, _>>()?)
             }
-            DocStore::Sql(SqlPool::Pg(p), t) => {
+            DocStore::Sql(SqlPool::Pg(p), t, _) => {
                 let sql = numbered(&sql.replace("{t}", t));
                 let q_sql = safe(sql);
                 let rows = bound!(sqlx::query(&q_sql), args).fetch_all(p).await?;

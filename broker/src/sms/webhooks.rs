@@ -74,7 +74,9 @@ pub fn sign(key: &str, body: &[u8], timestamp: &str) -> String {
 
 /// The webhook outbox and its deliverer.
 pub struct Deliverer {
-    key: String,
+    /// The configured key, or the one kept in the database once it has been read (the broker
+    /// starts while the database is down; calls wait for the key like they wait for the outbox).
+    key: tokio::sync::OnceCell<String>,
     store: Arc<DocStore>,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
@@ -94,10 +96,13 @@ fn is_loopback(host: &str) -> bool {
 }
 
 impl Deliverer {
-    /// A deliverer signing with `key`.
-    pub fn new(cfg: &SmsConfig, key: String, store: Arc<DocStore>) -> anyhow::Result<Arc<Self>> {
+    /// A deliverer signing with the configured key, or the one kept in `store`.
+    pub fn new(cfg: &SmsConfig, store: Arc<DocStore>) -> anyhow::Result<Arc<Self>> {
         let tls = wsmb_common::tls::client_config(&cfg.webhook_ca_file, "sms.webhook_ca_file")
             .map_err(|e| anyhow::anyhow!(e))?;
+        let key = tokio::sync::OnceCell::new_with(
+            (!cfg.webhook_signing_key.is_empty()).then(|| cfg.webhook_signing_key.clone()),
+        );
         Ok(Arc::new(Deliverer {
             key,
             store,
@@ -112,9 +117,13 @@ impl Deliverer {
         }))
     }
 
-    /// The signing key.
-    pub fn key(&self) -> &str {
-        &self.key
+    /// The signing key: the configured one, else the one kept in the database (made and kept
+    /// there the first time).
+    pub async fn key(&self) -> Result<&str, DbError> {
+        self.key
+            .get_or_try_init(|| stored_key(&self.store))
+            .await
+            .map(String::as_str)
     }
 
     /// Whether `url` may be registered; why not.
@@ -291,8 +300,15 @@ impl Deliverer {
                 .await;
             return;
         };
+        let key = match self.key().await {
+            Ok(k) => k,
+            Err(e) => {
+                debug!("webhook call waits for the signing key: {e}");
+                return;
+            }
+        };
         let ts = (now_ms() / 1000).to_string();
-        let sig = sign(&self.key, call.body.as_bytes(), &ts);
+        let sig = sign(key, call.body.as_bytes(), &ts);
         let result = post(
             &call.url,
             Bytes::from(call.body.clone()),
@@ -358,6 +374,38 @@ impl Deliverer {
             warn!("webhook outbox: cannot record the call's outcome: {e}");
         }
     }
+}
+
+/// The signing key kept in the database; a new one is made and kept there when there is none.
+async fn stored_key(store: &DocStore) -> Result<String, DbError> {
+    const ID: &str = "webhook_signing_key";
+    if let Some(d) = store.get(Kind::Setting, ID).await? {
+        return Ok(d.body);
+    }
+    let doc = Doc {
+        kind: Kind::Setting,
+        id: ID.into(),
+        owner: String::new(),
+        created: now_ms(),
+        state: String::new(),
+        due: 0,
+        body: super::random_hex(32),
+    };
+    store.apply(vec![Write::Insert(doc.clone())]).await?;
+    // Another broker on the same database may have made one first: theirs is the one kept.
+    let key = store
+        .get(Kind::Setting, ID)
+        .await?
+        .map_or(doc.body, |d| d.body);
+    if store.durable() {
+        info!("webhook signing key made and kept (`wsmb-broker webhook-key` shows it)");
+    } else {
+        warn!(
+            "webhook signing key made for this run only (storage.backend = \"memory\"); set \
+             sms.webhook_signing_key or WSMB_WEBHOOK_KEY to keep one"
+        );
+    }
+    Ok(key)
 }
 
 /// POSTs `body` to `url` with the signature headers; the HTTP status, or why there is none.
