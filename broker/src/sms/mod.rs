@@ -39,6 +39,9 @@ use store::{Doc, DocStore, Kind, Query, Write};
 /// The connection id the service publishes as (no session has it).
 const SERVICE_CONN: u64 = 0;
 
+/// The `deviceId` of `system:ping` calls: they come from the broker, not from a gateway.
+const PING_DEVICE: &str = "broker";
+
 /// An API error: the HTTP status and what is wrong, in words.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -247,6 +250,7 @@ impl Service {
             ),
         }
         hooks.spawn(shutdown.clone());
+        spawn_pinger(&svc, shutdown.clone());
         spawn_sweeper(&svc, shutdown);
         Ok(svc)
     }
@@ -302,6 +306,9 @@ impl Service {
                  by number prefix); leave simNumber out",
             ));
         }
+        if let Some(d) = req.device_id.as_deref().filter(|d| !d.is_empty()) {
+            self.check_device(d)?;
+        }
         if req.is_encrypted {
             return Err(ApiError::bad(
                 "isEncrypted messages are not supported: send the text in clear over HTTPS",
@@ -320,6 +327,12 @@ impl Service {
         let fp = fingerprint(owner, &text, &numbers);
         self.prepare().await.map_err(ApiError::db)?;
         if self.messages.load(Ordering::Relaxed) >= self.cfg.max_messages {
+            // Full; a repeat of a message kept is still answered.
+            if let Some(k) = self.get(owner, &id).await? {
+                if k.fingerprint == fp {
+                    return Ok((200, k.view()));
+                }
+            }
             return Err(ApiError::unavailable(
                 format!(
                     "the broker keeps {} message states, its limit (sms.max_messages); older ones \
@@ -439,6 +452,28 @@ impl Service {
         }
         debug!(message = %id, recipients = numbers.len(), "SMS accepted");
         Ok((202, msg.view()))
+    }
+
+    /// A `deviceId` can be honoured only when it names the one gateway there is: the broker
+    /// hands each job to whichever agent on the jobs channel is free, it cannot pick one.
+    fn check_device(&self, id: &str) -> Result<(), ApiError> {
+        let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let known = d.contains_key(id);
+        if known && d.len() == 1 {
+            return Ok(());
+        }
+        Err(ApiError::bad(if known {
+            format!(
+                "deviceId {id:?} cannot be honoured: {} gateways are known and the broker gives \
+                 each message to whichever is free; leave deviceId out (route numbers to modems \
+                 with the agents' [[route]] sections)",
+                d.len()
+            )
+        } else {
+            format!(
+                "deviceId {id:?} is not a known gateway (GET /devices lists them); leave it out"
+            )
+        }))
     }
 
     fn validate_text(&self, req: &SendRequest) -> Result<String, ApiError> {
@@ -967,6 +1002,48 @@ impl Service {
         Ok(())
     }
 
+    /// Queues a `system:ping` call for every webhook registered for it.
+    async fn ping_webhooks(&self) -> Result<(), DbError> {
+        let q = Query {
+            kind: Kind::Webhook,
+            owner: None,
+            state: Some("system:ping".into()),
+            from: None,
+            to: None,
+            limit: 10_000,
+            offset: 0,
+            newest_first: false,
+        };
+        let docs = self.store.list(&q).await?;
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let payload = json!({"health": self.health().await});
+        let now = now_ms();
+        let writes: Vec<Write> = docs
+            .iter()
+            .filter_map(|d| Some((d, serde_json::from_str::<Webhook>(&d.body).ok()?)))
+            .map(|(d, h)| {
+                self.hooks.call(
+                    &d.owner,
+                    &h,
+                    &self.next_event_id(),
+                    PING_DEVICE,
+                    payload.clone(),
+                    now,
+                )
+            })
+            .collect();
+        self.store.apply(writes).await?;
+        self.hooks.wake();
+        Ok(())
+    }
+
+    /// The webhook signing key in force (see [`webhooks::Deliverer::key`]).
+    pub async fn signing_key(&self) -> Result<&str, DbError> {
+        self.hooks.key().await
+    }
+
     // ---- devices and health ----------------------------------------------------------------
 
     /// `GET /devices`: the gateway agents seen since the broker started.
@@ -1055,8 +1132,7 @@ impl Service {
     // ---- background -------------------------------------------------------------------------
 
     /// Pending messages whose expiry passed fail as expired (no gateway took them in time, and
-    /// none will send them: the agent refuses an expired job); states older than `sms.keep`
-    /// are deleted.
+    /// none will send them: the agent refuses an expired job).
     async fn sweep(&self) {
         let now = now_ms();
         let due = match self.store.due(Kind::Message, now, 200).await {
@@ -1116,32 +1192,38 @@ impl Service {
                 self.hooks.wake();
             }
         }
-        let keep = self.cfg.keep.as_millis() as i64;
-        let q = Query {
-            kind: Kind::Message,
-            owner: None,
-            state: None,
-            from: None,
-            to: Some(now - keep),
-            limit: 500,
-            offset: 0,
-            newest_first: false,
-        };
-        if let Ok(old) = self.store.list(&q).await {
-            if !old.is_empty() {
-                let n = old.len();
-                let writes = old
-                    .into_iter()
-                    .map(|d| Write::Delete(Kind::Message, d.id))
-                    .collect();
-                if self.store.apply(writes).await.is_ok() {
-                    let _ = self
-                        .messages
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                            Some(v.saturating_sub(n))
-                        });
-                    debug!("{n} message state(s) older than sms.keep deleted");
-                }
+    }
+
+    /// Deletes message states and webhook calls (delivered long ago, or given up) older than
+    /// `sms.keep`, a batch at a time.
+    async fn retain(&self) {
+        let cutoff = now_ms() - self.cfg.keep.as_millis() as i64;
+        for kind in [Kind::Message, Kind::Outbox] {
+            let q = Query {
+                kind,
+                owner: None,
+                state: None,
+                from: None,
+                to: Some(cutoff),
+                limit: 500,
+                offset: 0,
+                newest_first: false,
+            };
+            let Ok(old) = self.store.list(&q).await else {
+                return;
+            };
+            if old.is_empty() {
+                continue;
+            }
+            let n = old.len();
+            let writes = old.into_iter().map(|d| Write::Delete(kind, d.id)).collect();
+            if self.store.apply(writes).await.is_ok() && kind == Kind::Message {
+                let _ = self
+                    .messages
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(n))
+                    });
+                debug!("{n} message state(s) older than sms.keep deleted");
             }
         }
     }
@@ -1251,11 +1333,39 @@ pub async fn show_signing_key(config: &Config) -> anyhow::Result<String> {
     Ok(key.to_owned())
 }
 
+/// `system:ping` webhooks every `sms.ping_interval` (none when it is 0), with the health of
+/// `GET /health` as payload: a receiver that stops getting them knows the broker is gone.
+fn spawn_pinger(svc: &Arc<Service>, shutdown: CancellationToken) {
+    let every = svc.cfg.ping_interval;
+    if every.is_zero() {
+        return;
+    }
+    let weak = Arc::downgrade(svc);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(svc) = weak.upgrade() else {
+                return;
+            };
+            if let Err(e) = svc.ping_webhooks().await {
+                debug!("system:ping webhooks not queued: {e}");
+            }
+        }
+    });
+}
+
 fn spawn_sweeper(svc: &Arc<Service>, shutdown: CancellationToken) {
     let weak = Arc::downgrade(svc);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -1269,6 +1379,10 @@ fn spawn_sweeper(svc: &Arc<Service>, shutdown: CancellationToken) {
                 continue;
             }
             svc.sweep().await;
+            ticks += 1;
+            if ticks % 60 == 1 {
+                svc.retain().await;
+            }
         }
     });
 }

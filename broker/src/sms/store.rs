@@ -268,7 +268,7 @@ impl DocStore {
                        owner VARCHAR(191) NOT NULL, created BIGINT NOT NULL,
                        state VARCHAR(32) NOT NULL, due BIGINT NOT NULL, body MEDIUMTEXT NOT NULL,
                        PRIMARY KEY (kind, id), INDEX `{t}_list` (kind, owner, created),
-                       INDEX `{t}_due` (kind, due)
+                       INDEX `{t}_age` (kind, created), INDEX `{t}_due` (kind, due)
                      ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
                 )))
                 .execute(p)
@@ -284,6 +284,7 @@ impl DocStore {
                            PRIMARY KEY (kind, id))"
                     ),
                     format!("CREATE INDEX IF NOT EXISTS {t}_list ON {t} (kind, owner, created)"),
+                    format!("CREATE INDEX IF NOT EXISTS {t}_age ON {t} (kind, created)"),
                     format!("CREATE INDEX IF NOT EXISTS {t}_due ON {t} (kind, due)"),
                 ] {
                     sqlx::query(&safe(stmt)).execute(p).await?;
@@ -600,6 +601,7 @@ fn open_sqlite(path: &Path, t: &str) -> Result<Connection, DbError> {
            state TEXT NOT NULL, due INTEGER NOT NULL, body TEXT NOT NULL,
            PRIMARY KEY (kind, id));
          CREATE INDEX IF NOT EXISTS {t}_list ON {t} (kind, owner, created);
+         CREATE INDEX IF NOT EXISTS {t}_age ON {t} (kind, created);
          CREATE INDEX IF NOT EXISTS {t}_due ON {t} (kind, due);"
     ))?;
     // Read back one row to fail early on a file that is not a database.

@@ -237,7 +237,9 @@ impl Deliverer {
         self.store.apply(writes).await.map(|_| ())
     }
 
-    /// Delivers due calls until `shutdown`.
+    /// Delivers due calls until `shutdown`. A call cut short by the shutdown stays in the
+    /// outbox and is made again after the restart (a receiver may then see an event twice: the
+    /// body's `id` tells it so).
     pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) {
         let me = Arc::clone(self);
         tokio::spawn(async move {
@@ -247,44 +249,45 @@ impl Deliverer {
                     _ = me.wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
-                me.round();
+                me.round(&shutdown).await;
             }
         });
     }
 
     /// Starts the due calls that are not in flight, up to [`IN_FLIGHT`].
-    fn round(self: &Arc<Self>) {
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let room = IN_FLIGHT.saturating_sub(me.flying().len());
-            if room == 0 {
+    async fn round(self: &Arc<Self>, shutdown: &CancellationToken) {
+        let room = IN_FLIGHT.saturating_sub(self.flying().len());
+        if room == 0 {
+            return;
+        }
+        let due = match self.store.due(Kind::Outbox, now_ms(), IN_FLIGHT * 2).await {
+            Ok(d) => d,
+            Err(e) => {
+                debug!("webhook outbox: {e}");
                 return;
             }
-            let due = match me.store.due(Kind::Outbox, now_ms(), IN_FLIGHT * 2).await {
-                Ok(d) => d,
-                Err(e) => {
-                    debug!("webhook outbox: {e}");
-                    return;
-                }
-            };
-            let mut started = 0;
-            for d in due {
-                if started >= room {
-                    break;
-                }
-                if !me.flying().insert(d.id.clone()) {
-                    continue;
-                }
-                started += 1;
-                let m = Arc::clone(&me);
-                tokio::spawn(async move {
-                    let id = d.id.clone();
-                    m.attempt(d).await;
-                    m.flying().remove(&id);
-                    m.wake();
-                });
+        };
+        let mut started = 0;
+        for d in due {
+            if started >= room {
+                break;
             }
-        });
+            if !self.flying().insert(d.id.clone()) {
+                continue;
+            }
+            started += 1;
+            let m = Arc::clone(self);
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let id = d.id.clone();
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = m.attempt(d) => {}
+                }
+                m.flying().remove(&id);
+                m.wake();
+            });
+        }
     }
 
     fn flying(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
