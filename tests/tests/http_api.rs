@@ -702,3 +702,78 @@ async fn with_delivery_report_sets_tp_srr_per_job() {
     assert_eq!(srr("srr-off"), Some(false), "{sent:?}");
     let _ = Path::new("");
 }
+
+/// A modem's sending limit holds a message back, and the API says so and until when; the
+/// gateway shows its modem with signal and operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modem_limit_holds_a_message_back_visibly() {
+    let b = Bundle::start("api-held", "", "rate_per_minute = 1\n").await;
+    tokio::task::block_in_place(|| {
+        let (code, _) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("first", "First code", json!({}))),
+        );
+        assert_eq!(code, 202);
+        b.wait_state("first", "Sent");
+        let (code, _) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("second", "Second code", json!({}))),
+        );
+        assert_eq!(code, 202);
+        let deadline = Instant::now() + T;
+        let v = loop {
+            let (_, v) = b.api("GET", "/messages/second", None);
+            if v["recipients"][0]["heldBack"].is_string() {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "never held: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(v["state"], "Processed", "{v}");
+        let held = v["recipients"][0]["heldBack"].as_str().unwrap_or_default();
+        assert!(
+            held.contains("rate_per_minute = 1") && held.contains("sends it from"),
+            "{v}"
+        );
+        assert_eq!(b.sim.messages().len(), 1, "the second waits");
+        let (_, devices) = b.api("GET", "/devices", None);
+        let m = &devices[0]["modems"][0];
+        assert_eq!(m["name"], "sim1", "{devices}");
+        assert_eq!(m["state"], "ready", "{devices}");
+        assert!(m["signalDbm"].as_i64().is_some_and(|d| d < 0), "{devices}");
+        assert!(
+            m["operator"].as_str().is_some_and(|o| !o.is_empty()),
+            "{devices}"
+        );
+    });
+}
+
+/// `wsmb-broker webhook-key`: the key made at first start and kept, or `WSMB_WEBHOOK_KEY`.
+#[test]
+fn the_webhook_key_command_shows_the_kept_key_or_the_environments() {
+    let dir = scratch("api-key");
+    std::fs::write(dir.join("broker.toml"), "").expect("config");
+    let key = |env: Option<&str>| {
+        let mut cmd = Command::new(BROKER);
+        cmd.args([
+            "--config",
+            &dir.join("broker.toml").display().to_string(),
+            "--state-dir",
+            &dir.join("broker").display().to_string(),
+            "webhook-key",
+        ])
+        .env_remove("WSMB_WEBHOOK_KEY");
+        if let Some(k) = env {
+            cmd.env("WSMB_WEBHOOK_KEY", k);
+        }
+        let out = cmd.output().expect("webhook-key");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let made = key(None);
+    assert_eq!(made.len(), 64, "{made}");
+    assert_eq!(key(None), made, "kept in the state directory");
+    assert_eq!(key(Some("from the environment")), "from the environment");
+}
