@@ -264,6 +264,30 @@ impl Bundle {
     }
 }
 
+/// A file of JSON lines that something else appends to.
+struct LogFile {
+    path: PathBuf,
+}
+
+impl LogFile {
+    /// Polls until a line contains `needle`; returns it.
+    fn wait(&self, needle: &str) -> String {
+        let deadline = Instant::now() + T;
+        loop {
+            let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+            if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+                return l.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle} not in {}: {text}",
+                self.path.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 fn send_body(id: &str, text: &str, extra: Value) -> Value {
     let mut b = json!({"id": id, "textMessage": {"text": text}, "phoneNumbers": ["+628126666666"]});
     if let (Some(o), Value::Object(e)) = (b.as_object_mut(), extra) {
@@ -431,6 +455,34 @@ const http = {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_php_curl_example_sends_an_otp_and_prints_its_state() {
     let b = Bundle::start("api-php", "", "").await;
+    // The webhook receiver example under PHP's built-in server, given the broker's key.
+    let hook_log = LogFile {
+        path: b.dir.join("webhooks.jsonl"),
+    };
+    let mut server = Command::new("php");
+    server
+        .args(["-S", "127.0.0.1:0"])
+        .arg(repo_root().join("clients/php/examples/webhook-receiver.php"))
+        .env("WSMB_WEBHOOK_KEY", b.key())
+        .env("WSMB_WEBHOOK_LOG", &hook_log.path)
+        .env("TMPDIR", &b.dir);
+    let php_server = tokio::task::block_in_place(|| Proc::spawn(server)).expect("php -S");
+    let started = tokio::task::block_in_place(|| php_server.wait_line("started", T))
+        .unwrap_or_else(|| panic!("php -S: {}", php_server.output()));
+    let receiver_url = started
+        .split("(http://")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .map(|a| format!("http://{a}/"))
+        .expect("address");
+    let (code, h) = tokio::task::block_in_place(|| {
+        b.api(
+            "POST",
+            "/webhooks",
+            Some(json!({"url": receiver_url, "event": "sms:sent"})),
+        )
+    });
+    assert_eq!(code, 201, "{h}");
     let example = repo_root().join("clients/php/examples/http-send-otp.php");
     let mut cmd = Command::new("php");
     cmd.arg(&example)
@@ -441,6 +493,65 @@ async fn the_php_curl_example_sends_an_otp_and_prints_its_state() {
     let out = tokio::task::block_in_place(|| run(cmd, "php with php-curl"));
     assert!(out.contains("accepted: Pending"), "{out}");
     assert!(out.contains("state: Sent"), "{out}");
+    // The PHP webhook receiver example checked the broker's signature and recorded the event.
+    let id = out
+        .lines()
+        .find_map(|l| l.split("(id ").nth(1))
+        .map(|r| r.trim_end_matches(')').to_owned())
+        .expect("the example prints the id");
+    let line = hook_log.wait(&format!("\"messageId\":\"{id}\""));
+    let v: Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(v["event"], "sms:sent", "{line}");
+    assert_eq!(v["phoneNumber"], "+628126666666", "{line}");
+    // A forged call is refused; the same event again is taken and not recorded twice.
+    let forged = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "X-Timestamp: 1",
+        ])
+        .args(["-H", "X-Signature: 00", "-d", "{}", &receiver_url])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&forged.stdout), "401");
+    let key = b.key();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        .to_string();
+    let body = json!({"deviceId": "qa", "event": "sms:sent", "id": v["id"], "payload": {"messageId": id}, "webhookId": "x"}).to_string();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("key");
+    mac.update(body.as_bytes());
+    mac.update(ts.as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let again = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args([
+            "-H",
+            &format!("X-Timestamp: {ts}"),
+            "-H",
+            &format!("X-Signature: {sig}"),
+        ])
+        .args(["-d", &body, &receiver_url])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "204");
+    let recorded = std::fs::read_to_string(&hook_log.path).unwrap_or_default();
+    assert_eq!(
+        recorded.lines().filter(|l| l.contains(&id)).count(),
+        1,
+        "{recorded}"
+    );
     let msgs = b.sim.messages();
     assert!(
         msgs.contains(&("+628126666666".into(), "Your code is 118822".into())),
