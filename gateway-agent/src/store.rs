@@ -671,6 +671,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_otp_lane_goes_first_then_oldest_first() {
+        let d = dir("lane");
+        let s = Store::open(&d).expect("open");
+        for id in ["bulk1", "bulk2"] {
+            s.insert(job(id)).await.expect("insert");
+        }
+        let mut otp = job("otp");
+        otp.priority = wsmb_protocol::sms::PRIORITY_LANE;
+        s.insert(otp).await.expect("insert");
+        let mut low = job("low");
+        low.priority = 99;
+        s.insert(low).await.expect("insert");
+        let ids: Vec<String> = s
+            .due(10)
+            .await
+            .expect("due")
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(ids, ["otp", "bulk1", "bulk2", "low"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
     async fn lifecycle_with_events_and_dedup() {
         let d = dir("life");
         let s = Store::open(&d).expect("open");

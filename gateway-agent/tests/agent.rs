@@ -354,6 +354,43 @@ async fn a_daily_limit_survives_a_restart_and_held_jobs_expire() {
     assert_eq!(sim.messages().len(), 1, "the day's one SMS only");
 }
 
+/// An OTP (priority 100) that arrives behind a bulk batch goes out first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_otp_lane_overtakes_a_waiting_batch() {
+    let dir = scratch("lane");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    // The modem does not answer at first: the jobs all wait in the queue.
+    sim.set_silent(true);
+    let a = wsmb_agent::agent::start(agent_config(b.addr, &dir, vec![modem("m1", &sim)]))
+        .await
+        .expect("agent");
+    let mut status = common::StatusListener::new(b.addr).await;
+    common::link_up(&a).await;
+    let mut otp = job("otp", "+628123456789", "Your code is 1234");
+    otp["priority"] = serde_json::json!(100);
+    send_jobs(
+        b.addr,
+        serde_json::json!([
+            job("b1", "+628123456789", "bulk 1"),
+            job("b2", "+628123456789", "bulk 2"),
+            job("b3", "+628123456789", "bulk 3"),
+            otp
+        ]),
+    )
+    .await;
+    for id in ["b1", "b2", "b3", "otp"] {
+        status.wait(id, Status::Queued, T).await;
+    }
+    assert!(!a.modems[0].health().is_ready());
+    sim.set_silent(false);
+    for id in ["b1", "b2", "b3", "otp"] {
+        status.wait(id, Status::Sent, T).await;
+    }
+    let texts: Vec<String> = sim.messages().into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, ["Your code is 1234", "bulk 1", "bulk 2", "bulk 3"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_wait_while_the_modem_is_silent_or_gone_and_go_out_after() {
     let dir = scratch("faults");
