@@ -380,6 +380,19 @@ async fn over_the_brokers_own_tls_php_and_the_agent_connect_and_sighup_swaps_the
         "https:// with the first certificate"
     );
     assert!(!curl_healthz(addr, &second));
+    // The HTTP SMS API is served over the same TLS listener.
+    let api = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--cacert"])
+        .arg(&first)
+        .args(["-u", &format!("qa:{PASSWORD}"), "-w", "\n%{http_code}"])
+        .arg(format!("https://{addr}/3rdparty/v1/health"))
+        .output()
+        .expect("curl");
+    let api = String::from_utf8_lossy(&api.stdout).into_owned();
+    assert!(
+        api.ends_with("\n200") && api.contains("\"checks\""),
+        "{api}"
+    );
 
     // The agent over wss://, trusting the first certificate.
     let sim = Simulator::start(dir.join("modem"), SimConfig::default())
