@@ -104,6 +104,15 @@ pub fn effective_config(cli: &Cli) -> anyhow::Result<(Config, Origin)> {
     Ok((config, origin))
 }
 
+/// The runtime `builder` makes, or None after saying why it cannot.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("wsmb-broker: cannot start the runtime: {e}"))
+        .ok()
+}
+
 /// Entry point of the `wsmb-broker` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -130,15 +139,8 @@ pub fn main() -> ExitCode {
         Cmd::CheckConfig => check_config(&config, &origin),
         Cmd::Passwd { .. } => ExitCode::FAILURE,
         Cmd::WebhookKey => {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("wsmb-broker: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+                return ExitCode::FAILURE;
             };
             match rt.block_on(crate::sms::show_signing_key(&config)) {
                 Ok(k) => {
@@ -162,15 +164,8 @@ pub fn main() -> ExitCode {
         }
         Cmd::Run => {
             wsmb_common::init_logging(&config.log.level);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("wsmb-broker: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(rt) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+                return ExitCode::FAILURE;
             };
             match rt.block_on(run(config, origin)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -864,6 +864,15 @@ impl Session<'_> {
                     to: Arc::downgrade(&self.outbox),
                     ids: ids.clone(),
                 });
+                let result = SendResult {
+                    message_id: message_id.clone(),
+                    channel: channel.to_owned(),
+                    receivers: 0,
+                    ids,
+                    ids_omitted: omitted,
+                    stored: None,
+                    reason: None,
+                };
                 if let Some(sms) = &shared.sms {
                     // Tracked before it is routed: a status event can never come first.
                     let c = sms.config();
@@ -875,15 +884,6 @@ impl Session<'_> {
                             // Not recorded: refused, so that the agent keeps the events and
                             // sends them again.
                             tracing::warn!("SMS service: status events not recorded: {e}");
-                            let result = SendResult {
-                                message_id,
-                                channel: channel.to_owned(),
-                                receivers: 0,
-                                ids,
-                                ids_omitted: omitted,
-                                stored: Some(false),
-                                reason: None,
-                            };
                             let refused = crate::delivery::Outcome {
                                 code: ResponseCode::StorageUnavailable,
                                 receivers: 0,
@@ -899,22 +899,13 @@ impl Session<'_> {
                 let publish = Publish {
                     sender: self.id,
                     channel,
-                    message_id: message_id.clone(),
+                    message_id,
                     frame: payload.clone(),
                     limit,
                     expires_at: frame.expiry(now),
                     report,
                 };
                 let accepted = engine.publish(publish).await;
-                let result = SendResult {
-                    message_id,
-                    channel: channel.to_owned(),
-                    receivers: 0,
-                    ids,
-                    ids_omitted: omitted,
-                    stored: None,
-                    reason: None,
-                };
                 if let (Accepted::Done(o), true) = (&accepted, self.replies.is_empty()) {
                     // Nothing waits before it: straight to the queue.
                     let text = send_result(o.clone(), result);

@@ -18,7 +18,7 @@ pub mod store;
 pub mod webhooks;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,9 @@ use store::{Doc, DocStore, Kind, Query, Write};
 
 /// The connection id the service publishes as (no session has it).
 const SERVICE_CONN: u64 = 0;
+
+/// How long WebSocket jobs go untracked after the database failed to record some.
+const TRACKING_PAUSE_MS: i64 = 5_000;
 
 /// The `deviceId` of `system:ping` calls: they come from the broker, not from a gateway.
 const PING_DEVICE: &str = "broker";
@@ -134,6 +137,8 @@ pub struct Service {
     messages: AtomicUsize,
     /// ...once counted in the database.
     counted: AtomicBool,
+    /// Until when (epoch ms) WebSocket jobs are not tracked: the database just failed.
+    untracked_until: AtomicI64,
     seq: AtomicU64,
     seq_prefix: String,
     hooks: Arc<webhooks::Deliverer>,
@@ -224,6 +229,7 @@ impl Service {
             devices: Mutex::new(BTreeMap::new()),
             messages: AtomicUsize::new(0),
             counted: AtomicBool::new(false),
+            untracked_until: AtomicI64::new(0),
             seq: AtomicU64::new(1),
             seq_prefix: random_hex(4),
             hooks: Arc::clone(&hooks),
@@ -359,15 +365,7 @@ impl Service {
             recipients: numbers
                 .iter()
                 .zip(&jobs)
-                .map(|(n, j)| Recipient {
-                    phone: n.clone(),
-                    job: j.clone(),
-                    state: State::Pending,
-                    error: None,
-                    parts: None,
-                    modem: None,
-                    held: None,
-                })
+                .map(|(n, j)| Recipient::pending(n, j))
                 .collect(),
             states: BTreeMap::new(),
         };
@@ -649,10 +647,13 @@ impl Service {
     /// A `send-message` on the jobs channel from `owner` over WebSocket: its jobs are tracked
     /// (before they are routed) under their ids.
     pub async fn track_jobs(&self, owner: &str, frame_id: &str, frame: &str) {
+        let now = now_ms();
+        if now < self.untracked_until.load(Ordering::Relaxed) {
+            return;
+        }
         let Ok((_, items)) = parse_jobs(frame) else {
             return;
         };
-        let now = now_ms();
         let mut writes = Vec::new();
         for job in items.into_iter().flatten() {
             let Some(id) = job.id.filter(|i| i.len() <= model::MAX_ID) else {
@@ -671,15 +672,7 @@ impl Service {
                 expires_at: job.expiration,
                 frame_id: frame_id.to_owned(),
                 fingerprint: String::new(),
-                recipients: vec![Recipient {
-                    phone: job.receiver.unwrap_or_default(),
-                    job: id,
-                    state: State::Pending,
-                    error: None,
-                    parts: None,
-                    modem: None,
-                    held: None,
-                }],
+                recipients: vec![Recipient::pending(job.receiver.unwrap_or_default(), id)],
                 states: BTreeMap::new(),
             };
             m.note_state(now);
@@ -693,7 +686,17 @@ impl Service {
                 let n = r.iter().filter(|x| **x).count();
                 self.messages.fetch_add(n, Ordering::Relaxed);
             }
-            Err(e) => warn!("SMS service: cannot track WebSocket jobs: {e}"),
+            Err(e) => {
+                // The jobs are routed anyway; while the database is down, do not make every
+                // frame on the jobs channel wait for it to fail again.
+                self.untracked_until
+                    .store(now + TRACKING_PAUSE_MS, Ordering::Relaxed);
+                warn!(
+                    "SMS service: cannot track WebSocket jobs (their states and webhooks): {e}; \
+                     not trying for {} s",
+                    TRACKING_PAUSE_MS / 1000
+                );
+            }
         }
     }
 
@@ -1333,18 +1336,19 @@ pub async fn show_signing_key(config: &Config) -> anyhow::Result<String> {
     Ok(key.to_owned())
 }
 
-/// `system:ping` webhooks every `sms.ping_interval` (none when it is 0), with the health of
-/// `GET /health` as payload: a receiver that stops getting them knows the broker is gone.
-fn spawn_pinger(svc: &Arc<Service>, shutdown: CancellationToken) {
-    let every = svc.cfg.ping_interval;
-    if every.is_zero() {
-        return;
-    }
+/// Runs `work` on the service every `every` (the first time after one period) until
+/// `shutdown` or until the service is gone.
+fn every<F, Fut>(svc: &Arc<Service>, every: Duration, shutdown: CancellationToken, work: F)
+where
+    F: Fn(Arc<Service>, u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let weak = Arc::downgrade(svc);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut n: u64 = 0;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -1353,36 +1357,36 @@ fn spawn_pinger(svc: &Arc<Service>, shutdown: CancellationToken) {
             let Some(svc) = weak.upgrade() else {
                 return;
             };
-            if let Err(e) = svc.ping_webhooks().await {
-                debug!("system:ping webhooks not queued: {e}");
-            }
+            work(svc, n).await;
+            n += 1;
         }
     });
 }
 
+/// `system:ping` webhooks every `sms.ping_interval` (none when it is 0), with the health of
+/// `GET /health` as payload: a receiver that stops getting them knows the broker is gone.
+fn spawn_pinger(svc: &Arc<Service>, shutdown: CancellationToken) {
+    if svc.cfg.ping_interval.is_zero() {
+        return;
+    }
+    every(svc, svc.cfg.ping_interval, shutdown, |svc, _| async move {
+        if let Err(e) = svc.ping_webhooks().await {
+            debug!("system:ping webhooks not queued: {e}");
+        }
+    });
+}
+
+/// Every second: what the service must read at start, if the database was down then; pending
+/// messages that expired. Every minute: what is older than `sms.keep`.
 fn spawn_sweeper(svc: &Arc<Service>, shutdown: CancellationToken) {
-    let weak = Arc::downgrade(svc);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks: u64 = 0;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let Some(svc) = weak.upgrade() else {
-                return;
-            };
-            if let Err(e) = svc.prepare().await {
-                debug!("SMS service: database: {e}");
-                continue;
-            }
-            svc.sweep().await;
-            ticks += 1;
-            if ticks % 60 == 1 {
-                svc.retain().await;
-            }
+    every(svc, Duration::from_secs(1), shutdown, |svc, n| async move {
+        if let Err(e) = svc.prepare().await {
+            debug!("SMS service: database: {e}");
+            return;
+        }
+        svc.sweep().await;
+        if n % 60 == 0 {
+            svc.retain().await;
         }
     });
 }

@@ -91,6 +91,21 @@ pub struct Recipient {
     pub held: Option<String>,
 }
 
+impl Recipient {
+    /// A recipient no gateway has taken yet.
+    pub fn pending(phone: impl Into<String>, job: impl Into<String>) -> Recipient {
+        Recipient {
+            phone: phone.into(),
+            job: job.into(),
+            state: State::Pending,
+            error: None,
+            parts: None,
+            modem: None,
+            held: None,
+        }
+    }
+}
+
 /// A message as the service keeps it (the document's body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -351,13 +366,8 @@ mod tests {
             recipients: states
                 .iter()
                 .map(|s| Recipient {
-                    phone: "+1".into(),
-                    job: "j".into(),
                     state: *s,
-                    error: None,
-                    parts: None,
-                    modem: None,
-                    held: None,
+                    ..Recipient::pending("+1", "j")
                 })
                 .collect(),
             states: BTreeMap::new(),
