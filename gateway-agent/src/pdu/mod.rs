@@ -11,8 +11,16 @@
 //! - with 7-bit data, the text after the header starts on a septet boundary (fill bits).
 //!
 //! [`decode_submit`] reads a TPDU back; the modem simulator uses it, and the tests compare both
-//! directions with Gammu's independent implementation.
+//! directions with Gammu's independent implementation. What a modem receives (incoming SMS,
+//! delivery reports) is decoded in [`received`]; the field readers and the user data decoding
+//! (headers, GSM 7-bit, UCS-2, 8-bit) are shared by both directions.
 
+pub mod received;
+
+pub use received::{
+    Coding, Deliver, Received, ReportOutcome, SmscTime, StatusReport, decode_received,
+    encode_status_report,
+};
 pub use wsmb_protocol::gsm7;
 pub use wsmb_protocol::segments::{
     Encoding, GSM7_PART, GSM7_SINGLE, MAX_PARTS, Plan, UCS2_PART, UCS2_SINGLE,
@@ -48,7 +56,7 @@ impl Address {
         })
     }
 
-    fn encode(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.push(self.digits.len() as u8);
         out.push(if self.international { 0x91 } else { 0x81 });
         let d = self.digits.as_bytes();
@@ -252,110 +260,211 @@ pub fn from_hex(hex: &str) -> Result<Vec<u8>, PduError> {
         .collect()
 }
 
-/// Decodes the hex sent after an `AT+CMGS` prompt: SMSC information then an SMS-SUBMIT TPDU.
-pub fn decode_submit(hex: &str) -> Result<Submit, PduError> {
-    let bytes = from_hex(hex)?;
-    let bad = |what: &str| PduError::Malformed(what.to_owned());
-    let smsc_len = *bytes.first().ok_or_else(|| bad("empty"))? as usize;
-    let t = bytes
-        .get(1 + smsc_len..)
-        .ok_or_else(|| bad("short SMSC field"))?;
-    let mut i = 0;
-    let mut next = |n: usize| -> Result<&[u8], PduError> {
-        let s = t.get(i..i + n).ok_or_else(|| bad("truncated"))?;
-        i += n;
-        Ok(s)
-    };
-    let first = next(1)?[0];
-    if first & 0x03 != 0x01 {
-        return Err(bad("not an SMS-SUBMIT"));
+/// Reads the fields of a TPDU in order; every read checks the length.
+pub(crate) struct Fields<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+fn malformed(what: &str) -> PduError {
+    PduError::Malformed(what.to_owned())
+}
+
+impl<'a> Fields<'a> {
+    /// The TPDU of a PDU as modems show it: SMSC information (its length first), then the TPDU.
+    pub(crate) fn after_smsc(bytes: &'a [u8]) -> Result<Fields<'a>, PduError> {
+        let smsc_len = *bytes.first().ok_or_else(|| malformed("empty"))? as usize;
+        let tpdu = bytes
+            .get(1 + smsc_len..)
+            .ok_or_else(|| malformed("short SMSC field"))?;
+        Ok(Fields { bytes: tpdu, at: 0 })
     }
-    let _mr = next(1)?[0];
-    let ndigits = next(1)?[0] as usize;
-    let ton = next(1)?[0];
-    let bcd = next(ndigits.div_ceil(2))?;
-    let mut digits = String::with_capacity(ndigits);
+
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], PduError> {
+        let s = self
+            .bytes
+            .get(self.at..self.at + n)
+            .ok_or_else(|| malformed("truncated"))?;
+        self.at += n;
+        Ok(s)
+    }
+
+    pub(crate) fn byte(&mut self) -> Result<u8, PduError> {
+        Ok(self.take(1)?[0])
+    }
+
+    /// What is left (the user data).
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        &self.bytes[self.at.min(self.bytes.len())..]
+    }
+
+    /// An address field (TP-DA, TP-OA, TP-RA): digit count, type, semi-octets. Returns the
+    /// type of number and the raw semi-octet bytes.
+    pub(crate) fn address(&mut self) -> Result<(usize, u8, &'a [u8]), PduError> {
+        let ndigits = self.byte()? as usize;
+        let ton = self.byte()?;
+        let bcd = self.take(ndigits.div_ceil(2))?;
+        Ok((ndigits, ton, bcd))
+    }
+}
+
+/// The digits of semi-octets (`0x21 0xF3` → "123"), at most `n`; filler and non-digits left
+/// out.
+pub(crate) fn semi_octets(bcd: &[u8], n: usize) -> String {
+    let mut digits = String::with_capacity(n);
     for b in bcd {
         for nib in [b & 0x0f, b >> 4] {
-            if digits.len() < ndigits && nib <= 9 {
+            if digits.len() < n && nib <= 9 {
                 digits.push((b'0' + nib) as char);
             }
         }
     }
-    let _pid = next(1)?[0];
-    let dcs = next(1)?[0];
-    match (first >> 3) & 0x03 {
-        0 => {}
-        2 => {
-            next(1)?;
-        }
-        _ => {
-            next(7)?;
-        }
+    digits
+}
+
+/// The user data of a TPDU: its header's concatenation information and its payload decoded.
+pub(crate) struct UserData {
+    /// Concatenation: (reference, total, sequence), from an 8-bit or 16-bit reference header.
+    pub concat: Option<(u16, u8, u8)>,
+    /// Whether the reference was 16-bit.
+    pub wide_reference: bool,
+    /// The text (GSM 7-bit, UCS-2), or for 8-bit data its bytes as lowercase hex.
+    pub text: String,
+    /// The payload's bytes when the coding is 8-bit data.
+    pub data: Option<Vec<u8>>,
+}
+
+/// The character set of a TP-DCS: Some(0) GSM 7-bit, Some(1) 8-bit data, Some(2) UCS-2 (from
+/// the general data coding and the message-class groups, 3GPP TS 23.038 section 4), None for
+/// what is reserved or compressed.
+pub(crate) fn alphabet(dcs: u8) -> Option<u8> {
+    match dcs >> 4 {
+        // general data coding, uncompressed; and the "marked for automatic deletion" group
+        0b0000 | 0b0001 | 0b0100 | 0b0101 => match (dcs >> 2) & 0x03 {
+            3 => None,
+            a => Some(a),
+        },
+        0b0010 | 0b0011 | 0b0110 | 0b0111 => None, // compressed
+        // message waiting indication groups: 7-bit (discard/store) or UCS-2
+        0b1100 | 0b1101 => Some(0),
+        0b1110 => Some(2),
+        // data coding / message class
+        0b1111 => Some(if dcs & 0x04 != 0 { 1 } else { 0 }),
+        _ => None,
     }
-    let udl = next(1)?[0] as usize;
-    let ud = &t[i..];
-    let encoding = match dcs & 0x0c {
-        0x00 => Encoding::Gsm7,
-        0x08 => Encoding::Ucs2,
-        _ => return Err(bad("unsupported data coding")),
-    };
-    let (udh_len, concat) = if first & 0x40 != 0 {
-        let udhl = *ud.first().ok_or_else(|| bad("missing UDH"))? as usize;
-        let udh = ud.get(1..1 + udhl).ok_or_else(|| bad("truncated UDH"))?;
+}
+
+/// Decodes user data `ud` of `udl` (septets for 7-bit, octets otherwise) in `alphabet`.
+pub(crate) fn user_data(
+    has_header: bool,
+    alphabet: u8,
+    udl: usize,
+    ud: &[u8],
+) -> Result<UserData, PduError> {
+    let (udh_len, concat, wide_reference) = if has_header {
+        let udhl = *ud.first().ok_or_else(|| malformed("missing UDH"))? as usize;
+        let udh = ud
+            .get(1..1 + udhl)
+            .ok_or_else(|| malformed("truncated UDH"))?;
         let mut concat = None;
+        let mut wide = false;
         let mut j = 0;
         while j + 2 <= udh.len() {
             let (iei, len) = (udh[j], udh[j + 1] as usize);
             let data = udh
                 .get(j + 2..j + 2 + len)
-                .ok_or_else(|| bad("truncated IE"))?;
+                .ok_or_else(|| malformed("truncated IE"))?;
             match (iei, len) {
                 (0x00, 3) => concat = Some((u16::from(data[0]), data[1], data[2])),
                 (0x08, 4) => {
-                    concat = Some((u16::from_be_bytes([data[0], data[1]]), data[2], data[3]))
+                    concat = Some((u16::from_be_bytes([data[0], data[1]]), data[2], data[3]));
+                    wide = true;
                 }
                 _ => {}
             }
             j += 2 + len;
         }
-        (1 + udhl, concat)
+        (1 + udhl, concat, wide)
     } else {
-        (0, None)
+        (0, None, false)
     };
-    let text = match encoding {
-        Encoding::Gsm7 => {
+    let (text, data) = match alphabet {
+        0 => {
             let header_septets = (udh_len * 8).div_ceil(7);
             let fill = header_septets * 7 - udh_len * 8;
             let count = udl
                 .checked_sub(header_septets)
-                .ok_or_else(|| bad("UDL too short"))?;
-            let packed = ud.get(udh_len..).ok_or_else(|| bad("truncated UD"))?;
+                .ok_or_else(|| malformed("UDL too short"))?;
+            let packed = ud.get(udh_len..).ok_or_else(|| malformed("truncated UD"))?;
             if packed.len() * 8 < fill + count * 7 {
-                return Err(bad("user data shorter than its length"));
+                return Err(malformed("user data shorter than its length"));
             }
-            gsm7::decode(&gsm7::unpack(packed, fill, count))
+            (gsm7::decode(&gsm7::unpack(packed, fill, count)), None)
         }
-        Encoding::Ucs2 => {
+        2 => {
             let data = ud
                 .get(udh_len..udl.max(udh_len))
-                .ok_or_else(|| bad("truncated UD"))?;
+                .ok_or_else(|| malformed("truncated UD"))?;
             let units: Vec<u16> = data
                 .chunks_exact(2)
                 .map(|p| u16::from_be_bytes([p[0], p[1]]))
                 .collect();
-            String::from_utf16_lossy(&units)
+            (String::from_utf16_lossy(&units), None)
+        }
+        _ => {
+            let data = ud
+                .get(udh_len..udl.max(udh_len))
+                .ok_or_else(|| malformed("truncated UD"))?;
+            let hex = data.iter().map(|b| format!("{b:02x}")).collect();
+            (hex, Some(data.to_vec()))
         }
     };
+    Ok(UserData {
+        concat,
+        wide_reference,
+        text,
+        data,
+    })
+}
+
+/// Decodes the hex sent after an `AT+CMGS` prompt: SMSC information then an SMS-SUBMIT TPDU.
+pub fn decode_submit(hex: &str) -> Result<Submit, PduError> {
+    let bytes = from_hex(hex)?;
+    let mut f = Fields::after_smsc(&bytes)?;
+    let first = f.byte()?;
+    if first & 0x03 != 0x01 {
+        return Err(malformed("not an SMS-SUBMIT"));
+    }
+    let _mr = f.byte()?;
+    let (ndigits, ton, bcd) = f.address()?;
+    let _pid = f.byte()?;
+    let dcs = f.byte()?;
+    match (first >> 3) & 0x03 {
+        0 => {}
+        2 => {
+            f.take(1)?;
+        }
+        _ => {
+            f.take(7)?;
+        }
+    }
+    let udl = f.byte()? as usize;
+    let encoding = match dcs & 0x0c {
+        0x00 => Encoding::Gsm7,
+        0x08 => Encoding::Ucs2,
+        _ => return Err(malformed("unsupported data coding")),
+    };
+    let alphabet = if encoding == Encoding::Gsm7 { 0 } else { 2 };
+    let ud = user_data(first & 0x40 != 0, alphabet, udl, f.rest())?;
     Ok(Submit {
         number: Address {
-            digits,
+            digits: semi_octets(bcd, ndigits),
             international: ton & 0x70 == 0x10,
         },
         encoding,
-        concat,
+        concat: ud.concat,
         status_report: first & 0x20 != 0,
-        text,
+        text: ud.text,
     })
 }
 
