@@ -242,9 +242,14 @@ enum Input {
 pub struct AtPort<P> {
     port: P,
     buf: Vec<u8>,
-    urcs: Vec<Urc>,
+    /// Collected URCs, oldest first, at most [`MAX_URCS`]: a modem that chatters (signal
+    /// reports every few seconds) while nobody takes them cannot make the agent's memory grow.
+    urcs: std::collections::VecDeque<Urc>,
     urc_awaiting_data: bool,
 }
+
+/// Most URCs kept until taken; past it the oldest go.
+pub const MAX_URCS: usize = 256;
 
 impl<P: ModemIo> AtPort<P> {
     /// Wraps an open port.
@@ -252,14 +257,14 @@ impl<P: ModemIo> AtPort<P> {
         AtPort {
             port,
             buf: Vec::with_capacity(1024),
-            urcs: Vec::new(),
+            urcs: std::collections::VecDeque::new(),
             urc_awaiting_data: false,
         }
     }
 
     /// URCs collected so far (and forgets them).
     pub fn take_urcs(&mut self) -> Vec<Urc> {
-        std::mem::take(&mut self.urcs)
+        self.urcs.drain(..).collect()
     }
 
     fn next_line(&mut self) -> Option<String> {
@@ -351,7 +356,7 @@ impl<P: ModemIo> AtPort<P> {
     fn absorb_urc(&mut self, line: &str, expect: Option<&str>) -> bool {
         if self.urc_awaiting_data {
             self.urc_awaiting_data = false;
-            if let Some(last) = self.urcs.last_mut() {
+            if let Some(last) = self.urcs.back_mut() {
                 last.data = Some(line.to_owned());
             }
             return true;
@@ -361,7 +366,10 @@ impl<P: ModemIo> AtPort<P> {
         }
         if URC_PREFIXES.iter().any(|p| line.starts_with(p)) {
             self.urc_awaiting_data = TWO_LINE_URCS.iter().any(|p| line.starts_with(p));
-            self.urcs.push(Urc {
+            if self.urcs.len() >= MAX_URCS {
+                self.urcs.pop_front();
+            }
+            self.urcs.push_back(Urc {
                 line: line.to_owned(),
                 data: None,
             });
@@ -654,6 +662,25 @@ mod tests {
         let urcs = at.take_urcs();
         assert_eq!(urcs.len(), 3, "{urcs:?}");
         assert_eq!(urcs[2].data.as_deref(), Some("0791ABCD"));
+    }
+
+    #[tokio::test]
+    async fn urcs_nobody_takes_stay_bounded() {
+        let mut chatter = String::from("AT\r\r\n");
+        for i in 0..(MAX_URCS + 100) {
+            chatter.push_str(&format!("^RSSI:{}\r\n", i % 32));
+        }
+        chatter.push_str("+CMTI: \"SM\",3\r\nOK\r\n");
+        let chatter: &'static str = Box::leak(chatter.into_boxed_str());
+        let mut at = scripted(vec![("AT", chatter)]);
+        at.command("AT", T).await.expect("answer");
+        let urcs = at.take_urcs();
+        assert_eq!(urcs.len(), MAX_URCS);
+        assert_eq!(
+            urcs[MAX_URCS - 1].line,
+            "+CMTI: \"SM\",3",
+            "the newest are kept"
+        );
     }
 
     #[tokio::test]
