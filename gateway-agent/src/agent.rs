@@ -36,12 +36,19 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     let counts = store.counts().await?;
     info!("job store {}: {counts:?}", cfg.agent.state_dir.display());
+    let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
     let modems: Vec<_> = cfg
         .modems
         .iter()
-        .map(|m| modem::spawn(m.settings()))
+        .map(|m| modem::spawn_with(m.settings(), Some(incoming_tx.clone())))
         .collect();
+    drop(incoming_tx);
     let shutdown = CancellationToken::new();
+    let incoming = tokio::spawn(crate::incoming::run(
+        store.clone(),
+        incoming_rx,
+        shutdown.clone(),
+    ));
     let wake = Arc::new(Notify::new());
     let (link_tx, link_rx) = watch::channel(LinkState::Down("starting".into()));
     let dispatcher = tokio::spawn(dispatch::run(
@@ -61,6 +68,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let task = tokio::spawn(async move {
         let _ = dispatcher.await;
         let _ = link.await;
+        let _ = incoming.await;
     });
     Ok(Running {
         store,

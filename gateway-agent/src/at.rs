@@ -378,6 +378,22 @@ impl<P: ModemIo> AtPort<P> {
         false
     }
 
+    /// While no command runs: reads what the modem sent on its own (waiting at most `quiet`
+    /// for more), keeping URCs. Other complete lines are stale and dropped; a partial line (a
+    /// PDU still arriving) stays for the next read.
+    pub async fn poll(&mut self, quiet: Duration) -> Result<(), AtError> {
+        loop {
+            while let Some(l) = self.next_line() {
+                if !self.absorb_urc(&l, None) {
+                    tracing::debug!(line = %l, "unexpected line from an idle modem, dropped");
+                }
+            }
+            if !self.fill(Instant::now() + quiet).await? {
+                return Ok(());
+            }
+        }
+    }
+
     /// Reads whatever is pending (waiting at most `quiet` for more) and discards it, keeping
     /// URCs. Used before each command and after a failure, so that a late answer can never be
     /// taken for the next command's.

@@ -8,9 +8,11 @@
 //! - [`jobs`]: job validation and number normalisation.
 //! - [`store`]: the durable job queue and the status outbox (SQLite).
 //! - [`dispatch`]: routing jobs to modems, rate limits, retries.
-//! - [`modem`]: one actor per modem (initialisation, sending, recovery).
+//! - [`modem`]: one actor per modem (initialisation, sending, recovery, what it receives).
+//! - [`incoming`]: what the modems receive, into the store (delivery reports matched to jobs).
 //! - [`at`]: the AT engine (one command at a time, deadlines, URCs, the `> ` prompt).
-//! - [`pdu`]: text to SMS-SUBMIT PDUs (GSM 7-bit / UCS-2, concatenation) and back.
+//! - [`pdu`]: text to SMS-SUBMIT PDUs (GSM 7-bit / UCS-2, concatenation) and back; received
+//!   SMS-DELIVER and SMS-STATUS-REPORT decoded.
 //! - [`sim`]: a modem simulator on a pseudo-terminal (tests, demo).
 //! - [`agent`]: the daemon; [`cli`]: the command line.
 
@@ -21,6 +23,7 @@ pub mod at;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod incoming;
 pub mod jobs;
 pub mod link;
 pub mod modem;

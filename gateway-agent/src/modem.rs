@@ -20,6 +20,7 @@ use tokio_serial::SerialPortBuilderExt;
 use tracing::{debug, info, warn};
 
 use crate::at::{AtError, AtPort, Final, Response, Stage, SubmitTimeouts};
+use crate::pdu::{Received, StatusReport, decode_received};
 
 /// How to reach and drive one modem.
 #[derive(Debug, Clone)]
@@ -166,6 +167,25 @@ impl std::fmt::Display for ModemInfo {
     }
 }
 
+/// Something a modem received, handed to the agent.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A delivery report, from `+CDS` or read from the modem's storage after `+CDSI`.
+    /// `stored` is answered once the agent has recorded it (true) or could not (false): only
+    /// then is a copy kept by the modem deleted.
+    Report {
+        /// The modem's name.
+        modem: String,
+        /// The report.
+        report: StatusReport,
+        /// Answered when recorded.
+        stored: oneshot::Sender<bool>,
+    },
+}
+
+/// How often an idle modem is read for what it sends on its own (`+CDS`, `+CMTI`, ...).
+const URC_POLL: Duration = Duration::from_millis(500);
+
 /// The result of sending one part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PartOutcome {
@@ -267,8 +287,17 @@ impl ModemHandle {
     }
 }
 
-/// Starts the actor for `settings`.
+/// Starts the actor for `settings`; what the modem receives is dropped (`wsmb-agent send` and
+/// `probe`).
 pub fn spawn(settings: ModemSettings) -> ModemHandle {
+    spawn_with(settings, None)
+}
+
+/// Starts the actor for `settings`, handing what the modem receives to `incoming`.
+pub fn spawn_with(
+    settings: ModemSettings,
+    incoming: Option<mpsc::Sender<Incoming>>,
+) -> ModemHandle {
     let (tx, rx) = mpsc::channel(8);
     let (health_tx, health) = watch::channel(Health::Starting);
     let (radio_tx, radio) = watch::channel(Radio::default());
@@ -279,6 +308,7 @@ pub fn spawn(settings: ModemSettings) -> ModemHandle {
             rx,
             health: health_tx,
             radio: radio_tx,
+            incoming,
         }
         .run(),
     );
@@ -386,11 +416,31 @@ pub async fn prepare(at: &mut Port, s: &ModemSettings) -> Result<(), InitError> 
     expect_ok(at, "ATE0", t).await?;
     expect_ok(at, "AT+CMEE=1", t).await?;
     unlock_sim(at, s).await?;
+    // Before the configured init commands, so that an AT+CNMI of the operator's wins.
+    enable_indications(at, s).await;
     for cmd in &s.init {
         expect_ok(at, cmd, t).await?;
     }
     expect_ok(at, "AT+CMGF=0", t).await?;
     Ok(())
+}
+
+/// Asks the modem to tell new messages (`+CMTI`) and to pass delivery reports on as they come
+/// (`+CDS`), or, when it cannot, to store them and tell (`+CDSI`). A modem that refuses both
+/// still sends; its reports are then not seen (logged once here).
+async fn enable_indications(at: &mut Port, s: &ModemSettings) {
+    for cmd in ["AT+CNMI=2,1,0,1,0", "AT+CNMI=2,1,0,2,0"] {
+        match at.command(cmd, s.command_timeout).await {
+            Ok(r) if r.result.is_ok() => return,
+            Ok(r) => debug!(modem = %s.name, "{cmd} answered {}", r.result),
+            Err(e) => debug!(modem = %s.name, "{cmd}: {e}"),
+        }
+    }
+    warn!(
+        modem = %s.name,
+        "the modem refuses AT+CNMI: delivery reports and incoming SMS are not announced; add \
+         the AT+CNMI your modem's manual gives to this modem's init commands"
+    );
 }
 
 async fn sim_state(at: &mut Port, t: Duration) -> Result<String, InitError> {
@@ -546,6 +596,7 @@ struct Actor {
     rx: mpsc::Receiver<Request>,
     health: watch::Sender<Health>,
     radio: watch::Sender<Radio>,
+    incoming: Option<mpsc::Sender<Incoming>>,
 }
 
 impl Actor {
@@ -679,6 +730,8 @@ impl Actor {
     async fn serve(&mut self, mut at: Port) -> Option<String> {
         let mut health = tokio::time::interval(self.s.health_interval);
         health.reset();
+        let mut poll = tokio::time::interval(URC_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 req = self.rx.recv() => {
@@ -693,8 +746,94 @@ impl Actor {
                         return Some(reason);
                     }
                 }
+                _ = poll.tick() => {
+                    if let Err(e) = at.poll(Duration::from_millis(20)).await {
+                        return Some(e.to_string());
+                    }
+                }
+            }
+            if let Err(reason) = self.unsolicited(&mut at).await {
+                return Some(reason);
             }
         }
+    }
+
+    /// Acts on what the modem said on its own: delivery reports go to the agent (a stored one
+    /// is deleted from the modem once recorded). Err when the modem must be re-opened.
+    async fn unsolicited(&self, at: &mut Port) -> Result<(), String> {
+        for urc in at.take_urcs() {
+            if let Some(rest) = urc.line.strip_prefix("+CDS:") {
+                match urc.data.as_deref().map(decode_received) {
+                    Some(Ok(Received::StatusReport(report))) => {
+                        self.hand_over(report).await;
+                    }
+                    other => warn!(
+                        modem = %self.s.name,
+                        "a delivery report (+CDS:{rest}) could not be read: {other:?}"
+                    ),
+                }
+            } else if let Some(rest) = urc.line.strip_prefix("+CDSI:") {
+                // Stored: `+CDSI: "SR",<index>`.
+                let Some(index) = rest
+                    .rsplit(',')
+                    .next()
+                    .and_then(|i| i.trim().parse::<u32>().ok())
+                else {
+                    warn!(modem = %self.s.name, "unreadable +CDSI:{rest}");
+                    continue;
+                };
+                self.read_stored_report(at, index).await?;
+            } else {
+                debug!(modem = %self.s.name, urc = %urc.line, "unsolicited");
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a report to the agent; whether it was recorded.
+    async fn hand_over(&self, report: StatusReport) -> bool {
+        let Some(tx) = &self.incoming else {
+            debug!(modem = %self.s.name, "delivery report ignored (no agent): {report:?}");
+            return false;
+        };
+        let (stored, done) = oneshot::channel();
+        let item = Incoming::Report {
+            modem: self.s.name.clone(),
+            report,
+            stored,
+        };
+        if tx.send(item).await.is_err() {
+            return false;
+        }
+        tokio::time::timeout(Duration::from_secs(10), done)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false)
+    }
+
+    /// A report the modem stored (`+CDSI`): read, handed over, deleted once recorded.
+    async fn read_stored_report(&self, at: &mut Port, index: u32) -> Result<(), String> {
+        let t = self.s.command_timeout;
+        let r = match at.command(&format!("AT+CMGR={index}"), t).await {
+            Ok(r) => r,
+            Err(AtError::Timeout { .. }) => return self.recover(at).await,
+            Err(e) => return Err(e.to_string()),
+        };
+        let pdu = r.lines.iter().find(|l| !l.starts_with("+CMGR:"));
+        match pdu.map(|p| decode_received(p)) {
+            Some(Ok(Received::StatusReport(report))) => {
+                if self.hand_over(report).await {
+                    let _ = at.command(&format!("AT+CMGD={index}"), t).await;
+                }
+            }
+            other => warn!(
+                modem = %self.s.name,
+                "stored delivery report {index} could not be read: {} {other:?}",
+                r.result
+            ),
+        }
+        Ok(())
     }
 
     /// Idle check: the modem answers and is still registered.

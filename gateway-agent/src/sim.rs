@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_serial::SerialPort;
 
-use crate::pdu::{Submit, decode_submit};
+use crate::pdu::{SmscTime, StatusReport, Submit, decode_submit, encode_status_report};
 
 /// How the simulated modem behaves when it starts (and after each reappearance).
 #[derive(Debug, Clone)]
@@ -41,6 +41,12 @@ pub struct SimConfig {
     pub operator: String,
     /// `AT+CSQ` RSSI (0-31).
     pub rssi: u8,
+    /// The network's delivery report for each part sent with a report requested (TP-SRR): the
+    /// TP-ST it gives (`Some(0)`: delivered), sent as `+CDS` after `report_delay`; `None`
+    /// (the default): no reports unless sent with [`Simulator::send_report`].
+    pub delivery_report: Option<u8>,
+    /// How long after `+CMGS` the delivery report comes.
+    pub report_delay: Duration,
 }
 
 impl Default for SimConfig {
@@ -54,6 +60,8 @@ impl Default for SimConfig {
             imei: "356938035643809".into(),
             operator: "Telkomsel".into(),
             rssi: 21,
+            delivery_report: None,
+            report_delay: Duration::from_millis(100),
         }
     }
 }
@@ -98,6 +106,10 @@ struct Shared {
     wrong_pins: u32,
     mr: u8,
     generation: u64,
+    /// Unsolicited output waiting to be written (each a complete `\r\n...\r\n` block).
+    unsolicited: VecDeque<String>,
+    /// Every status report sent.
+    reports: Vec<StatusReport>,
 }
 
 struct Inner {
@@ -106,6 +118,8 @@ struct Inner {
     shared: Mutex<Shared>,
     changed: Notify,
     stop: Notify,
+    /// Unsolicited output was queued.
+    urc: Notify,
 }
 
 /// A running simulator. Cloning gives another handle to the same modem.
@@ -124,6 +138,7 @@ impl Simulator {
                 shared: Mutex::new(Shared::default()),
                 changed: Notify::new(),
                 stop: Notify::new(),
+                urc: Notify::new(),
             }),
         };
         sim.power_on()?;
@@ -213,6 +228,30 @@ impl Simulator {
         }
     }
 
+    /// Queues unsolicited output (`+CMTI: "SM",3`, or a line and its PDU), written between
+    /// commands as a modem does.
+    pub fn unsolicited(&self, lines: &[&str]) {
+        let block: String = lines.iter().map(|l| format!("\r\n{l}\r\n")).collect();
+        self.lock().unsolicited.push_back(block);
+        self.inner.urc.notify_one();
+    }
+
+    /// Sends a delivery report (`+CDS: <length>` and its PDU, from our encoder: Gammu reads it
+    /// the same, tests/pdu_gammu.rs).
+    pub fn send_report(&self, r: StatusReport) {
+        let Ok(hex) = encode_status_report(&r) else {
+            return;
+        };
+        let len = format!("+CDS: {}", hex.len() / 2 - 1);
+        self.unsolicited(&[&len, &hex]);
+        self.lock().reports.push(r);
+    }
+
+    /// Every status report sent so far.
+    pub fn reports(&self) -> Vec<StatusReport> {
+        self.lock().reports.clone()
+    }
+
     /// Every command line received, in order (PIN entries included).
     pub fn commands(&self) -> Vec<String> {
         self.lock().commands.clone()
@@ -268,8 +307,18 @@ impl Simulator {
                     return;
                 }
             }
+            let urc = self.inner.urc.notified();
             let n = tokio::select! {
                 _ = stopped => return,
+                _ = urc => {
+                    let blocks: Vec<String> = self.lock().unsolicited.drain(..).collect();
+                    for b in blocks {
+                        if master.write_all(b.as_bytes()).await.is_err() {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    continue;
+                },
                 r = master.read(&mut buf) => match r {
                     Ok(0) | Err(_) => {
                         // No process has the slave open (EIO on Linux): wait for one.
@@ -528,6 +577,16 @@ impl Simulator {
                 (true, Some(s.mr), Some(format!("+CMGS: {}\r\n\r\nOK", s.mr)))
             }
         };
+        let report = match (&submit, mr, self.inner.cfg.delivery_report) {
+            (Some(sub), Some(mr), Some(status)) if sub.status_report => Some(StatusReport {
+                mr,
+                recipient: sub.number.to_string(),
+                submitted: now_smsc(),
+                discharged: now_smsc(),
+                status,
+            }),
+            _ => None,
+        };
         s.sent.push(SentPdu {
             hex,
             declared_len: declared,
@@ -535,9 +594,29 @@ impl Simulator {
             mr,
             went_out,
         });
+        drop(s);
+        if let Some(r) = report {
+            let sim = self.clone();
+            let delay = self.inner.cfg.report_delay;
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                sim.send_report(r);
+            });
+        }
         if let Some(a) = answer {
             out.extend_from_slice(format!("\r\n{a}\r\n").as_bytes());
         }
+    }
+}
+
+/// Now as an SMSC timestamp (UTC).
+fn now_smsc() -> SmscTime {
+    SmscTime {
+        epoch: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+        offset_minutes: 0,
     }
 }
 

@@ -105,6 +105,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reports (
+    job TEXT NOT NULL,
+    mr INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (job, mr)
+);
 CREATE TABLE IF NOT EXISTS sends (
     modem TEXT NOT NULL,
     at_ms INTEGER NOT NULL
@@ -152,6 +159,109 @@ fn push_event(tx: &rusqlite::Transaction<'_>, e: &StatusEvent) -> rusqlite::Resu
     let json = serde_json::to_string(e).unwrap_or_default();
     tx.execute("INSERT INTO outbox(event) VALUES (?1)", params![json])?;
     Ok(())
+}
+
+/// What a delivery report did, for [`Store::apply_report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportMatch {
+    /// No job sent through that modem to that recipient has that message reference: logged
+    /// and counted (`meta.unmatched_reports`).
+    Unmatched,
+    /// Recorded for a part of `job`; `event` is the job's new status when the report settled
+    /// it (`delivered`: every part delivered; `failed`: one part failed for good).
+    Recorded {
+        /// The job.
+        job: String,
+        /// Its new status, if any.
+        event: Option<Status>,
+    },
+}
+
+/// Settles a sent job by its parts' delivery reports: `delivered` (with its event) when every
+/// part is delivered, `undelivered` (a `failed` event with the network's reason) when one part
+/// failed for good; nothing while a part has no final report, or the job is not (yet) `sent`.
+fn settle(tx: &rusqlite::Transaction<'_>, job: &str) -> rusqlite::Result<Option<Status>> {
+    use crate::pdu::{ReportOutcome, SmscTime, StatusReport};
+    let (state, parts, mrs, receiver, modem): (String, u32, String, String, Option<String>) = tx
+        .query_row(
+            "SELECT state, parts, mrs, receiver, modem FROM jobs WHERE id = ?1",
+            params![job],
+            |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?, x.get(4)?)),
+        )?;
+    if state != "sent" {
+        return Ok(None);
+    }
+    let refs: Vec<u8> = mrs.split(',').filter_map(|m| m.parse().ok()).collect();
+    let mut delivered = 0;
+    let mut failed = None;
+    for mr in &refs {
+        let st: Option<i64> = tx
+            .query_row(
+                "SELECT status FROM reports WHERE job = ?1 AND mr = ?2",
+                params![job, mr],
+                |x| x.get(0),
+            )
+            .optional()?;
+        let Some(st) = st else { continue };
+        let t = SmscTime {
+            epoch: 0,
+            offset_minutes: 0,
+        };
+        let part = StatusReport {
+            mr: *mr,
+            recipient: String::new(),
+            submitted: t,
+            discharged: t,
+            status: st as u8,
+        };
+        match part.outcome() {
+            ReportOutcome::Delivered => delivered += 1,
+            ReportOutcome::Failed => failed = Some(part.meaning()),
+            ReportOutcome::Pending => {}
+        }
+    }
+    let mut e = StatusEvent::new(job.to_owned(), Status::Delivered, now_secs());
+    e.receiver = Some(receiver);
+    e.modem = modem;
+    e.message_references = refs.clone();
+    e.parts = Some(parts);
+    if let Some(why) = failed {
+        tx.execute(
+            "UPDATE jobs SET state = 'undelivered', error_code = 'not_delivered', reason = ?2
+             WHERE id = ?1",
+            params![job, why],
+        )?;
+        e.status = Status::Failed;
+        e.error_code = Some("not_delivered".into());
+        e.reason = Some(format!("the network reports it not delivered: {why}"));
+        push_event(tx, &e)?;
+        return Ok(Some(Status::Failed));
+    }
+    if delivered >= parts as usize && refs.len() >= parts as usize {
+        tx.execute(
+            "UPDATE jobs SET state = 'delivered' WHERE id = ?1",
+            params![job],
+        )?;
+        push_event(tx, &e)?;
+        return Ok(Some(Status::Delivered));
+    }
+    Ok(None)
+}
+
+/// Whether two ways of writing a number name the same one: equal digits, or (one national,
+/// one international) the same last digits, at least 7 of them.
+fn same_number(a: &str, b: &str) -> bool {
+    let da: String = a.chars().filter(char::is_ascii_digit).collect();
+    let db: String = b.chars().filter(char::is_ascii_digit).collect();
+    if da == db {
+        return true;
+    }
+    let (na, nb) = (
+        da.trim_start_matches('0').to_owned(),
+        db.trim_start_matches('0').to_owned(),
+    );
+    let n = na.len().min(nb.len());
+    n >= 7 && na.ends_with(&nb[nb.len() - n..]) && nb.ends_with(&na[na.len() - n..])
 }
 
 /// What ended a job, for [`Store::finish`].
@@ -413,6 +523,96 @@ impl Store {
         .await
     }
 
+    /// Records a delivery report from `modem`: matched to the most recent job sent through it to
+    /// the report's recipient with that message reference among its parts (references wrap at
+    /// 255, so older jobs with the same one are passed over once they have a final report).
+    /// Temporary states are kept until the final one; a job is `delivered` (event) when every
+    /// part is, `undelivered` (a `failed` event with the network's reason) when one part
+    /// failed for good. Repeated reports change nothing.
+    pub async fn apply_report(
+        &self,
+        modem: &str,
+        report: &crate::pdu::StatusReport,
+    ) -> Result<ReportMatch, StoreError> {
+        let modem = modem.to_owned();
+        let r = report.clone();
+        self.with_events(move |c| {
+            let tx = c.transaction()?;
+            let like = format!("%,{},%", r.mr);
+            let candidates: Vec<(String, String)> = {
+                let mut st = tx.prepare_cached(
+                    "SELECT id, receiver FROM jobs WHERE modem = ?1 AND mrs != ''
+                     AND (',' || mrs || ',') LIKE ?2 ORDER BY seq DESC LIMIT 50",
+                )?;
+                let rows = st.query_map(params![modem, like], |x| Ok((x.get(0)?, x.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let matching: Vec<String> = candidates
+                .into_iter()
+                .filter(|(_, receiver)| same_number(receiver, &r.recipient))
+                .map(|(id, _)| id)
+                .collect();
+            let is_final = |st: i64| !(0x20..=0x3f).contains(&st);
+            let mut chosen = None;
+            for id in &matching {
+                let known: Option<i64> = tx
+                    .query_row(
+                        "SELECT status FROM reports WHERE job = ?1 AND mr = ?2",
+                        params![id, r.mr],
+                        |x| x.get(0),
+                    )
+                    .optional()?;
+                if known.is_none_or(|k| !is_final(k)) {
+                    chosen = Some(id.clone());
+                    break;
+                }
+            }
+            let Some(job) = chosen.or_else(|| matching.first().cloned()) else {
+                tx.execute(
+                    "INSERT INTO meta(key, value) VALUES ('unmatched_reports', 1)
+                     ON CONFLICT(key) DO UPDATE SET value = value + 1",
+                    [],
+                )?;
+                tx.commit()?;
+                return Ok(ReportMatch::Unmatched);
+            };
+            let known: Option<i64> = tx
+                .query_row(
+                    "SELECT status FROM reports WHERE job = ?1 AND mr = ?2",
+                    params![job, r.mr],
+                    |x| x.get(0),
+                )
+                .optional()?;
+            if known.is_some_and(is_final) {
+                tx.commit()?;
+                return Ok(ReportMatch::Recorded { job, event: None });
+            }
+            tx.execute(
+                "INSERT INTO reports(job, mr, status, at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(job, mr) DO UPDATE SET status = ?3, at_ms = ?4",
+                params![job, r.mr, r.status, now_ms()],
+            )?;
+            let event = settle(&tx, &job)?;
+            tx.commit()?;
+            Ok(ReportMatch::Recorded { job, event })
+        })
+        .await
+    }
+
+    /// How many delivery reports matched no job (since the store was made).
+    pub async fn unmatched_reports(&self) -> Result<i64, StoreError> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT value FROM meta WHERE key = 'unmatched_reports'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+        })
+        .await
+    }
+
     /// Parts handed to each modem since `since_ms` (epoch ms), oldest first.
     pub async fn recent_sends(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
         self.read(move |c| {
@@ -459,6 +659,8 @@ impl Store {
                 e.parts = Some(total);
                 e.attempts = Some(attempts);
                 push_event(&tx, &e)?;
+                // Reports of its parts may have come before the last part was recorded.
+                settle(&tx, &id)?;
             }
             tx.commit()?;
             Ok(done)
@@ -668,6 +870,78 @@ mod tests {
         let d = std::env::temp_dir().join(format!("wsmb-store-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[tokio::test]
+    async fn reports_match_the_latest_job_with_their_reference_then_older_ones() {
+        use crate::pdu::{SmscTime, StatusReport};
+        let d = dir("wrap");
+        let s = Store::open(&d).expect("open");
+        // Two one-part jobs to the same number got the same reference (255 sends apart).
+        for id in ["old", "new"] {
+            let mut j = job(id);
+            j.parts = 1;
+            s.insert(j).await.expect("insert");
+            s.begin_attempt(id, 1).await.expect("begin");
+            s.mark_inflight(id, 0, "m1").await.expect("inflight");
+            assert!(s.part_sent(id, 0, 7, 1, "m1").await.expect("sent"));
+        }
+        let t = SmscTime {
+            epoch: 0,
+            offset_minutes: 0,
+        };
+        let r = StatusReport {
+            mr: 7,
+            recipient: "+628123".into(),
+            submitted: t,
+            discharged: t,
+            status: 0,
+        };
+        let first = s.apply_report("m1", &r).await.expect("report");
+        assert_eq!(
+            first,
+            ReportMatch::Recorded {
+                job: "new".into(),
+                event: Some(Status::Delivered)
+            }
+        );
+        let second = s.apply_report("m1", &r).await.expect("report");
+        assert_eq!(
+            second,
+            ReportMatch::Recorded {
+                job: "old".into(),
+                event: Some(Status::Delivered)
+            }
+        );
+        // Another modem, or another number: nothing matches.
+        assert_eq!(
+            s.apply_report("m2", &r).await.expect("report"),
+            ReportMatch::Unmatched
+        );
+        let other = StatusReport {
+            recipient: "+4915112345678".into(),
+            ..r.clone()
+        };
+        assert_eq!(
+            s.apply_report("m1", &other).await.expect("report"),
+            ReportMatch::Unmatched
+        );
+        assert_eq!(s.unmatched_reports().await.expect("n"), 2);
+        assert_eq!(
+            s.state("new").await.expect("state").as_deref(),
+            Some("delivered")
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn numbers_match_in_national_and_international_form() {
+        assert!(same_number("+628123456789", "08123456789"));
+        assert!(same_number("+628123456789", "628123456789"));
+        assert!(same_number("08123456789", "+628123456789"));
+        assert!(!same_number("+628123456789", "+628123456788"));
+        assert!(!same_number("12345", "012345"));
+        assert!(same_number("12345", "12345"));
     }
 
     #[tokio::test]

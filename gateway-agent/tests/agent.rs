@@ -821,3 +821,115 @@ async fn status_events_the_broker_cannot_take_are_kept_and_sent_again() {
     );
     a.shutdown.cancel();
 }
+
+/// Delivery reports (`+CDS`) settle sent jobs: delivered when every part is (a three-part
+/// message waits for its three reports), failed for good with the network's reason; a
+/// temporary status waits for the final one; a report that matches nothing is counted and
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_reports_settle_sent_jobs() {
+    use wsmb_agent::pdu::{SmscTime, StatusReport};
+    let dir = scratch("reports");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    cfg.agent.status_report = true;
+    let (agent, mut status) = start_ready(cfg, b.addr).await;
+    let long = "Kode OTP Anda 482913. ".repeat(20);
+    send_jobs(
+        b.addr,
+        serde_json::json!([
+            job("ok", "+628123456789", "one part"),
+            job("long", "+628123456789", &long),
+            job("gone", "+628127777777", "to a number that never answers")
+        ]),
+    )
+    .await;
+    let mut mr = std::collections::HashMap::new();
+    for id in ["ok", "long", "gone"] {
+        let e = status.wait(id, Status::Sent, T).await;
+        mr.insert(id, e.message_references.clone());
+    }
+    assert_eq!(mr["long"].len(), 3, "three parts: {mr:?}");
+    let now = SmscTime {
+        epoch: 1_796_491_800,
+        offset_minutes: 420,
+    };
+    let report = |mr: u8, to: &str, st: u8| StatusReport {
+        mr,
+        recipient: to.into(),
+        submitted: now,
+        discharged: now,
+        status: st,
+    };
+    // One part, delivered (the report gives the number in national form: still matched).
+    sim.send_report(report(mr["ok"][0], "08123456789", 0x00));
+    let e = status.wait("ok", Status::Delivered, T).await;
+    assert_eq!(e.modem.as_deref(), Some("m1"));
+    // Three parts: two reports are not enough; a temporary state is not final.
+    sim.send_report(report(mr["long"][0], "+628123456789", 0x00));
+    sim.send_report(report(mr["long"][1], "+628123456789", 0x21));
+    sim.send_report(report(mr["long"][2], "+628123456789", 0x00));
+    status.settle(Duration::from_millis(1500)).await;
+    assert_eq!(
+        status.of("long"),
+        vec![Status::Queued, Status::Sent],
+        "not yet"
+    );
+    sim.send_report(report(mr["long"][1], "+628123456789", 0x00));
+    status.wait("long", Status::Delivered, T).await;
+    // Failed for good, with the network's reason.
+    sim.send_report(report(mr["gone"][0], "+628127777777", 0x46));
+    let e = status.wait("gone", Status::Failed, T).await;
+    let reason = e.reason.unwrap_or_default();
+    assert!(reason.contains("validity period expired"), "{reason}");
+    assert_eq!(e.error_code.as_deref(), Some("not_delivered"));
+    // Nothing matches: counted, nothing else changes; a repeated report changes nothing.
+    sim.send_report(report(mr["ok"][0], "+4915112345678", 0x00));
+    sim.send_report(report(mr["ok"][0], "+628123456789", 0x00));
+    let deadline = tokio::time::Instant::now() + T;
+    while agent.store.unmatched_reports().await.expect("count") < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    status.settle(Duration::from_millis(1000)).await;
+    for id in ["ok", "long"] {
+        let n = status
+            .of(id)
+            .iter()
+            .filter(|s| **s == Status::Delivered)
+            .count();
+        assert_eq!(n, 1, "{id}: {:?}", status.of(id));
+    }
+    assert_eq!(agent.store.unmatched_reports().await.expect("count"), 1);
+}
+
+/// The simulator's own reports (as a network gives them) reach the job, part by part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_that_reports_every_part_gets_the_job_delivered() {
+    let dir = scratch("netreports");
+    let b = broker().await;
+    let sim = sim(
+        &dir,
+        "m1",
+        SimConfig {
+            delivery_report: Some(0x00),
+            ..SimConfig::default()
+        },
+    )
+    .await;
+    let (_agent, mut status) =
+        start_ready(agent_config(b.addr, &dir, vec![modem("m1", &sim)]), b.addr).await;
+    let mut j = job("asked", "+628123456789", &"x".repeat(400));
+    j["delivery_report"] = serde_json::json!(true);
+    send_jobs(
+        b.addr,
+        serde_json::json!([j, job("not-asked", "+628123456789", "no report wanted")]),
+    )
+    .await;
+    status.wait("asked", Status::Delivered, T).await;
+    status.wait("not-asked", Status::Sent, T).await;
+    status.settle(Duration::from_millis(800)).await;
+    assert!(!status.of("not-asked").contains(&Status::Delivered));
+    assert_eq!(sim.reports().len(), 3, "one per part of the job that asked");
+}

@@ -164,6 +164,11 @@ impl Bundle {
     /// Broker (SQLite, `broker_toml` as its config file), simulated modem, agent (`agent_extra`
     /// in its modem section).
     async fn start(tag: &str, broker_toml: &str, agent_extra: &str) -> Bundle {
+        Bundle::start_with(tag, broker_toml, agent_extra, SimConfig::default()).await
+    }
+
+    /// [`Bundle::start`] with a simulated modem configured by `sim`.
+    async fn start_with(tag: &str, broker_toml: &str, agent_extra: &str, sim: SimConfig) -> Bundle {
         let dir = scratch(tag);
         let cfg = dir.join("broker.toml");
         std::fs::write(&cfg, broker_toml).expect("config");
@@ -175,9 +180,7 @@ impl Bundle {
                 &["--config", &cfg.display().to_string()],
             )
         });
-        let sim = Simulator::start(dir.join("modem"), SimConfig::default())
-            .await
-            .expect("sim");
+        let sim = Simulator::start(dir.join("modem"), sim).await.expect("sim");
         let mut b = Bundle {
             dir,
             broker: Some(broker),
@@ -887,4 +890,45 @@ fn the_webhook_key_command_shows_the_kept_key_or_the_environments() {
     assert_eq!(made.len(), 64, "{made}");
     assert_eq!(key(None), made, "kept in the state directory");
     assert_eq!(key(Some("from the environment")), "from the environment");
+}
+
+/// An OTP sent through the HTTP API goes from `Sent` to `Delivered` when the network's
+/// delivery report comes (the official clients' default `withDeliveryReport`), with a signed
+/// `sms:delivered`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_otp_goes_from_sent_to_delivered_with_its_webhook() {
+    let sim = SimConfig {
+        delivery_report: Some(0x00),
+        ..SimConfig::default()
+    };
+    let b = Bundle::start_with("api-dlr", "", "", sim).await;
+    let hooks = Receiver::start(0);
+    tokio::task::block_in_place(|| {
+        let (code, h) = b.api(
+            "POST",
+            "/webhooks",
+            Some(json!({"url": hooks.url(), "event": "sms:delivered"})),
+        );
+        assert_eq!(code, 201, "{h}");
+        let (code, v) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("dlr-1", "Your code is 660021", json!({}))),
+        );
+        assert_eq!(code, 202, "{v}");
+        let v = b.wait_state("dlr-1", "Delivered");
+        for s in ["Pending", "Processed", "Sent", "Delivered"] {
+            assert!(v["states"][s].is_string(), "{s}: {v}");
+        }
+        assert_eq!(v["recipients"][0]["state"], "Delivered", "{v}");
+        let hits = hooks.wait("sms:delivered", |h| {
+            h.iter()
+                .any(|x| x.json()["payload"]["messageId"] == "dlr-1")
+        });
+        let hit = &hits[0];
+        assert_eq!(hit.json()["event"], "sms:delivered");
+        assert_eq!(hit.json()["payload"]["phoneNumber"], "+628126666666");
+        assert!(signature_ok(hit, &b.key()), "{hit:?}");
+    });
+    assert_eq!(b.sim.reports().len(), 1);
 }
