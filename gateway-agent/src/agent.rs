@@ -40,13 +40,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let modems: Vec<_> = cfg
         .modems
         .iter()
-        .map(|m| modem::spawn_with(m.settings(), Some(incoming_tx.clone())))
+        .map(|m| {
+            let mut s = m.settings();
+            s.inbox_sweep = cfg.agent.inbox_sweep;
+            modem::spawn_with(s, Some(incoming_tx.clone()))
+        })
         .collect();
     drop(incoming_tx);
     let shutdown = CancellationToken::new();
     let incoming = tokio::spawn(crate::incoming::run(
         store.clone(),
         incoming_rx,
+        cfg.agent.inbox_part_timeout,
         shutdown.clone(),
     ));
     let wake = Arc::new(Notify::new());

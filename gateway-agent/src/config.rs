@@ -48,6 +48,8 @@ pub struct BrokerConfig {
     pub channel: String,
     /// Channel the status events are published on.
     pub status_channel: String,
+    /// Channel received SMS are published on.
+    pub inbox_channel: String,
     /// Client pings to the broker; the link is considered dead after two missed.
     #[serde(deserialize_with = "duration")]
     pub ping_interval: Duration,
@@ -70,6 +72,7 @@ impl Default for BrokerConfig {
             password: String::new(),
             channel: "sms".into(),
             status_channel: "sms-status".into(),
+            inbox_channel: "sms-inbox".into(),
             ping_interval: Duration::from_secs(30),
             reconnect_max: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
@@ -103,6 +106,14 @@ pub struct AgentConfig {
     pub block_list: Vec<String>,
     /// Ask the network for delivery reports.
     pub status_report: bool,
+    /// A received SMS whose parts have not all come within this is published with what came
+    /// (`partial`).
+    #[serde(deserialize_with = "duration")]
+    pub inbox_part_timeout: Duration,
+    /// How often the modems' storage is read for SMS whose indication was missed (and at
+    /// start, for what came while the agent was down).
+    #[serde(deserialize_with = "duration")]
+    pub inbox_sweep: Duration,
     /// Validity period given to the SMSC ("1d", "6h"); empty leaves the SMSC default.
     pub validity: String,
 }
@@ -119,6 +130,8 @@ impl Default for AgentConfig {
             retry_ambiguous: false,
             block_list: Vec::new(),
             status_report: false,
+            inbox_part_timeout: Duration::from_secs(600),
+            inbox_sweep: Duration::from_secs(60),
             validity: String::new(),
         }
     }
@@ -253,6 +266,16 @@ impl Config {
         if self.broker.channel == self.broker.status_channel {
             return bad("broker.status_channel must differ from broker.channel".into());
         }
+        if self.broker.inbox_channel.is_empty()
+            || self.broker.inbox_channel == self.broker.channel
+            || self.broker.inbox_channel == self.broker.status_channel
+        {
+            return bad(
+                "broker.inbox_channel must not be empty and must differ from broker.channel and \
+                 broker.status_channel"
+                    .into(),
+            );
+        }
         if self.broker.ping_interval.is_zero() {
             return bad("broker.ping_interval must be more than 0s".into());
         }
@@ -351,6 +374,9 @@ mod tests {
             "password",
             "channel",
             "status_channel",
+            "inbox_channel",
+            "inbox_part_timeout",
+            "inbox_sweep",
             "ping_interval",
             "reconnect_max",
             "connect_timeout",

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wsmb_protocol::reply::{BrokerReply, Delivery, SEND_RESULT};
-use wsmb_protocol::sms::{Status, StatusEvent, parse_jobs};
+use wsmb_protocol::sms::{Status, parse_jobs};
 use wsmb_protocol::{ResponseCode, frames};
 
 use crate::config::Config;
@@ -399,20 +399,24 @@ async fn serve(
             }
             _ = store.changed(), if inflight.len() < WINDOW && retry.is_empty() => {
                 match store.outbox(sent_up_to, BATCH).await {
-                    Ok(events) if !events.is_empty() => {
+                    Ok((kind, events)) if !events.is_empty() => {
                         let seqs: Vec<i64> = events.iter().map(|(s, _)| *s).collect();
-                        let items: Vec<StatusEvent> = events
+                        let items: Vec<serde_json::Value> = events
                             .iter()
                             .filter_map(|(_, e)| serde_json::from_str(e).ok())
                             .collect();
-                        let frame = frames::send_message(&cfg.broker.status_channel, &items);
+                        let channel = if kind == crate::store::OUT_INBOX {
+                            &cfg.broker.inbox_channel
+                        } else {
+                            &cfg.broker.status_channel
+                        };
+                        let frame = frames::send_message(channel, &items);
                         if let Err(e) = ws.send(Message::text(frame.clone())).await {
                             return format!("write error: {e}");
                         }
                         sent_up_to = seqs.iter().copied().max().unwrap_or(sent_up_to);
-                        if events.len() == BATCH {
-                            store.poke();
-                        }
+                        // More may follow (a full batch, or items of the other channel).
+                        store.poke();
                         inflight.push_back((seqs, frame));
                     }
                     Ok(_) => {}

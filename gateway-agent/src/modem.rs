@@ -20,7 +20,7 @@ use tokio_serial::SerialPortBuilderExt;
 use tracing::{debug, info, warn};
 
 use crate::at::{AtError, AtPort, Final, Response, Stage, SubmitTimeouts};
-use crate::pdu::{Received, StatusReport, decode_received};
+use crate::pdu::{Deliver, Received, StatusReport, decode_received};
 
 /// How to reach and drive one modem.
 #[derive(Debug, Clone)]
@@ -47,6 +47,9 @@ pub struct ModemSettings {
     pub health_interval: Duration,
     /// Longest wait between two attempts to open the device.
     pub reopen_max: Duration,
+    /// How often the modem's storage is read for received SMS whose indication was missed
+    /// (also right after it becomes ready).
+    pub inbox_sweep: Duration,
 }
 
 impl ModemSettings {
@@ -64,6 +67,7 @@ impl ModemSettings {
             registration_timeout: Duration::from_secs(120),
             health_interval: Duration::from_secs(30),
             reopen_max: Duration::from_secs(30),
+            inbox_sweep: Duration::from_secs(60),
         }
     }
 }
@@ -170,6 +174,17 @@ impl std::fmt::Display for ModemInfo {
 /// Something a modem received, handed to the agent.
 #[derive(Debug)]
 pub enum Incoming {
+    /// A part of a received SMS (from `+CMT`, or read from the modem's storage). `stored` is
+    /// answered once the agent has it (true: recorded, or known already); only then is it
+    /// deleted from the modem.
+    Sms {
+        /// The modem's name.
+        modem: String,
+        /// The part.
+        sms: Deliver,
+        /// Answered when recorded.
+        stored: oneshot::Sender<bool>,
+    },
     /// A delivery report, from `+CDS` or read from the modem's storage after `+CDSI`.
     /// `stored` is answered once the agent has recorded it (true) or could not (false): only
     /// then is a copy kept by the modem deleted.
@@ -732,6 +747,9 @@ impl Actor {
         health.reset();
         let mut poll = tokio::time::interval(URC_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once: what came while the agent was away.
+        let mut sweep = tokio::time::interval(self.s.inbox_sweep.max(Duration::from_secs(1)));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 req = self.rx.recv() => {
@@ -751,6 +769,11 @@ impl Actor {
                         return Some(e.to_string());
                     }
                 }
+                _ = sweep.tick(), if self.incoming.is_some() => {
+                    if let Err(reason) = self.sweep(&mut at).await {
+                        return Some(reason);
+                    }
+                }
             }
             if let Err(reason) = self.unsolicited(&mut at).await {
                 return Some(reason);
@@ -758,49 +781,61 @@ impl Actor {
         }
     }
 
-    /// Acts on what the modem said on its own: delivery reports go to the agent (a stored one
-    /// is deleted from the modem once recorded). Err when the modem must be re-opened.
+    /// Acts on what the modem said on its own: received SMS and delivery reports go to the
+    /// agent (a copy the modem stored is deleted once recorded). Err when the modem must be
+    /// re-opened.
     async fn unsolicited(&self, at: &mut Port) -> Result<(), String> {
         for urc in at.take_urcs() {
-            if let Some(rest) = urc.line.strip_prefix("+CDS:") {
-                match urc.data.as_deref().map(decode_received) {
-                    Some(Ok(Received::StatusReport(report))) => {
-                        self.hand_over(report).await;
+            let line = urc.line.as_str();
+            if line.starts_with("+CDS:") || line.starts_with("+CMT:") {
+                // Passed on directly: `+CDS: <length>` / `+CMT: [<alpha>],<length>` and the PDU.
+                match urc.data.as_deref() {
+                    Some(pdu) => {
+                        self.take(pdu, line).await;
                     }
-                    other => warn!(
-                        modem = %self.s.name,
-                        "a delivery report (+CDS:{rest}) could not be read: {other:?}"
-                    ),
+                    None => warn!(modem = %self.s.name, "{line} came without its PDU"),
                 }
-            } else if let Some(rest) = urc.line.strip_prefix("+CDSI:") {
-                // Stored: `+CDSI: "SR",<index>`.
-                let Some(index) = rest
+            } else if line.starts_with("+CDSI:") || line.starts_with("+CMTI:") {
+                // Stored: `+CMTI: "SM",<index>`.
+                match line
                     .rsplit(',')
                     .next()
                     .and_then(|i| i.trim().parse::<u32>().ok())
-                else {
-                    warn!(modem = %self.s.name, "unreadable +CDSI:{rest}");
-                    continue;
-                };
-                self.read_stored_report(at, index).await?;
+                {
+                    Some(index) => self.read_stored(at, index).await?,
+                    None => warn!(modem = %self.s.name, "unreadable {line}"),
+                }
             } else {
-                debug!(modem = %self.s.name, urc = %urc.line, "unsolicited");
+                debug!(modem = %self.s.name, urc = %line, "unsolicited");
             }
         }
         Ok(())
     }
 
-    /// Hands a report to the agent; whether it was recorded.
-    async fn hand_over(&self, report: StatusReport) -> bool {
+    /// Decodes a received PDU and hands it to the agent; whether the agent has it (recorded
+    /// now or before). A PDU that cannot be decoded is logged whole (so that nothing is lost
+    /// silently) and counts as taken: kept, it would fill the storage.
+    async fn take(&self, pdu: &str, whence: &str) -> bool {
         let Some(tx) = &self.incoming else {
-            debug!(modem = %self.s.name, "delivery report ignored (no agent): {report:?}");
+            debug!(modem = %self.s.name, "{whence}: ignored (no agent)");
             return false;
         };
         let (stored, done) = oneshot::channel();
-        let item = Incoming::Report {
-            modem: self.s.name.clone(),
-            report,
-            stored,
+        let modem = self.s.name.clone();
+        let item = match decode_received(pdu) {
+            Ok(Received::Deliver(sms)) => Incoming::Sms { modem, sms, stored },
+            Ok(Received::StatusReport(report)) => Incoming::Report {
+                modem,
+                report,
+                stored,
+            },
+            Err(e) => {
+                warn!(
+                    modem = %self.s.name,
+                    "{whence}: a received PDU could not be read ({e}); it is dropped: {pdu}"
+                );
+                return true;
+            }
         };
         if tx.send(item).await.is_err() {
             return false;
@@ -812,26 +847,89 @@ impl Actor {
             .unwrap_or(false)
     }
 
-    /// A report the modem stored (`+CDSI`): read, handed over, deleted once recorded.
-    async fn read_stored_report(&self, at: &mut Port, index: u32) -> Result<(), String> {
+    /// A message or report the modem stored (`+CMTI`, `+CDSI`): read, handed over, deleted
+    /// once the agent has it.
+    async fn read_stored(&self, at: &mut Port, index: u32) -> Result<(), String> {
         let t = self.s.command_timeout;
         let r = match at.command(&format!("AT+CMGR={index}"), t).await {
             Ok(r) => r,
             Err(AtError::Timeout { .. }) => return self.recover(at).await,
             Err(e) => return Err(e.to_string()),
         };
-        let pdu = r.lines.iter().find(|l| !l.starts_with("+CMGR:"));
-        match pdu.map(|p| decode_received(p)) {
-            Some(Ok(Received::StatusReport(report))) => {
-                if self.hand_over(report).await {
-                    let _ = at.command(&format!("AT+CMGD={index}"), t).await;
+        match r.lines.iter().find(|l| !l.starts_with("+CMGR:")) {
+            Some(pdu) if r.result.is_ok() => {
+                if self.take(pdu, &format!("stored message {index}")).await {
+                    self.delete(at, index).await?;
                 }
             }
-            other => warn!(
-                modem = %self.s.name,
-                "stored delivery report {index} could not be read: {} {other:?}",
-                r.result
-            ),
+            _ => debug!(modem = %self.s.name, "AT+CMGR={index} answered {}", r.result),
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, at: &mut Port, index: u32) -> Result<(), String> {
+        match at
+            .command(&format!("AT+CMGD={index}"), self.s.command_timeout)
+            .await
+        {
+            Ok(r) if r.result.is_ok() => Ok(()),
+            Ok(r) => {
+                warn!(modem = %self.s.name, "AT+CMGD={index} answered {}", r.result);
+                Ok(())
+            }
+            Err(AtError::Timeout { .. }) => self.recover(at).await,
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Reads every message in the modem's storage (`AT+CMGL=4`): those whose indication was
+    /// missed, those that came while the agent was away, and those taken before but not
+    /// deleted (a crash in between: the agent knows them, so they are only deleted). A storage
+    /// still full afterwards is logged: the network cannot deliver more.
+    async fn sweep(&self, at: &mut Port) -> Result<(), String> {
+        let t = self.s.command_timeout;
+        let r = match at.command("AT+CMGL=4", t).await {
+            Ok(r) => r,
+            Err(AtError::Timeout { .. }) => return self.recover(at).await,
+            Err(e) => return Err(e.to_string()),
+        };
+        if !r.result.is_ok() {
+            debug!(modem = %self.s.name, "AT+CMGL=4 answered {}", r.result);
+            return Ok(());
+        }
+        let mut listed: Vec<(u32, String)> = Vec::new();
+        let mut index = None;
+        for l in &r.lines {
+            if let Some(rest) = l.strip_prefix("+CMGL:") {
+                index = rest
+                    .split(',')
+                    .next()
+                    .and_then(|i| i.trim().parse::<u32>().ok());
+            } else if let Some(i) = index.take() {
+                listed.push((i, l.clone()));
+            }
+        }
+        for (i, pdu) in listed {
+            if self.take(&pdu, &format!("stored message {i}")).await {
+                self.delete(at, i).await?;
+            }
+        }
+        if let Ok(r) = at.command("AT+CPMS?", t).await {
+            let counts: Vec<u32> = r
+                .value("+CPMS:")
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|v| v.trim().parse().ok())
+                .collect();
+            if let [used, total, ..] = counts[..] {
+                if total > 0 && used >= total {
+                    warn!(
+                        modem = %self.s.name,
+                        "the modem's message storage is full ({used} of {total}) with messages \
+                         that could not be taken: new SMS cannot arrive; check the log above"
+                    );
+                }
+            }
         }
         Ok(())
     }

@@ -47,6 +47,8 @@ pub struct SimConfig {
     pub delivery_report: Option<u8>,
     /// How long after `+CMGS` the delivery report comes.
     pub report_delay: Duration,
+    /// Message slots of the SIM's storage (`"SM"`), where incoming SMS are kept until deleted.
+    pub storage_slots: usize,
 }
 
 impl Default for SimConfig {
@@ -62,6 +64,7 @@ impl Default for SimConfig {
             rssi: 21,
             delivery_report: None,
             report_delay: Duration::from_millis(100),
+            storage_slots: 10,
         }
     }
 }
@@ -110,6 +113,8 @@ struct Shared {
     unsolicited: VecDeque<String>,
     /// Every status report sent.
     reports: Vec<StatusReport>,
+    /// The SIM's message storage: index (from 1) -> (status 0 unread / 1 read, PDU hex).
+    storage: std::collections::BTreeMap<u32, (u8, String)>,
 }
 
 struct Inner {
@@ -245,6 +250,35 @@ impl Simulator {
         let len = format!("+CDS: {}", hex.len() / 2 - 1);
         self.unsolicited(&[&len, &hex]);
         self.lock().reports.push(r);
+    }
+
+    /// An SMS arrives from the network: `pdu` (hex, SMSC information first, as Gammu's
+    /// `EncodePDU(..., "Deliver")` gives it) is stored in the first free slot and announced with
+    /// `+CMTI: "SM",<index>` (or not, with `announce = false`: modems that drop indications).
+    /// Returns the index, or None when the storage is full (the network keeps it, as a real
+    /// one would, until there is room: call again).
+    pub fn receive(&self, pdu: &str, announce: bool) -> Option<u32> {
+        let index = {
+            let mut s = self.lock();
+            let index =
+                (1..=self.inner.cfg.storage_slots as u32).find(|i| !s.storage.contains_key(i))?;
+            s.storage.insert(index, (0, pdu.to_owned()));
+            index
+        };
+        if announce {
+            self.unsolicited(&[&format!("+CMTI: \"SM\",{index}")]);
+        }
+        self.inner.changed.notify_waiters();
+        Some(index)
+    }
+
+    /// The SIM storage's used slots (index, PDU).
+    pub fn stored(&self) -> Vec<(u32, String)> {
+        self.lock()
+            .storage
+            .iter()
+            .map(|(i, (_, p))| (*i, p.clone()))
+            .collect()
     }
 
     /// Every status report sent so far.
@@ -460,12 +494,59 @@ impl Simulator {
                 || upper.starts_with("AT+CREG=")
                 || upper.starts_with("AT+CSCS=")
                 || upper.starts_with("AT+CNMI=")
-                || upper.starts_with("AT+CPMS")
+                || upper.starts_with("AT+CPMS=")
                 || upper.starts_with("AT+CSMP=") =>
             {
                 Some(ok)
             }
             _ if upper.starts_with("AT+CMGS=") => self.cmgs(m, &upper[8..], registered, noise, out),
+            "AT+CPMS?" => {
+                let used = self.lock().storage.len();
+                let total = self.inner.cfg.storage_slots;
+                info.push(format!(
+                    "+CPMS: \"SM\",{used},{total},\"SM\",{used},{total},\"SM\",{used},{total}"
+                ));
+                Some(ok)
+            }
+            _ if upper.starts_with("AT+CMGL=") => {
+                if !m.pdu_mode {
+                    Some("+CMS ERROR: 302".into())
+                } else {
+                    let mut s = self.lock();
+                    for (i, (stat, pdu)) in s.storage.iter_mut() {
+                        info.push(format!("+CMGL: {i},{stat},,{}", pdu.len() / 2));
+                        info.push(pdu.clone());
+                        *stat = 1;
+                    }
+                    Some(ok)
+                }
+            }
+            _ if upper.starts_with("AT+CMGR=") => {
+                let index = upper[8..].trim().parse::<u32>().ok();
+                let mut s = self.lock();
+                match index.and_then(|i| s.storage.get_mut(&i)) {
+                    Some((stat, pdu)) => {
+                        info.push(format!("+CMGR: {stat},,{}", pdu.len() / 2));
+                        info.push(pdu.clone());
+                        *stat = 1;
+                        Some(ok)
+                    }
+                    None => Some("+CMS ERROR: 321".into()),
+                }
+            }
+            _ if upper.starts_with("AT+CMGD=") => {
+                let arg = upper[8..].trim();
+                let (index, flag) = arg.split_once(',').unwrap_or((arg, "0"));
+                let mut s = self.lock();
+                match (index.trim().parse::<u32>(), flag.trim()) {
+                    (_, "4") => {
+                        s.storage.clear();
+                        Some(ok)
+                    }
+                    (Ok(i), _) if s.storage.remove(&i).is_some() => Some(ok),
+                    _ => Some("+CMS ERROR: 321".into()),
+                }
+            }
             _ => Some("ERROR".to_owned()),
         };
         for (i, l) in info.iter().enumerate() {

@@ -15,9 +15,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
-use wsmb_protocol::sms::{Status, StatusEvent};
+use std::time::Duration;
+
+use wsmb_protocol::sms::{InboxMessage, Status, StatusEvent};
 
 use crate::jobs::ValidJob;
+use crate::pdu::{Coding, Deliver};
 
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,8 +106,24 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, next_attempt_ms);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    event TEXT NOT NULL
+    event TEXT NOT NULL,
+    channel TEXT NOT NULL DEFAULT 'status'
 );
+CREATE TABLE IF NOT EXISTS inbox_parts (
+    key TEXT PRIMARY KEY,
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    scts INTEGER NOT NULL,
+    received_at TEXT NOT NULL,
+    coding TEXT NOT NULL,
+    text TEXT NOT NULL,
+    modem TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS inbox_parts_grp ON inbox_parts(grp, message);
 CREATE TABLE IF NOT EXISTS reports (
     job TEXT NOT NULL,
     mr INTEGER NOT NULL,
@@ -123,18 +142,19 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
-/// Columns added after the first release: a queue made by an older agent gets them.
-const ADDED: [(&str, &str); 2] = [
-    ("priority", "INTEGER NOT NULL DEFAULT 0"),
-    ("status_report", "INTEGER"),
+/// Columns added after the first release: a store made by an older agent gets them.
+const ADDED: [(&str, &str, &str); 3] = [
+    ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "status_report", "INTEGER"),
+    ("outbox", "channel", "TEXT NOT NULL DEFAULT 'status'"),
 ];
 
 fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
-    let mut st = c.prepare("SELECT name FROM pragma_table_info('jobs')")?;
-    let have: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-    for (name, ty) in ADDED {
+    for (table, name, ty) in ADDED {
+        let mut st = c.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+        let have: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
         if !have.iter().any(|h| h == name) {
-            c.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {ty}"))?;
+            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {ty}"))?;
         }
     }
     Ok(())
@@ -153,6 +173,91 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The outbox's channels: status events, and received SMS.
+pub const OUT_STATUS: &str = "status";
+/// See [`OUT_STATUS`].
+pub const OUT_INBOX: &str = "inbox";
+
+/// What an incoming SMS part did, for [`Store::inbound`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// Seen before: nothing changed (it can be deleted from the modem).
+    Duplicate,
+    /// Kept; `have` of `total` parts are here.
+    Waiting {
+        /// Parts here.
+        have: u32,
+        /// Parts in all.
+        total: u32,
+    },
+    /// The message is complete and queued for the inbox channel.
+    Joined(InboxMessage),
+}
+
+/// Joins the waiting parts of group `grp` (in order, one per sequence number) into a message
+/// queued for the inbox channel; `partial` when some never came.
+fn join_parts(
+    tx: &rusqlite::Transaction<'_>,
+    grp: &str,
+    partial: bool,
+) -> rusqlite::Result<InboxMessage> {
+    let parts: Vec<(u32, u32, String, i64, String, String, String, String)> = {
+        let mut st = tx.prepare_cached(
+            "SELECT seq, total, sender, scts, received_at, coding, text, modem FROM inbox_parts
+             WHERE grp = ?1 AND message IS NULL ORDER BY seq, received_ms",
+        )?;
+        let rows = st.query_map(params![grp], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut text = String::new();
+    let mut last_seq = 0;
+    for (seq, _, _, _, _, _, t, _) in &parts {
+        if *seq != last_seq {
+            text.push_str(t);
+            last_seq = *seq;
+        }
+    }
+    let first = parts.first();
+    let mut id = [0u8; 8];
+    let _ = getrandom::fill(&mut id);
+    let id = format!(
+        "in-{:x}-{}",
+        now_ms(),
+        id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let msg = InboxMessage {
+        id: id.clone(),
+        sender: first.map(|p| p.2.clone()).unwrap_or_default(),
+        message: text,
+        time: first.map_or(0, |p| p.3),
+        received_at: first.map(|p| p.4.clone()).unwrap_or_default(),
+        parts: first.map_or(1, |p| p.1),
+        partial,
+        coding: first.map(|p| p.5.clone()).unwrap_or_default(),
+        modem: first.map(|p| p.7.clone()),
+    };
+    tx.execute(
+        "UPDATE inbox_parts SET message = ?2 WHERE grp = ?1 AND message IS NULL",
+        params![grp, id],
+    )?;
+    tx.execute(
+        "INSERT INTO outbox(event, channel) VALUES (?1, ?2)",
+        params![serde_json::to_string(&msg).unwrap_or_default(), OUT_INBOX],
+    )?;
+    Ok(msg)
 }
 
 fn push_event(tx: &rusqlite::Transaction<'_>, e: &StatusEvent) -> rusqlite::Result<()> {
@@ -789,15 +894,118 @@ impl Store {
         .await
     }
 
-    /// Up to `limit` unpublished events after `after`, oldest first: (seq, JSON).
-    pub async fn outbox(&self, after: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+    /// Up to `limit` unpublished items after `after`, oldest first, all for the same channel
+    /// (the first one's): its name (`status` or `inbox`) and (seq, JSON) of each.
+    pub async fn outbox(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<(String, Vec<(i64, String)>), StoreError> {
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT seq, event FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                "SELECT seq, event, channel FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
-            let rows =
-                st.query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
+            let rows = st.query_map(params![after, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut channel = String::from(OUT_STATUS);
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, item, ch) = row?;
+                if out.is_empty() {
+                    channel = ch;
+                } else if ch != channel {
+                    break;
+                }
+                out.push((seq, item));
+            }
+            Ok((channel, out))
+        })
+        .await
+    }
+
+    /// Takes one part of an incoming SMS (after the modem read it, before it is deleted from
+    /// the modem): a part seen before (the same sender, time, header and text) is a duplicate;
+    /// a part of a longer message waits for the others (in any order, across restarts); the
+    /// last one joins them into an [`InboxMessage`], queued for the inbox channel.
+    pub async fn inbound(&self, modem: &str, d: &Deliver) -> Result<Inbound, StoreError> {
+        let modem = modem.to_owned();
+        let d = d.clone();
+        self.with_events(move |c| {
+            let tx = c.transaction()?;
+            let (reference, total, seq) = d.concat.unwrap_or((0, 1, 1));
+            let key = format!(
+                "{}|{}|{}|{reference}|{total}|{seq}|{}",
+                d.sender, d.timestamp.epoch, d.wide_reference, d.text
+            );
+            let grp = if d.concat.is_some() {
+                format!("{}|{}|{reference}|{total}", d.sender, d.wide_reference)
+            } else {
+                key.clone()
+            };
+            let coding = match d.coding {
+                Coding::Gsm7 => "gsm7",
+                Coding::Ucs2 => "ucs2",
+                Coding::Data8 => "8bit",
+            };
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO inbox_parts(key, grp, seq, total, sender, scts, received_at,
+                 coding, text, modem, received_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![key, grp, seq, total, d.sender, d.timestamp.epoch, d.timestamp.rfc3339(),
+                        coding, d.text, modem, now_ms()],
+            )?;
+            if n == 0 {
+                tx.commit()?;
+                return Ok(Inbound::Duplicate);
+            }
+            let have: u32 = tx.query_row(
+                "SELECT COUNT(DISTINCT seq) FROM inbox_parts WHERE grp = ?1 AND message IS NULL",
+                params![grp],
+                |r| r.get(0),
+            )?;
+            let result = if have >= u32::from(total) {
+                Inbound::Joined(join_parts(&tx, &grp, false)?)
+            } else {
+                Inbound::Waiting {
+                    have,
+                    total: u32::from(total),
+                }
+            };
+            tx.commit()?;
+            Ok(result)
+        })
+        .await
+    }
+
+    /// Messages whose parts have waited longer than `timeout` are published with what arrived
+    /// (`partial`); joined parts older than a week are forgotten (they only served to
+    /// recognise re-reads).
+    pub async fn flush_partial(&self, timeout: Duration) -> Result<Vec<InboxMessage>, StoreError> {
+        let cutoff = now_ms() - timeout.as_millis() as i64;
+        self.with_events(move |c| {
+            let tx = c.transaction()?;
+            let groups: Vec<String> = {
+                let mut st = tx.prepare_cached(
+                    "SELECT grp FROM inbox_parts WHERE message IS NULL GROUP BY grp
+                     HAVING MIN(received_ms) < ?1",
+                )?;
+                let rows = st.query_map(params![cutoff], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut out = Vec::new();
+            for g in groups {
+                out.push(join_parts(&tx, &g, true)?);
+            }
+            tx.execute(
+                "DELETE FROM inbox_parts WHERE message IS NOT NULL AND received_ms < ?1",
+                params![now_ms() - 7 * 86_400_000],
+            )?;
+            tx.commit()?;
+            Ok(out)
         })
         .await
     }
@@ -990,14 +1198,14 @@ mod tests {
         s.mark_inflight("a", 1, "m1").await.expect("inflight");
         assert!(s.part_sent("a", 1, 11, 2, "m1").await.expect("part"));
         assert_eq!(s.state("a").await.expect("state").as_deref(), Some("sent"));
-        let events = s.outbox(0, 10).await.expect("outbox");
+        let (_, events) = s.outbox(0, 10).await.expect("outbox");
         assert_eq!(events.len(), 2);
         let sent: StatusEvent = serde_json::from_str(&events[1].1).expect("event");
         assert_eq!(sent.status, Status::Sent);
         assert_eq!(sent.message_references, vec![10, 11]);
         assert_eq!(sent.modem.as_deref(), Some("m1"));
         s.published(vec![events[0].0]).await.expect("published");
-        assert_eq!(s.outbox(0, 10).await.expect("outbox").len(), 1);
+        assert_eq!(s.outbox(0, 10).await.expect("outbox").1.len(), 1);
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -1040,7 +1248,7 @@ mod tests {
             ),
             (1, vec![5], Some("m1"))
         );
-        let events = s.outbox(0, 10).await.expect("outbox");
+        let (_, events) = s.outbox(0, 10).await.expect("outbox");
         let last: StatusEvent = serde_json::from_str(&events.last().expect("e").1).expect("event");
         assert!(last.ambiguous && last.status == Status::Failed);
         let _ = std::fs::remove_dir_all(&d);

@@ -509,7 +509,7 @@ async fn statuses_produced_while_the_broker_is_away_are_published_after() {
     status.wait("late", Status::Sent, T).await;
     // the outbox is empty once everything was acknowledged
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(a.store.outbox(0, 10).await.expect("outbox").is_empty());
+    assert!(a.store.outbox(0, 10).await.expect("outbox").1.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -932,4 +932,134 @@ async fn a_network_that_reports_every_part_gets_the_job_delivered() {
     status.settle(Duration::from_millis(800)).await;
     assert!(!status.of("not-asked").contains(&Status::Delivered));
     assert_eq!(sim.reports().len(), 3, "one per part of the job that asked");
+}
+
+/// Received SMS (PDUs from Gammu's encoder): announced ones and one whose indication the modem
+/// dropped (found by the sweep), a three-part UCS-2 message arriving out of order, an
+/// alphanumeric sender, the same SMS read twice; each is published once on `sms-inbox` with
+/// its parts joined, and deleted from the modem. A message whose last part never comes is
+/// published with what came, marked partial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_sms_are_joined_published_once_and_deleted() {
+    use common::gammu;
+    let dir = scratch("inbound");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    cfg.agent.inbox_sweep = Duration::from_secs(1);
+    cfg.agent.inbox_part_timeout = Duration::from_secs(2);
+    let mut inbox = InboxListener::new(b.addr).await;
+    let (_agent, _status) = start_ready(cfg, b.addr).await;
+
+    let reply = gammu::deliver("YA, saya setuju", "+628123456789", false);
+    let long = "Terima kasih 🙏 — pesanan Anda #4821 sudah kami terima. ".repeat(3);
+    let parts = gammu::deliver(&long, "08126666666", true);
+    assert_eq!(parts.len(), 3, "three UCS-2 parts");
+    let bank = gammu::deliver("Saldo Anda €100 [OK] {ref}", "BANK", false);
+    let quiet = gammu::deliver("no indication for this one", "+4915112345678", false);
+    sim.receive(&reply[0], true).expect("room");
+    for k in [2, 0, 1] {
+        sim.receive(&parts[k], true).expect("room");
+    }
+    sim.receive(&bank[0], true).expect("room");
+    sim.receive(&reply[0], true).expect("room"); // read again
+    sim.receive(&quiet[0], false).expect("room");
+    let got = inbox.wait(4, T).await;
+    inbox.settle(Duration::from_millis(1500)).await;
+    assert_eq!(inbox.messages.len(), 4, "each once: {:#?}", inbox.messages);
+    let by = |sender: &str| {
+        got.iter()
+            .find(|m| m.sender == sender)
+            .unwrap_or_else(|| panic!("nothing from {sender}: {got:#?}"))
+            .clone()
+    };
+    let m = by("+628123456789");
+    assert_eq!(
+        (m.message.as_str(), m.parts, m.partial),
+        ("YA, saya setuju", 1, false)
+    );
+    assert_eq!(m.received_at, "2026-12-05T17:30:00+00:00");
+    assert_eq!(m.modem.as_deref(), Some("m1"));
+    let m = by("08126666666");
+    assert_eq!(
+        (m.message.as_str(), m.parts, m.coding.as_str()),
+        (long.as_str(), 3, "ucs2")
+    );
+    assert_eq!(by("BANK").message, "Saldo Anda €100 [OK] {ref}");
+    assert_eq!(by("+4915112345678").message, "no indication for this one");
+    let ids: std::collections::HashSet<&str> = got.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids.len(), 4);
+    assert!(
+        sim.stored().is_empty(),
+        "deleted once stored: {:?}",
+        sim.stored()
+    );
+
+    // Only the first of two parts: published after the timeout, marked partial.
+    let two = gammu::deliver(&"a".repeat(200), "+628127777777", false);
+    sim.receive(&two[0], true).expect("room");
+    let got = inbox.wait(5, T).await;
+    let m = got
+        .iter()
+        .find(|m| m.sender == "+628127777777")
+        .expect("partial");
+    assert!(m.partial, "{m:?}");
+    assert_eq!(m.message, "a".repeat(153));
+}
+
+/// SMS that came while the agent was away, filling the SIM's storage (the network cannot
+/// deliver more), are taken when it starts, the storage is cleared, and the next SMS arrives;
+/// a message whose parts straddle the restart is joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_storage_left_while_away_is_taken_and_cleared_at_start() {
+    use common::gammu;
+    let dir = scratch("inbound-away");
+    let b = broker().await;
+    let sim = sim(
+        &dir,
+        "m1",
+        SimConfig {
+            storage_slots: 3,
+            ..SimConfig::default()
+        },
+    )
+    .await;
+    let cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    let mut inbox = InboxListener::new(b.addr).await;
+    let split = gammu::deliver(&"b".repeat(300), "+628123456789", false);
+    {
+        let (agent, _status) = start_ready(cfg.clone(), b.addr).await;
+        sim.receive(&split[0], true).expect("room");
+        let deadline = tokio::time::Instant::now() + T;
+        while !sim.stored().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "part 1 not taken");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let wsmb_agent::agent::Running { shutdown, task, .. } = agent;
+        shutdown.cancel();
+        let _ = task.await;
+    }
+    // Away: the second part and two more SMS fill the storage; a fourth finds no room.
+    sim.receive(&split[1], true).expect("room");
+    for t in ["one", "two"] {
+        sim.receive(&gammu::deliver(t, "+628126666666", false)[0], true)
+            .expect("room");
+    }
+    let later = gammu::deliver("after the storage was cleared", "+628126666666", false);
+    assert!(sim.receive(&later[0], true).is_none(), "full");
+    let (_agent, _status) = start_ready(cfg, b.addr).await;
+    let got = inbox.wait(3, T).await;
+    let texts: std::collections::BTreeSet<String> = got.iter().map(|m| m.message.clone()).collect();
+    assert!(
+        texts.contains(&"b".repeat(300)),
+        "joined across the restart: {got:#?}"
+    );
+    assert!(texts.contains("one") && texts.contains("two"), "{got:#?}");
+    assert!(sim.stored().is_empty(), "{:?}", sim.stored());
+    sim.receive(&later[0], true).expect("room again");
+    let got = inbox.wait(4, T).await;
+    assert!(
+        got.iter()
+            .any(|m| m.message == "after the storage was cleared")
+    );
 }

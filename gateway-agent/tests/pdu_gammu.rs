@@ -6,6 +6,9 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+mod common;
+
+use common::gammu::{self, python};
 use wsmb_agent::pdu::{Address, SubmitOptions, encode_submit};
 
 const DECODER: &str = r#"
@@ -191,53 +194,6 @@ fn user_data(hex: &str) -> String {
 /// every message of the corpus, in 8-bit or 16-bit reference parts, from international,
 /// national and alphanumeric senders; our decoder gets the sender, the time, the coding and,
 /// with the parts joined by their headers in any order, the text back exactly.
-const DELIVER_ENCODER: &str = r#"
-import datetime, json, sys, gammu
-smsc = {"Location": 0, "Number": "+6281100000", "Format": "Text", "Validity": "NA", "DefaultNumber": "", "Name": ""}
-out = []
-for case in json.load(sys.stdin):
-    if case.get("data"):
-        parts = gammu.EncodeSMS({"Class": -1, "Entries": [{"ID": "Text", "Buffer": "x"}]})
-        parts[0]["Coding"] = "8bit"
-        parts[0]["Text"] = bytes.fromhex(case["data"])
-    else:
-        kind = "ConcatenatedTextLong16bit" if case["wide"] else "ConcatenatedTextLong"
-        parts = gammu.EncodeSMS({"Class": -1, "Unicode": case["unicode"], "Entries": [{"ID": kind, "Buffer": case["text"]}]})
-    pdus = []
-    for p in parts:
-        p["Number"] = case["sender"]
-        p["Type"] = "Deliver"
-        p["SMSC"] = smsc
-        p["DateTime"] = datetime.datetime(2026, 12, 5, 17, 30, 0)
-        pdus.append(gammu.EncodePDU(p, "Deliver").hex())
-    out.append(pdus)
-json.dump(out, sys.stdout)
-"#;
-
-/// Runs `script` with `input` as JSON on stdin; its JSON output.
-fn python(script: &str, input: &serde_json::Value) -> serde_json::Value {
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("/usr/bin/python3 with python3-gammu (installed by .ci/run)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&serde_json::to_vec(input).expect("json"))
-        .expect("write");
-    let out = child.wait_with_output().expect("python");
-    assert!(
-        out.status.success(),
-        "python3 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("python's output")
-}
-
 #[test]
 fn we_decode_gammus_deliver_pdus_to_the_same_sender_and_text() {
     use wsmb_agent::pdu::{Coding, Received, decode_received};
@@ -252,7 +208,10 @@ fn we_decode_gammus_deliver_pdus_to_the_same_sender_and_text() {
         }));
     }
     cases.push(serde_json::json!({"sender": "+628123456789", "data": "0102ff006162"}));
-    let results = python(DELIVER_ENCODER, &serde_json::Value::Array(cases.clone()));
+    let results = python(
+        gammu::DELIVER_ENCODER,
+        &serde_json::Value::Array(cases.clone()),
+    );
     let results = results.as_array().expect("list");
     assert_eq!(results.len(), cases.len());
     for (i, (case, pdus)) in cases.iter().zip(results).enumerate() {

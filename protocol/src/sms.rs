@@ -9,6 +9,8 @@
 //!   `data` is accepted too. [`JobItem`] builds one (the broker's HTTP API does).
 //! - **status events**, published by the agent on the status channel (`sms-status`): one item
 //!   per event, `{"id", "status", ...}`, see [`StatusEvent`].
+//! - **received SMS**, published by the agent on the inbox channel (`sms-inbox`): one item per
+//!   message, its parts joined, see [`InboxMessage`].
 //!
 //! Only the shape lives here; what makes a job valid (number format, length) is the agent's
 //! business.
@@ -269,6 +271,34 @@ pub struct StatusEvent {
     /// For `held`: when a modem may send it (epoch seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<u64>,
+}
+
+/// An SMS the gateway received, an item of the `data` array published on the inbox channel.
+/// A plain legacy receiver gets the sender and the whole text in one item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxMessage {
+    /// The gateway's id of the message (unique; its parts' re-reads never make another).
+    pub id: String,
+    /// The sender as the network gave it: `+628123456789` (with the plus when international),
+    /// national digits, or an alphanumeric name such as `BANK`.
+    pub sender: String,
+    /// The whole text, its parts joined in order (for 8-bit data: the bytes as hex).
+    pub message: String,
+    /// When the SMSC received it, epoch seconds.
+    pub time: i64,
+    /// The same, RFC 3339 in the SMSC's own time zone (`2026-12-05T17:30:00+07:00`).
+    pub received_at: String,
+    /// SMS parts it came in.
+    pub parts: u32,
+    /// Some parts never came (published after `agent.inbox_part_timeout` with what arrived;
+    /// missing parts are left out).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+    /// `gsm7`, `ucs2` or `8bit`.
+    pub coding: String,
+    /// The modem that received it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modem: Option<String>,
 }
 
 impl StatusEvent {

@@ -1,6 +1,8 @@
 //! In-process harness: a broker, simulated modems, the agent, and application clients.
 #![allow(dead_code)]
 
+pub mod gammu;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -195,6 +197,87 @@ impl StatusListener {
             .filter(|e| e.id == id)
             .map(|e| e.status)
             .collect()
+    }
+}
+
+/// An application receiving on `sms-inbox`, collecting the received SMS the agent publishes.
+pub struct InboxListener {
+    ws: Ws,
+    pub messages: Vec<wsmb_protocol::sms::InboxMessage>,
+}
+
+impl InboxListener {
+    pub async fn new(addr: SocketAddr) -> Self {
+        let mut ws = client(addr).await;
+        ws.send(Message::text(
+            r#"{"command":"receive-message","channel":"sms-inbox"}"#,
+        ))
+        .await
+        .expect("send");
+        ws.send(Message::text(r#"{"command":"ping"}"#))
+            .await
+            .expect("send");
+        loop {
+            let m = ws.next().await.expect("frame").expect("ok");
+            if let Message::Text(t) = m {
+                if t.contains("\"connect\"") {
+                    break;
+                }
+            }
+        }
+        InboxListener {
+            ws,
+            messages: Vec::new(),
+        }
+    }
+
+    async fn pump(&mut self, d: Duration) -> bool {
+        match tokio::time::timeout(d, self.ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if BrokerReply::parse(&t).is_none() {
+                    let v: serde_json::Value = serde_json::from_str(&t).expect("json");
+                    assert_eq!(v["channel"], "sms-inbox", "{t}");
+                    for item in v["data"].as_array().expect("data") {
+                        self.messages
+                            .push(serde_json::from_value(item.clone()).expect("an inbox item"));
+                    }
+                }
+                true
+            }
+            Ok(Some(Ok(_))) => true,
+            _ => false,
+        }
+    }
+
+    /// Waits until `n` messages have come; returns them.
+    pub async fn wait(
+        &mut self,
+        n: usize,
+        within: Duration,
+    ) -> Vec<wsmb_protocol::sms::InboxMessage> {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.messages.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{} of {n} received SMS within {within:?}: {:#?}",
+                self.messages.len(),
+                self.messages
+            );
+            self.pump(left).await;
+        }
+        self.messages.clone()
+    }
+
+    /// Collects for `d` more.
+    pub async fn settle(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || !self.pump(left).await {
+                return;
+            }
+        }
     }
 }
 
