@@ -214,7 +214,10 @@ async fn answer<S: Socket>(
             Ok(Reply::json(st, h))
         }
         ("GET", ["health", "live"]) => Ok(Reply::json(200, json!({"status": "pass"}))),
-        ("GET", ["inbox"]) => Ok(Reply::json(200, json!([]))),
+        ("GET", ["inbox"]) => match list_filter(&q) {
+            Ok(f) => sms.inbox(&f).await.map(|v| Reply::json(200, json!(v))),
+            Err(e) => Err(e),
+        },
         (_, ["messages"] | ["messages", _] | ["webhooks"] | ["webhooks", _] | ["devices"]) => {
             Err(ApiError {
                 status: 405,

@@ -77,6 +77,8 @@ pub struct SmsConfig {
     pub jobs_channel: String,
     /// The channel the agents publish status events on.
     pub status_channel: String,
+    /// The channel the agents publish received SMS on.
+    pub inbox_channel: String,
     /// Longest text, in SMS parts (the agent's `max_parts` should be the same).
     pub max_parts: u32,
     /// Most recipients of one message.
@@ -121,6 +123,7 @@ impl Default for SmsConfig {
             enabled: true,
             jobs_channel: "sms".into(),
             status_channel: "sms-status".into(),
+            inbox_channel: "sms-inbox".into(),
             max_parts: 10,
             max_recipients: 100,
             max_body_bytes: 64 * 1024,
@@ -506,11 +509,22 @@ impl Config {
         }
         let sms = &self.sms;
         let channel_ok = |c: &str| !c.is_empty() && c.len() <= 100;
-        if !channel_ok(&sms.jobs_channel) || !channel_ok(&sms.status_channel) {
-            return bad("sms.jobs_channel and sms.status_channel must be 1 to 100 bytes".into());
+        if !channel_ok(&sms.jobs_channel)
+            || !channel_ok(&sms.status_channel)
+            || !channel_ok(&sms.inbox_channel)
+        {
+            return bad(
+                "sms.jobs_channel, sms.status_channel and sms.inbox_channel must be 1 to 100 bytes"
+                    .into(),
+            );
         }
-        if sms.jobs_channel == sms.status_channel {
-            return bad("sms.jobs_channel and sms.status_channel must differ".into());
+        if sms.jobs_channel == sms.status_channel
+            || sms.inbox_channel == sms.jobs_channel
+            || sms.inbox_channel == sms.status_channel
+        {
+            return bad(
+                "sms.jobs_channel, sms.status_channel and sms.inbox_channel must differ".into(),
+            );
         }
         if !(1..=255).contains(&sms.max_parts) {
             return bad(format!(
@@ -628,6 +642,7 @@ mod tests {
             "key_file",
             "jobs_channel",
             "status_channel",
+            "inbox_channel",
             "max_parts",
             "max_recipients",
             "max_body_bytes",

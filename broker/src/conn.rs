@@ -879,17 +879,22 @@ impl Session<'_> {
                     if channel == c.jobs_channel {
                         sms.track_jobs(&self.user, &message_id, payload.as_str())
                             .await;
-                    } else if channel == c.status_channel {
-                        if let Err(e) = sms.ingest(&self.user, payload.as_str()).await {
+                    } else if channel == c.status_channel || channel == c.inbox_channel {
+                        let recorded = if channel == c.status_channel {
+                            sms.ingest(&self.user, payload.as_str()).await
+                        } else {
+                            sms.ingest_inbox(&self.user, payload.as_str()).await
+                        };
+                        if let Err(e) = recorded {
                             // Not recorded: refused, so that the agent keeps the events and
                             // sends them again.
-                            tracing::warn!("SMS service: status events not recorded: {e}");
+                            tracing::warn!("SMS service: {channel} frame not recorded: {e}");
                             let refused = crate::delivery::Outcome {
                                 code: ResponseCode::StorageUnavailable,
                                 receivers: 0,
                                 stored: Some(false),
                                 reason: Some(format!(
-                                    "the SMS service cannot record status events now: {e}"
+                                    "the SMS service cannot record this now: {e}"
                                 )),
                             };
                             return self.reply(send_result(refused, result)).await;

@@ -322,7 +322,12 @@ impl Agent {
 
     /// Publishes status events and waits for the broker's answer; returns its code.
     async fn report(&mut self, events: Value) -> String {
-        let frame = json!({"command": "send-message", "channel": "sms-status", "data": events});
+        self.publish("sms-status", events).await
+    }
+
+    /// Publishes items on `channel` and waits for the broker's answer; returns its code.
+    async fn publish(&mut self, channel: &str, items: Value) -> String {
+        let frame = json!({"command": "send-message", "channel": channel, "data": items});
         send(&mut self.status, &frame.to_string()).await;
         loop {
             let r = reply(&mut self.status).await;
@@ -1059,6 +1064,94 @@ async fn status_events_that_cannot_be_recorded_are_refused() {
     let code = agent.report(json!([event("r1", "sent", json!({}))])).await;
     assert_ne!(code, "05");
     wait_state(b.addr, "r1", "Sent").await;
+    stop(b).await;
+    db::cleanup(&st).await;
+}
+
+/// Received SMS the agent publishes on `sms-inbox` are kept once (a frame sent again changes
+/// nothing), listed by `GET /inbox` for every user, and call the signed `sms:received`
+/// webhooks; the inbox survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_sms_are_kept_listed_and_call_their_webhooks() {
+    let hooks = Hooks::start(200).await;
+    let st = db::storage(Backend::Sqlite, "smsinbox");
+    let b = start(&st, |_| {}).await;
+    register(b.addr, &hooks.url("/received"), "sms:received").await;
+    let mut agent = Agent::connect(b.addr).await;
+    let items = json!([
+        {"id": "in-1", "sender": "+628123456789", "message": "YA, saya setuju", "time": 1_800_000_000,
+         "received_at": "2027-01-15T15:00:00+07:00", "parts": 1, "coding": "gsm7", "modem": "m1"},
+        {"id": "in-2", "sender": "BANK", "message": "Saldo Anda", "time": 1_800_000_060,
+         "received_at": "2027-01-15T15:01:00+07:00", "parts": 2, "partial": true, "coding": "gsm7"}
+    ]);
+    let code = agent.publish("sms-inbox", items.clone()).await;
+    assert_eq!(code, "00", "stored for a receiver to come");
+    let hits = hooks.wait("two sms:received", |h| h.len() >= 2).await;
+    let key = b
+        .shared
+        .sms
+        .as_ref()
+        .expect("sms")
+        .signing_key()
+        .await
+        .expect("key")
+        .to_owned();
+    for h in &hits {
+        assert_eq!(h.body["event"], "sms:received", "{h:?}");
+        assert_eq!(h.body["deviceId"], "sha", "{h:?}");
+        assert!(signed_with(h, &key), "{h:?}");
+    }
+    let yes = hits
+        .iter()
+        .find(|h| h.body["payload"]["messageId"] == "in-1")
+        .expect("in-1");
+    assert_eq!(yes.body["payload"]["phoneNumber"], "+628123456789");
+    assert_eq!(yes.body["payload"]["message"], "YA, saya setuju");
+    assert_eq!(
+        yes.body["payload"]["receivedAt"],
+        "2027-01-15T15:00:00+07:00"
+    );
+    // Sent again: nothing new.
+    agent.publish("sms-inbox", items).await;
+    let list = |a: Answer| {
+        let mut ids: Vec<String> = a
+            .body
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|m| m["id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        list(api(b.addr, "GET", "/inbox", None).await),
+        ["in-1", "in-2"]
+    );
+    // Every user sees the gateway's inbox.
+    let other = request(b.addr, "GET", "/inbox?limit=1", Some(SHA_USER), None, "").await;
+    assert_eq!(other.body.as_array().map(Vec::len), Some(1), "{other:?}");
+    let a = api(b.addr, "GET", "/inbox", None).await;
+    let bank = a
+        .body
+        .as_array()
+        .and_then(|l| l.iter().find(|m| m["id"] == "in-2").cloned())
+        .expect("in-2");
+    assert_eq!(bank["phoneNumber"], "BANK");
+    assert_eq!(bank["partial"], true);
+    assert_eq!(bank["deviceId"], "sha");
+    assert_eq!(
+        hooks.hits().len(),
+        2,
+        "no second call for a frame sent again"
+    );
+    drop(agent);
+    stop(b).await;
+    let b = start(&st, |_| {}).await;
+    assert_eq!(
+        list(api(b.addr, "GET", "/inbox", None).await),
+        ["in-1", "in-2"]
+    );
     stop(b).await;
     db::cleanup(&st).await;
 }

@@ -203,31 +203,41 @@ fn join_parts(
     grp: &str,
     partial: bool,
 ) -> rusqlite::Result<InboxMessage> {
-    let parts: Vec<(u32, u32, String, i64, String, String, String, String)> = {
+    struct Part {
+        seq: u32,
+        total: u32,
+        sender: String,
+        scts: i64,
+        received_at: String,
+        coding: String,
+        text: String,
+        modem: String,
+    }
+    let parts: Vec<Part> = {
         let mut st = tx.prepare_cached(
             "SELECT seq, total, sender, scts, received_at, coding, text, modem FROM inbox_parts
              WHERE grp = ?1 AND message IS NULL ORDER BY seq, received_ms",
         )?;
         let rows = st.query_map(params![grp], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-            ))
+            Ok(Part {
+                seq: r.get(0)?,
+                total: r.get(1)?,
+                sender: r.get(2)?,
+                scts: r.get(3)?,
+                received_at: r.get(4)?,
+                coding: r.get(5)?,
+                text: r.get(6)?,
+                modem: r.get(7)?,
+            })
         })?;
         rows.collect::<Result<_, _>>()?
     };
     let mut text = String::new();
     let mut last_seq = 0;
-    for (seq, _, _, _, _, _, t, _) in &parts {
-        if *seq != last_seq {
-            text.push_str(t);
-            last_seq = *seq;
+    for p in &parts {
+        if p.seq != last_seq {
+            text.push_str(&p.text);
+            last_seq = p.seq;
         }
     }
     let first = parts.first();
@@ -240,14 +250,14 @@ fn join_parts(
     );
     let msg = InboxMessage {
         id: id.clone(),
-        sender: first.map(|p| p.2.clone()).unwrap_or_default(),
+        sender: first.map(|p| p.sender.clone()).unwrap_or_default(),
         message: text,
-        time: first.map_or(0, |p| p.3),
-        received_at: first.map(|p| p.4.clone()).unwrap_or_default(),
-        parts: first.map_or(1, |p| p.1),
+        time: first.map_or(0, |p| p.scts),
+        received_at: first.map(|p| p.received_at.clone()).unwrap_or_default(),
+        parts: first.map_or(1, |p| p.total),
         partial,
-        coding: first.map(|p| p.5.clone()).unwrap_or_default(),
-        modem: first.map(|p| p.7.clone()),
+        coding: first.map(|p| p.coding.clone()).unwrap_or_default(),
+        modem: first.map(|p| p.modem.clone()),
     };
     tx.execute(
         "UPDATE inbox_parts SET message = ?2 WHERE grp = ?1 AND message IS NULL",

@@ -932,3 +932,84 @@ async fn an_otp_goes_from_sent_to_delivered_with_its_webhook() {
     });
     assert_eq!(b.sim.reports().len(), 1);
 }
+
+/// An SMS received by the modem (its PDU from Gammu's encoder, in two parts) reaches the
+/// original `receiver.php` listening on `sms-inbox`, `GET /inbox`, and a signed
+/// `sms:received` webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_received_sms_reaches_a_legacy_php_receiver_the_inbox_and_the_webhook() {
+    let b = Bundle::start("api-inbound", "", "").await;
+    let hooks = Receiver::start(0);
+    let text = "Balasan: YA, saya setuju dengan pesanan #4821. Terima kasih banyak atas \
+                bantuannya, kami tunggu kiriman berikutnya minggu depan. Salam hangat dari \
+                seluruh tim kami di Bandung.";
+    let script = r#"
+import datetime, json, sys, gammu
+smsc = {"Location": 0, "Number": "+6281100000", "Format": "Text", "Validity": "NA", "DefaultNumber": "", "Name": ""}
+parts = gammu.EncodeSMS({"Class": -1, "Entries": [{"ID": "ConcatenatedTextLong", "Buffer": sys.argv[1]}]})
+out = []
+for p in parts:
+    p["Number"] = "+628123456789"; p["Type"] = "Deliver"; p["SMSC"] = smsc
+    p["DateTime"] = datetime.datetime(2026, 12, 5, 17, 30, 0)
+    out.append(gammu.EncodePDU(p, "Deliver").hex())
+print(json.dumps(out))
+"#;
+    let mut py = Command::new("/usr/bin/python3");
+    py.args(["-c", script, text]);
+    let pdus: Vec<String> =
+        serde_json::from_str(tokio::task::block_in_place(|| run(py, "python3-gammu")).trim())
+            .expect("pdus");
+    assert_eq!(pdus.len(), 2);
+    let dir = repo_root().join("tests/fixtures/legacy-php");
+    let mut php = Command::new("php");
+    php.current_dir(&dir)
+        .arg(dir.join("receiver.php"))
+        .env("MQ_SERVER_HOST", "127.0.0.1")
+        .env("MQ_SERVER_PORT", b.addr.port().to_string())
+        .env("MQ_CLIENT_USERNAME", "qa")
+        .env("MQ_CLIENT_PASSWORD", QA_PASSWORD)
+        .env("MQ_CANNEL_NAME", "sms-inbox");
+    let receiver = Proc::spawn(php).expect("php");
+    tokio::task::block_in_place(|| {
+        assert!(
+            receiver.wait_line("Connected", T).is_some(),
+            "{}",
+            receiver.output()
+        );
+        let (code, h) = b.api(
+            "POST",
+            "/webhooks",
+            Some(json!({"url": hooks.url(), "event": "sms:received"})),
+        );
+        assert_eq!(code, 201, "{h}");
+    });
+    // The second part first.
+    b.sim.receive(&pdus[1], true).expect("room");
+    b.sim.receive(&pdus[0], true).expect("room");
+    tokio::task::block_in_place(|| {
+        // print_r of the frame: the sender and the whole text in one item.
+        assert!(
+            receiver.wait_line(text, T).is_some(),
+            "{}",
+            receiver.output()
+        );
+        let out = receiver.output();
+        assert!(out.contains("[sender] => +628123456789"), "{out}");
+        let hits = hooks.wait("sms:received", |h| !h.is_empty());
+        let v = hits[0].json();
+        assert_eq!(v["event"], "sms:received", "{v}");
+        assert_eq!(v["payload"]["message"], text, "{v}");
+        assert_eq!(v["payload"]["phoneNumber"], "+628123456789", "{v}");
+        assert_eq!(
+            v["payload"]["receivedAt"], "2026-12-05T17:30:00+00:00",
+            "{v}"
+        );
+        assert!(signature_ok(&hits[0], &b.key()));
+        let (code, inbox) = b.api("GET", "/inbox", None);
+        assert_eq!(code, 200);
+        assert_eq!(inbox[0]["message"], text, "{inbox}");
+        assert_eq!(inbox[0]["parts"], 2, "{inbox}");
+        assert_eq!(inbox[0]["deviceId"], "qa", "{inbox}");
+    });
+    assert!(b.sim.stored().is_empty());
+}

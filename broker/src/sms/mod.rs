@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wsmb_protocol::ResponseCode;
-use wsmb_protocol::sms::{JobItem, Status, StatusEvent, parse_jobs};
+use wsmb_protocol::sms::{InboxMessage, JobItem, Status, StatusEvent, parse_jobs};
 
 use crate::config::{Config, SmsConfig};
 use crate::delivery::{Engine, Publish};
@@ -838,6 +838,119 @@ impl Service {
         }
     }
 
+    /// A frame the agent `device` published on the inbox channel: each received SMS is kept
+    /// (once: its id is the agent's) for `GET /inbox` and calls the `sms:received` webhooks of
+    /// every user, in one transaction, before the frame is acknowledged. An error means nothing
+    /// was kept: the frame must be refused so that the agent sends it again.
+    pub async fn ingest_inbox(&self, device: &str, frame: &str) -> Result<(), DbError> {
+        #[derive(serde::Deserialize)]
+        struct F {
+            #[serde(default)]
+            data: Value,
+        }
+        let Ok(f) = serde_json::from_str::<F>(frame) else {
+            return Ok(());
+        };
+        let items = match f.data {
+            Value::Array(a) => a,
+            v @ Value::Object(_) => vec![v],
+            _ => return Ok(()),
+        };
+        let received: Vec<InboxMessage> = items
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .filter(|m: &InboxMessage| !m.id.is_empty() && m.id.len() <= model::MAX_ID)
+            .collect();
+        if received.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let hooks = self.hooks_for("sms:received").await?;
+        let _g = self.lock.lock().await;
+        for m in received {
+            let view = model::inbox_view(&m, device);
+            let doc = Doc {
+                kind: Kind::Inbox,
+                id: m.id.clone(),
+                owner: String::new(),
+                created: now,
+                state: String::new(),
+                due: 0,
+                body: view.to_string(),
+            };
+            // A frame sent again (the agent did not hear the answer) changes nothing; the
+            // message and its webhook calls are kept together or not at all.
+            if self.store.get(Kind::Inbox, &m.id).await?.is_some() {
+                continue;
+            }
+            let payload = json!({"messageId": m.id, "message": m.message, "phoneNumber": m.sender,
+                "simNumber": null, "receivedAt": model::received_at(&m), "partial": m.partial});
+            let mut writes = vec![Write::Insert(doc)];
+            writes.extend(
+                hooks
+                    .iter()
+                    .filter(|(_, h)| h.device_id.as_deref().is_none_or(|d| d == device))
+                    .map(|(owner, h)| {
+                        self.hooks.call(
+                            owner,
+                            h,
+                            &self.next_event_id(),
+                            device,
+                            payload.clone(),
+                            now,
+                        )
+                    }),
+            );
+            let calls = writes.len() > 1;
+            self.store.apply(writes).await?;
+            if calls {
+                self.hooks.wake();
+            }
+        }
+        Ok(())
+    }
+
+    /// The webhooks of every user registered for `event`, with their owners.
+    async fn hooks_for(&self, event: &str) -> Result<Vec<(String, Webhook)>, DbError> {
+        let q = Query {
+            kind: Kind::Webhook,
+            owner: None,
+            state: Some(event.to_owned()),
+            from: None,
+            to: None,
+            limit: 10_000,
+            offset: 0,
+            newest_first: false,
+        };
+        Ok(self
+            .store
+            .list(&q)
+            .await?
+            .into_iter()
+            .filter_map(|d| Some((d.owner.clone(), serde_json::from_str(&d.body).ok()?)))
+            .collect())
+    }
+
+    /// `GET /inbox`: received SMS, newest first (every user sees them: they came to the
+    /// gateway, not to a user).
+    pub async fn inbox(&self, f: &ListFilter) -> Result<Vec<Value>, ApiError> {
+        let q = Query {
+            kind: Kind::Inbox,
+            owner: None,
+            state: None,
+            from: f.from,
+            to: f.to,
+            limit: f.limit,
+            offset: f.offset,
+            newest_first: !f.oldest_first,
+        };
+        let docs = self.store.list(&q).await.map_err(ApiError::db)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| serde_json::from_str(&d.body).ok())
+            .collect())
+    }
+
     /// The message a job id belongs to, loaded into `changed` for this batch.
     async fn load_for(
         &self,
@@ -1007,29 +1120,18 @@ impl Service {
 
     /// Queues a `system:ping` call for every webhook registered for it.
     async fn ping_webhooks(&self) -> Result<(), DbError> {
-        let q = Query {
-            kind: Kind::Webhook,
-            owner: None,
-            state: Some("system:ping".into()),
-            from: None,
-            to: None,
-            limit: 10_000,
-            offset: 0,
-            newest_first: false,
-        };
-        let docs = self.store.list(&q).await?;
-        if docs.is_empty() {
+        let hooks = self.hooks_for("system:ping").await?;
+        if hooks.is_empty() {
             return Ok(());
         }
         let payload = json!({"health": self.health().await});
         let now = now_ms();
-        let writes: Vec<Write> = docs
+        let writes: Vec<Write> = hooks
             .iter()
-            .filter_map(|d| Some((d, serde_json::from_str::<Webhook>(&d.body).ok()?)))
-            .map(|(d, h)| {
+            .map(|(owner, h)| {
                 self.hooks.call(
-                    &d.owner,
-                    &h,
+                    owner,
+                    h,
                     &self.next_event_id(),
                     PING_DEVICE,
                     payload.clone(),
@@ -1197,11 +1299,11 @@ impl Service {
         }
     }
 
-    /// Deletes message states and webhook calls (delivered long ago, or given up) older than
-    /// `sms.keep`, a batch at a time.
+    /// Deletes message states, received SMS and webhook calls (delivered long ago, or given
+    /// up) older than `sms.keep`, a batch at a time.
     async fn retain(&self) {
         let cutoff = now_ms() - self.cfg.keep.as_millis() as i64;
-        for kind in [Kind::Message, Kind::Outbox] {
+        for kind in [Kind::Message, Kind::Outbox, Kind::Inbox] {
             let q = Query {
                 kind,
                 owner: None,

@@ -203,6 +203,32 @@ impl Message {
     }
 }
 
+/// When a received SMS reached the SMSC, ISO 8601 as the agent gave it (in the SMSC's time
+/// zone), or from its epoch seconds.
+pub fn received_at(m: &wsmb_protocol::sms::InboxMessage) -> String {
+    if parse_iso(&m.received_at).is_some() {
+        m.received_at.clone()
+    } else {
+        iso(m.time.saturating_mul(1000))
+    }
+}
+
+/// The API's view of a received SMS (`GET /inbox`), as SMSGate's inbox items plus `parts`
+/// and `partial`.
+pub fn inbox_view(m: &wsmb_protocol::sms::InboxMessage, device: &str) -> Value {
+    serde_json::json!({
+        "id": m.id,
+        "message": m.message,
+        "phoneNumber": m.sender,
+        "simNumber": null,
+        "receivedAt": received_at(m),
+        "deviceId": device,
+        "parts": m.parts,
+        "partial": m.partial,
+        "coding": m.coding,
+    })
+}
+
 /// Epoch ms as ISO 8601 with milliseconds and offset (`2026-12-02T10:00:00.000+00:00`).
 pub fn iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)

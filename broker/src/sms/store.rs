@@ -1,5 +1,5 @@
-//! The SMS service's own table, `<prefix>sms`: message states, webhooks, the webhook outbox and
-//! the service's settings, each a JSON document keyed by (kind, id) with the few columns the
+//! The SMS service's own table, `<prefix>sms`: message states, received SMS, webhooks, the
+//! webhook outbox and the service's settings, each a JSON document keyed by (kind, id) with the few columns the
 //! service filters on (owner, created, state, due). It lives in the broker's database (the
 //! SQLite file, MariaDB/MySQL or PostgreSQL) beside the message table; with the memory backend
 //! it is a map in memory (lost at restart, and the service says so at start).
@@ -28,6 +28,8 @@ pub enum Kind {
     Outbox,
     /// A setting of the service (the generated signing key).
     Setting,
+    /// A received SMS (from the agents' inbox channel).
+    Inbox,
 }
 
 impl Kind {
@@ -37,6 +39,7 @@ impl Kind {
             Kind::Webhook => "hook",
             Kind::Outbox => "out",
             Kind::Setting => "set",
+            Kind::Inbox => "in",
         }
     }
 }
@@ -158,6 +161,7 @@ fn kind_of(s: &str) -> Kind {
         "msg" => Kind::Message,
         "hook" => Kind::Webhook,
         "out" => Kind::Outbox,
+        "in" => Kind::Inbox,
         _ => Kind::Setting,
     }
 }
