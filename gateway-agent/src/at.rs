@@ -82,6 +82,7 @@ const URC_PREFIXES: &[&str] = &[
     "^SRVST:",
     "^SIMST:",
     "^SYSSTART",
+    "^SMMEMFULL",
     "^CEND:",
     "^ORIG:",
     "^CONF:",
@@ -384,7 +385,16 @@ impl<P: ModemIo> AtPort<P> {
     pub async fn poll(&mut self, quiet: Duration) -> Result<(), AtError> {
         loop {
             while let Some(l) = self.next_line() {
-                if !self.absorb_urc(&l, None) {
+                if self.absorb_urc(&l, None) {
+                    continue;
+                }
+                if l.starts_with("+CMS ERROR: 322") {
+                    // Some modems say so, unasked, when the message storage is full.
+                    self.urcs.push_back(Urc {
+                        line: l,
+                        data: None,
+                    });
+                } else {
                     tracing::debug!(line = %l, "unexpected line from an idle modem, dropped");
                 }
             }

@@ -797,14 +797,21 @@ impl Actor {
                 }
             } else if line.starts_with("+CDSI:") || line.starts_with("+CMTI:") {
                 // Stored: `+CMTI: "SM",<index>`.
-                match line
-                    .rsplit(',')
-                    .next()
-                    .and_then(|i| i.trim().parse::<u32>().ok())
-                {
-                    Some(index) => self.read_stored(at, index).await?,
-                    None => warn!(modem = %self.s.name, "unreadable {line}"),
+                let (_, rest) = line.split_once(':').unwrap_or(("", ""));
+                let (mem, index) = rest.rsplit_once(',').unwrap_or(("", rest));
+                match index.trim().parse::<u32>() {
+                    Ok(index) => {
+                        self.use_storage(at, mem.trim().trim_matches('"')).await?;
+                        self.read_stored(at, index).await?;
+                    }
+                    Err(_) => warn!(modem = %self.s.name, "unreadable {line}"),
                 }
+            } else if line.starts_with("^SMMEMFULL") || line.starts_with("+CMS ERROR: 322") {
+                warn!(
+                    modem = %self.s.name,
+                    "the modem says its message storage is full ({line}): reading it now"
+                );
+                self.sweep(at).await?;
             } else {
                 debug!(modem = %self.s.name, urc = %line, "unsolicited");
             }
@@ -867,6 +874,25 @@ impl Actor {
         Ok(())
     }
 
+    /// Selects the storage `mem` (`SM`, `ME`, `SR`, ...) for reading and deleting; whether the
+    /// modem has it. An empty name leaves the storage as it is.
+    async fn use_storage(&self, at: &mut Port, mem: &str) -> Result<bool, String> {
+        if mem.is_empty() {
+            return Ok(true);
+        }
+        if !mem.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Ok(false);
+        }
+        match at
+            .command(&format!("AT+CPMS=\"{mem}\""), self.s.command_timeout)
+            .await
+        {
+            Ok(r) => Ok(r.result.is_ok()),
+            Err(AtError::Timeout { .. }) => self.recover(at).await.map(|_| false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     async fn delete(&self, at: &mut Port, index: u32) -> Result<(), String> {
         match at
             .command(&format!("AT+CMGD={index}"), self.s.command_timeout)
@@ -888,32 +914,39 @@ impl Actor {
     /// still full afterwards is logged: the network cannot deliver more.
     async fn sweep(&self, at: &mut Port) -> Result<(), String> {
         let t = self.s.command_timeout;
-        let r = match at.command("AT+CMGL=4", t).await {
-            Ok(r) => r,
-            Err(AtError::Timeout { .. }) => return self.recover(at).await,
-            Err(e) => return Err(e.to_string()),
-        };
-        if !r.result.is_ok() {
-            debug!(modem = %self.s.name, "AT+CMGL=4 answered {}", r.result);
-            return Ok(());
-        }
-        let mut listed: Vec<(u32, String)> = Vec::new();
-        let mut index = None;
-        for l in &r.lines {
-            if let Some(rest) = l.strip_prefix("+CMGL:") {
-                index = rest
-                    .split(',')
-                    .next()
-                    .and_then(|i| i.trim().parse::<u32>().ok());
-            } else if let Some(i) = index.take() {
-                listed.push((i, l.clone()));
+        // The SIM's storage and the modem's own (a modem without one refuses "ME").
+        for mem in ["SM", "ME"] {
+            if !self.use_storage(at, mem).await? {
+                continue;
+            }
+            let r = match at.command("AT+CMGL=4", t).await {
+                Ok(r) => r,
+                Err(AtError::Timeout { .. }) => return self.recover(at).await,
+                Err(e) => return Err(e.to_string()),
+            };
+            if !r.result.is_ok() {
+                debug!(modem = %self.s.name, "AT+CMGL=4 ({mem}) answered {}", r.result);
+                continue;
+            }
+            let mut listed: Vec<(u32, String)> = Vec::new();
+            let mut index = None;
+            for l in &r.lines {
+                if let Some(rest) = l.strip_prefix("+CMGL:") {
+                    index = rest
+                        .split(',')
+                        .next()
+                        .and_then(|i| i.trim().parse::<u32>().ok());
+                } else if let Some(i) = index.take() {
+                    listed.push((i, l.clone()));
+                }
+            }
+            for (i, pdu) in listed {
+                if self.take(&pdu, &format!("stored message {mem} {i}")).await {
+                    self.delete(at, i).await?;
+                }
             }
         }
-        for (i, pdu) in listed {
-            if self.take(&pdu, &format!("stored message {i}")).await {
-                self.delete(at, i).await?;
-            }
-        }
+        self.use_storage(at, "SM").await?;
         if let Ok(r) = at.command("AT+CPMS?", t).await {
             let counts: Vec<u32> = r
                 .value("+CPMS:")

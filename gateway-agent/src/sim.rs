@@ -115,6 +115,8 @@ struct Shared {
     reports: Vec<StatusReport>,
     /// The SIM's message storage: index (from 1) -> (status 0 unread / 1 read, PDU hex).
     storage: std::collections::BTreeMap<u32, (u8, String)>,
+    /// `AT+CMGD` answers an error (a modem that fails to delete).
+    refuse_delete: bool,
 }
 
 struct Inner {
@@ -255,13 +257,20 @@ impl Simulator {
     /// An SMS arrives from the network: `pdu` (hex, SMSC information first, as Gammu's
     /// `EncodePDU(..., "Deliver")` gives it) is stored in the first free slot and announced with
     /// `+CMTI: "SM",<index>` (or not, with `announce = false`: modems that drop indications).
-    /// Returns the index, or None when the storage is full (the network keeps it, as a real
-    /// one would, until there is room: call again).
+    /// Returns the index, or None when the storage is full: the modem then says so
+    /// (`^SMMEMFULL`) and the network keeps the SMS, as a real one would, until there is room
+    /// (call again).
     pub fn receive(&self, pdu: &str, announce: bool) -> Option<u32> {
         let index = {
             let mut s = self.lock();
-            let index =
-                (1..=self.inner.cfg.storage_slots as u32).find(|i| !s.storage.contains_key(i))?;
+            let free =
+                (1..=self.inner.cfg.storage_slots as u32).find(|i| !s.storage.contains_key(i));
+            let Some(index) = free else {
+                drop(s);
+                // As Huawei modems say it.
+                self.unsolicited(&["^SMMEMFULL: \"SM\""]);
+                return None;
+            };
             s.storage.insert(index, (0, pdu.to_owned()));
             index
         };
@@ -270,6 +279,11 @@ impl Simulator {
         }
         self.inner.changed.notify_waiters();
         Some(index)
+    }
+
+    /// Makes `AT+CMGD` fail (true) or work again (false).
+    pub fn set_refuse_delete(&self, refuse: bool) {
+        self.lock().refuse_delete = refuse;
     }
 
     /// The SIM storage's used slots (index, PDU).
@@ -538,13 +552,17 @@ impl Simulator {
                 let arg = upper[8..].trim();
                 let (index, flag) = arg.split_once(',').unwrap_or((arg, "0"));
                 let mut s = self.lock();
-                match (index.trim().parse::<u32>(), flag.trim()) {
-                    (_, "4") => {
-                        s.storage.clear();
-                        Some(ok)
+                if s.refuse_delete {
+                    Some("+CMS ERROR: 500".into())
+                } else {
+                    match (index.trim().parse::<u32>(), flag.trim()) {
+                        (_, "4") => {
+                            s.storage.clear();
+                            Some(ok)
+                        }
+                        (Ok(i), _) if s.storage.remove(&i).is_some() => Some(ok),
+                        _ => Some("+CMS ERROR: 321".into()),
                     }
-                    (Ok(i), _) if s.storage.remove(&i).is_some() => Some(ok),
-                    _ => Some("+CMS ERROR: 321".into()),
                 }
             }
             _ => Some("ERROR".to_owned()),

@@ -989,11 +989,15 @@ async fn received_sms_are_joined_published_once_and_deleted() {
     assert_eq!(by("+4915112345678").message, "no indication for this one");
     let ids: std::collections::HashSet<&str> = got.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids.len(), 4);
-    assert!(
-        sim.stored().is_empty(),
-        "deleted once stored: {:?}",
-        sim.stored()
-    );
+    let deadline = tokio::time::Instant::now() + T;
+    while !sim.stored().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not deleted: {:?}",
+            sim.stored()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Only the first of two parts: published after the timeout, marked partial.
     let two = gammu::deliver(&"a".repeat(200), "+628127777777", false);
@@ -1055,11 +1059,80 @@ async fn a_full_storage_left_while_away_is_taken_and_cleared_at_start() {
         "joined across the restart: {got:#?}"
     );
     assert!(texts.contains("one") && texts.contains("two"), "{got:#?}");
-    assert!(sim.stored().is_empty(), "{:?}", sim.stored());
+    // Published once stored; deleted from the modem right after.
+    let deadline = tokio::time::Instant::now() + T;
+    while !sim.stored().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", sim.stored());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     sim.receive(&later[0], true).expect("room again");
     let got = inbox.wait(4, T).await;
     assert!(
         got.iter()
             .any(|m| m.message == "after the storage was cleared")
     );
+}
+
+/// A modem that failed to delete what the agent took fills up; when it says its storage is full
+/// (`^SMMEMFULL`), the agent reads it at once, recognises what it has (published once), clears
+/// it, and the next SMS arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_storage_is_cleared_of_what_was_taken_when_the_modem_says_so() {
+    use common::gammu;
+    let dir = scratch("inbound-full");
+    let b = broker().await;
+    let sim = sim(
+        &dir,
+        "m1",
+        SimConfig {
+            storage_slots: 2,
+            ..SimConfig::default()
+        },
+    )
+    .await;
+    let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    cfg.agent.inbox_sweep = Duration::from_secs(3600);
+    let mut inbox = InboxListener::new(b.addr).await;
+    let (_agent, _status) = start_ready(cfg, b.addr).await;
+    sim.set_refuse_delete(true);
+    for t in ["first", "second"] {
+        sim.receive(&gammu::deliver(t, "+628126666666", false)[0], true)
+            .expect("room");
+    }
+    inbox.wait(2, T).await;
+    // Both deletes tried (and refused) before the modem deletes again.
+    let deadline = tokio::time::Instant::now() + T;
+    while sim
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("AT+CMGD="))
+        .count()
+        < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            sim.commands()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sim.stored().len(), 2, "not deleted: the storage is full");
+    sim.set_refuse_delete(false);
+    let third = gammu::deliver("third", "+628126666666", false);
+    assert!(sim.receive(&third[0], true).is_none(), "full: ^SMMEMFULL");
+    let deadline = tokio::time::Instant::now() + T;
+    while !sim.stored().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not cleared: {:?} {:?}",
+            sim.stored(),
+            sim.commands()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sim.receive(&third[0], true).expect("room again");
+    let got = inbox.wait(3, T).await;
+    inbox.settle(Duration::from_millis(1000)).await;
+    let texts: Vec<&str> = inbox.messages.iter().map(|m| m.message.as_str()).collect();
+    assert_eq!(texts, ["first", "second", "third"], "each once: {got:#?}");
 }
