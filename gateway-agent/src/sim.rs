@@ -49,6 +49,9 @@ pub struct SimConfig {
     pub report_delay: Duration,
     /// Message slots of the SIM's storage (`"SM"`), where incoming SMS are kept until deleted.
     pub storage_slots: usize,
+    /// Delivery reports are stored and announced (`+CDSI: "SR",<index>`, as with
+    /// `AT+CNMI=...,2,...`) instead of passed on (`+CDS`).
+    pub store_reports: bool,
 }
 
 impl Default for SimConfig {
@@ -65,6 +68,7 @@ impl Default for SimConfig {
             delivery_report: None,
             report_delay: Duration::from_millis(100),
             storage_slots: 10,
+            store_reports: false,
         }
     }
 }
@@ -249,8 +253,22 @@ impl Simulator {
         let Ok(hex) = encode_status_report(&r) else {
             return;
         };
-        let len = format!("+CDS: {}", hex.len() / 2 - 1);
-        self.unsolicited(&[&len, &hex]);
+        if self.inner.cfg.store_reports {
+            let index = {
+                let mut s = self.lock();
+                let free =
+                    (1..=self.inner.cfg.storage_slots as u32).find(|i| !s.storage.contains_key(i));
+                let Some(index) = free else {
+                    return;
+                };
+                s.storage.insert(index, (0, hex));
+                index
+            };
+            self.unsolicited(&[&format!("+CDSI: \"SR\",{index}")]);
+        } else {
+            let len = format!("+CDS: {}", hex.len() / 2 - 1);
+            self.unsolicited(&[&len, &hex]);
+        }
         self.lock().reports.push(r);
     }
 

@@ -934,6 +934,52 @@ async fn a_network_that_reports_every_part_gets_the_job_delivered() {
     assert_eq!(sim.reports().len(), 3, "one per part of the job that asked");
 }
 
+/// A modem that stores reports (`+CDSI: "SR",<index>`): each is read, taken and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_delivery_reports_are_read_and_deleted() {
+    let dir = scratch("cdsi");
+    let b = broker().await;
+    let sim = sim(
+        &dir,
+        "m1",
+        SimConfig {
+            delivery_report: Some(0x00),
+            store_reports: true,
+            ..SimConfig::default()
+        },
+    )
+    .await;
+    let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    cfg.agent.status_report = true;
+    let (_agent, mut status) = start_ready(cfg, b.addr).await;
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("sr", "+628123456789", "stored report")]),
+    )
+    .await;
+    status.wait("sr", Status::Delivered, T).await;
+    let deadline = tokio::time::Instant::now() + T;
+    while !sim.stored().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", sim.stored());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        sim.commands().iter().any(|c| c == "AT+CPMS=\"SR\""),
+        "{:?}",
+        sim.commands()
+    );
+}
+
+fn by_sender(
+    got: &[wsmb_protocol::sms::InboxMessage],
+    sender: &str,
+) -> wsmb_protocol::sms::InboxMessage {
+    got.iter()
+        .find(|m| m.sender == sender)
+        .unwrap_or_else(|| panic!("nothing from {sender}: {got:#?}"))
+        .clone()
+}
+
 /// Received SMS (PDUs from Gammu's encoder): announced ones and one whose indication the modem
 /// dropped (found by the sweep), a three-part UCS-2 message arriving out of order, an
 /// alphanumeric sender, the same SMS read twice; each is published once on `sms-inbox` with
@@ -964,9 +1010,14 @@ async fn received_sms_are_joined_published_once_and_deleted() {
     sim.receive(&bank[0], true).expect("room");
     sim.receive(&reply[0], true).expect("room"); // read again
     sim.receive(&quiet[0], false).expect("room");
-    let got = inbox.wait(4, T).await;
+    // Passed on directly, not stored (+CMT: ,<length> and the PDU).
+    let direct = gammu::deliver("langsung", "+628129999999", false);
+    let len = format!("+CMT: ,{}", direct[0].len() / 2 - 8);
+    sim.unsolicited(&[&len, &direct[0]]);
+    let got = inbox.wait(5, T).await;
     inbox.settle(Duration::from_millis(1500)).await;
-    assert_eq!(inbox.messages.len(), 4, "each once: {:#?}", inbox.messages);
+    assert_eq!(inbox.messages.len(), 5, "each once: {:#?}", inbox.messages);
+    assert_eq!(by_sender(&got, "+628129999999").message, "langsung");
     let by = |sender: &str| {
         got.iter()
             .find(|m| m.sender == sender)
@@ -988,7 +1039,7 @@ async fn received_sms_are_joined_published_once_and_deleted() {
     assert_eq!(by("BANK").message, "Saldo Anda €100 [OK] {ref}");
     assert_eq!(by("+4915112345678").message, "no indication for this one");
     let ids: std::collections::HashSet<&str> = got.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids.len(), 4);
+    assert_eq!(ids.len(), 5);
     let deadline = tokio::time::Instant::now() + T;
     while !sim.stored().is_empty() {
         assert!(
@@ -1002,7 +1053,7 @@ async fn received_sms_are_joined_published_once_and_deleted() {
     // Only the first of two parts: published after the timeout, marked partial.
     let two = gammu::deliver(&"a".repeat(200), "+628127777777", false);
     sim.receive(&two[0], true).expect("room");
-    let got = inbox.wait(5, T).await;
+    let got = inbox.wait(6, T).await;
     let m = got
         .iter()
         .find(|m| m.sender == "+628127777777")
