@@ -958,11 +958,7 @@ async fn stored_delivery_reports_are_read_and_deleted() {
     )
     .await;
     status.wait("sr", Status::Delivered, T).await;
-    let deadline = tokio::time::Instant::now() + T;
-    while !sim.stored().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "{:?}", sim.stored());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_storage_empty(&sim).await;
     assert!(
         sim.commands().iter().any(|c| c == "AT+CPMS=\"SR\""),
         "{:?}",
@@ -1040,15 +1036,7 @@ async fn received_sms_are_joined_published_once_and_deleted() {
     assert_eq!(by("+4915112345678").message, "no indication for this one");
     let ids: std::collections::HashSet<&str> = got.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids.len(), 5);
-    let deadline = tokio::time::Instant::now() + T;
-    while !sim.stored().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not deleted: {:?}",
-            sim.stored()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_storage_empty(&sim).await;
 
     // Only the first of two parts: published after the timeout, marked partial.
     let two = gammu::deliver(&"a".repeat(200), "+628127777777", false);
@@ -1085,11 +1073,7 @@ async fn a_full_storage_left_while_away_is_taken_and_cleared_at_start() {
     {
         let (agent, _status) = start_ready(cfg.clone(), b.addr).await;
         sim.receive(&split[0], true).expect("room");
-        let deadline = tokio::time::Instant::now() + T;
-        while !sim.stored().is_empty() {
-            assert!(tokio::time::Instant::now() < deadline, "part 1 not taken");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_storage_empty(&sim).await;
         let wsmb_agent::agent::Running { shutdown, task, .. } = agent;
         shutdown.cancel();
         let _ = task.await;
@@ -1111,11 +1095,7 @@ async fn a_full_storage_left_while_away_is_taken_and_cleared_at_start() {
     );
     assert!(texts.contains("one") && texts.contains("two"), "{got:#?}");
     // Published once stored; deleted from the modem right after.
-    let deadline = tokio::time::Instant::now() + T;
-    while !sim.stored().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "{:?}", sim.stored());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_storage_empty(&sim).await;
     sim.receive(&later[0], true).expect("room again");
     let got = inbox.wait(4, T).await;
     assert!(
@@ -1171,16 +1151,7 @@ async fn a_full_storage_is_cleared_of_what_was_taken_when_the_modem_says_so() {
     sim.set_refuse_delete(false);
     let third = gammu::deliver("third", "+628126666666", false);
     assert!(sim.receive(&third[0], true).is_none(), "full: ^SMMEMFULL");
-    let deadline = tokio::time::Instant::now() + T;
-    while !sim.stored().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not cleared: {:?} {:?}",
-            sim.stored(),
-            sim.commands()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_storage_empty(&sim).await;
     sim.receive(&third[0], true).expect("room again");
     let got = inbox.wait(3, T).await;
     inbox.settle(Duration::from_millis(1000)).await;

@@ -728,23 +728,7 @@ impl Service {
     /// is acknowledged. An error means nothing was recorded: the frame must be refused so that
     /// the agent sends it again (events are idempotent: a repeated one changes nothing).
     pub async fn ingest(&self, device: &str, frame: &str) -> Result<(), DbError> {
-        #[derive(serde::Deserialize)]
-        struct F {
-            #[serde(default)]
-            data: Value,
-        }
-        let Ok(f) = serde_json::from_str::<F>(frame) else {
-            return Ok(());
-        };
-        let items = match f.data {
-            Value::Array(a) => a,
-            v @ Value::Object(_) => vec![v],
-            _ => return Ok(()),
-        };
-        let events: Vec<StatusEvent> = items
-            .into_iter()
-            .filter_map(|v| serde_json::from_value(v).ok())
-            .collect();
+        let events: Vec<StatusEvent> = data_items(frame);
         let now = now_ms();
         self.note_device(device, &events, now);
         let events: Vec<StatusEvent> = events
@@ -843,22 +827,8 @@ impl Service {
     /// every user, in one transaction, before the frame is acknowledged. An error means nothing
     /// was kept: the frame must be refused so that the agent sends it again.
     pub async fn ingest_inbox(&self, device: &str, frame: &str) -> Result<(), DbError> {
-        #[derive(serde::Deserialize)]
-        struct F {
-            #[serde(default)]
-            data: Value,
-        }
-        let Ok(f) = serde_json::from_str::<F>(frame) else {
-            return Ok(());
-        };
-        let items = match f.data {
-            Value::Array(a) => a,
-            v @ Value::Object(_) => vec![v],
-            _ => return Ok(()),
-        };
-        let received: Vec<InboxMessage> = items
+        let received: Vec<InboxMessage> = data_items(frame)
             .into_iter()
-            .filter_map(|v| serde_json::from_value(v).ok())
             .filter(|m: &InboxMessage| !m.id.is_empty() && m.id.len() <= model::MAX_ID)
             .collect();
         if received.is_empty() {
@@ -1332,6 +1302,25 @@ impl Service {
             }
         }
     }
+}
+
+/// The items of a `send-message` frame's `data` (an array, or a single object) that read as
+/// `T`; others are skipped.
+fn data_items<T: serde::de::DeserializeOwned>(frame: &str) -> Vec<T> {
+    #[derive(serde::Deserialize)]
+    struct F {
+        #[serde(default)]
+        data: Value,
+    }
+    let items = match serde_json::from_str::<F>(frame).map(|f| f.data) {
+        Ok(Value::Array(a)) => a,
+        Ok(v @ Value::Object(_)) => vec![v],
+        _ => return Vec::new(),
+    };
+    items
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect()
 }
 
 fn not_found(what: &str, id: &str) -> ApiError {

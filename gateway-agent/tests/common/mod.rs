@@ -281,6 +281,20 @@ impl InboxListener {
     }
 }
 
+/// Waits until the simulated modem's storage is empty (what the agent took is deleted right
+/// after it is stored, so shortly after it is published).
+pub async fn wait_storage_empty(sim: &Simulator) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !sim.stored().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not deleted from the modem: {:?}",
+            sim.stored()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Sends jobs the way the seed README's sender does (legacy frame, one reply read).
 pub async fn send_jobs(addr: SocketAddr, items: serde_json::Value) {
     let mut ws = client(addr).await;
