@@ -401,9 +401,10 @@ async fn serve(
                 match store.outbox(sent_up_to, BATCH).await {
                     Ok((kind, events)) if !events.is_empty() => {
                         let seqs: Vec<i64> = events.iter().map(|(s, _)| *s).collect();
-                        let items: Vec<serde_json::Value> = events
+                        // Forwarded as stored, byte for byte.
+                        let items: Vec<Box<serde_json::value::RawValue>> = events
                             .iter()
-                            .filter_map(|(_, e)| serde_json::from_str(e).ok())
+                            .filter_map(|(_, e)| serde_json::value::RawValue::from_string(e.clone()).ok())
                             .collect();
                         let channel = if kind == crate::store::OUT_INBOX {
                             &cfg.broker.inbox_channel
