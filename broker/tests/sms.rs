@@ -1024,6 +1024,20 @@ async fn devices_health_held_cancelled_and_expired_messages() {
     assert!(v["recipients"][0].get("heldBack").is_none(), "{v}");
     let a = api(b.addr, "DELETE", "/messages/h1", None).await;
     assert_eq!(a.status, 409, "{a:?}");
+    // Sent, then the network's report says it was not delivered: Failed with that reason.
+    agent
+        .report(json!([event("h1", "failed", json!({"error_code": "not_delivered",
+            "reason": "the network reports it not delivered: validity period expired (permanent error), TP-ST 0x46"}))]))
+        .await;
+    let v = wait_state(b.addr, "h1", "Failed").await;
+    let err = v["recipients"][0]["error"].as_str().unwrap_or_default();
+    assert!(err.contains("validity period expired"), "{v}");
+    assert!(v["states"]["Sent"].is_string(), "{v}");
+    hooks
+        .wait("sms:failed of h1", |h| {
+            h.iter().any(|x| x.body["payload"]["messageId"] == "h1")
+        })
+        .await;
 
     // The agent leaves: it is shown, not connected.
     drop(agent);
