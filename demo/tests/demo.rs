@@ -63,6 +63,8 @@ fn the_demo_sends_an_otp_through_the_whole_bundle_and_stays_up() {
         &demo,
         &format!("status  {id}: sent to +6281234567890 via sim1"),
     );
+    // The network's delivery report for it.
+    line(&demo, &format!("status  {id}: delivered"));
     let ready = line(&demo, "ready   send another");
     assert!(
         ready.contains("send --url ") && ready.contains("php "),
