@@ -1169,3 +1169,23 @@ async fn received_sms_are_kept_listed_and_call_their_webhooks() {
     stop(b).await;
     db::cleanup(&st).await;
 }
+
+/// Received SMS are bounded like message states: past `sms.max_messages` kept, a frame is
+/// refused with `05` (the agent keeps it and sends it again later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_sms_past_the_limit_are_refused_not_dropped() {
+    let b = start(&db::storage(Backend::Memory, "smsinboxcap"), |c| {
+        c.sms.max_messages = 1;
+    })
+    .await;
+    let mut agent = Agent::connect(b.addr).await;
+    let item = |id: &str| {
+        json!([{"id": id, "sender": "+628123456789", "message": "x", "time": 1_800_000_000,
+                "received_at": "2027-01-15T15:00:00+07:00", "parts": 1, "coding": "gsm7"}])
+    };
+    assert_ne!(agent.publish("sms-inbox", item("a")).await, "05");
+    assert_eq!(agent.publish("sms-inbox", item("b")).await, "05");
+    let a = api(b.addr, "GET", "/inbox", None).await;
+    assert_eq!(a.body.as_array().map(Vec::len), Some(1), "{a:?}");
+    stop(b).await;
+}

@@ -834,6 +834,15 @@ impl Service {
         if received.is_empty() {
             return Ok(());
         }
+        // Bounded like message states: past sms.max_messages kept, refused (the agent keeps
+        // them and sends them again) until old ones age out after sms.keep.
+        let kept = self.store.count(Kind::Inbox, None).await?;
+        if kept >= self.cfg.max_messages {
+            return Err(DbError(format!(
+                "{kept} received SMS are kept, the limit (sms.max_messages); older ones age out \
+                 after sms.keep"
+            )));
+        }
         let now = now_ms();
         let hooks = self.hooks_for("sms:received").await?;
         let _g = self.lock.lock().await;
