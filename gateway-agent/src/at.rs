@@ -55,6 +55,21 @@ impl ModemIo for tokio_serial::SerialStream {
 
 impl ModemIo for tokio::io::DuplexStream {}
 
+/// Commands that carry a secret (the SIM PIN or PUK, facility passwords): what follows `=` is
+/// never written to a log or an error, at any level.
+const SECRET_COMMANDS: &[&str] = &["AT+CPIN=", "AT+CLCK=", "AT+CPWD="];
+
+/// `text` with the secret of a PIN-carrying command hidden (`AT+CPIN=<hidden>`).
+pub fn redact(text: &str) -> std::borrow::Cow<'_, str> {
+    let t = text.trim_start();
+    for p in SECRET_COMMANDS {
+        if t.len() >= p.len() && t[..p.len()].eq_ignore_ascii_case(p) {
+            return std::borrow::Cow::Owned(format!("{}<hidden>", &t[..p.len()]));
+        }
+    }
+    std::borrow::Cow::Borrowed(text)
+}
+
 /// Prefixes of unsolicited result codes. Lines starting with one of these are URCs unless the
 /// running command asked for that prefix (`AT+CREG?` expects `+CREG:`).
 const URC_PREFIXES: &[&str] = &[
@@ -428,7 +443,7 @@ impl<P: ModemIo> AtPort<P> {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), AtError> {
-        tracing::trace!(write = %String::from_utf8_lossy(bytes).escape_debug(), "to modem");
+        tracing::trace!(write = %redact(&String::from_utf8_lossy(bytes)).escape_debug(), "to modem");
         self.port.write_all(bytes).await?;
         self.port.flush().await?;
         Ok(())
@@ -445,7 +460,12 @@ impl<P: ModemIo> AtPort<P> {
     pub async fn command(&mut self, cmd: &str, timeout: Duration) -> Result<Response, AtError> {
         let stale = self.drain(Duration::ZERO).await?;
         if !stale.is_empty() {
-            tracing::debug!(?stale, "discarded stale modem output before {cmd}");
+            let stale: Vec<_> = stale.iter().map(|l| redact(l)).collect();
+            tracing::debug!(
+                ?stale,
+                "discarded stale modem output before {}",
+                redact(cmd)
+            );
         }
         let deadline = Instant::now() + timeout;
         self.write(format!("{cmd}\r").as_bytes()).await?;
@@ -455,7 +475,7 @@ impl<P: ModemIo> AtPort<P> {
             match self.next_input(deadline, false).await? {
                 None => {
                     return Err(AtError::Timeout {
-                        cmd: cmd.to_owned(),
+                        cmd: redact(cmd).into_owned(),
                         after: timeout,
                     });
                 }
@@ -688,6 +708,15 @@ mod tests {
         let urcs = at.take_urcs();
         assert_eq!(urcs.len(), 3, "{urcs:?}");
         assert_eq!(urcs[2].data.as_deref(), Some("0791ABCD"));
+    }
+
+    #[test]
+    fn secrets_are_hidden() {
+        assert_eq!(redact("AT+CPIN=\"1234\"\r"), "AT+CPIN=<hidden>");
+        assert_eq!(redact("at+cpin=1234"), "at+cpin=<hidden>");
+        assert_eq!(redact("AT+CPIN?"), "AT+CPIN?");
+        assert_eq!(redact("AT+CLCK=\"SC\",0,\"1234\""), "AT+CLCK=<hidden>");
+        assert_eq!(redact("AT+CSQ"), "AT+CSQ");
     }
 
     #[tokio::test]

@@ -322,6 +322,28 @@ impl Config {
             {
                 return bad(format!("modem {:?}: timeouts must be more than 0s", m.name));
             }
+            // What goes on the serial line must not be able to end the command it is in and
+            // start another one.
+            let pin_ok =
+                (4..=8).contains(&m.pin.len()) && m.pin.bytes().all(|b| b.is_ascii_digit());
+            if !m.pin.is_empty() && !pin_ok {
+                return bad(format!(
+                    "modem {:?}: pin must be 4 to 8 digits (the SIM's PIN), or empty when the SIM \
+                     has none",
+                    m.name
+                ));
+            }
+            for cmd in &m.init {
+                let printable = cmd.bytes().all(|b| (0x20..0x7f).contains(&b));
+                if !printable || !cmd.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("AT")) {
+                    return bad(format!(
+                        "modem {:?}: init command {cmd:?} must start with AT and hold only \
+                         printable ASCII (one command per entry; no line breaks or control \
+                         characters)",
+                        m.name
+                    ));
+                }
+            }
         }
         self.log.validate()?;
         for r in &self.routes {
@@ -466,6 +488,25 @@ mod tests {
                 .to_string()
                 .contains("validity")
         );
+        // Nothing from the config can end an AT command and start another.
+        for pin in ["123", "123456789", "12a4", "1234\"\r\nAT+CFUN=0\r"] {
+            let mut c = valid();
+            c.modems[0].pin = pin.into();
+            let e = c.validate().expect_err("pin").to_string();
+            assert!(e.contains("pin must be 4 to 8 digits"), "{pin:?}: {e}");
+            assert!(!e.contains(pin), "the PIN is not repeated in the error: {e}");
+        }
+        for pin in ["", "1234", "12345678"] {
+            let mut c = valid();
+            c.modems[0].pin = pin.into();
+            c.validate().expect("a valid PIN");
+        }
+        for init in ["AT+CSCS=\"GSM\"\rAT+CFUN=0", "ATZ\u{1a}", "CFUN=1", ""] {
+            let mut c = valid();
+            c.modems[0].init = vec![init.into()];
+            let e = c.validate().expect_err("init").to_string();
+            assert!(e.contains("must start with AT"), "{init:?}: {e}");
+        }
         let e =
             Config::from_toml("[agent]\ncolor = 1\n", Path::new("a.toml")).expect_err("unknown");
         assert!(e.to_string().contains("color"));

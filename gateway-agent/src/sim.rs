@@ -400,7 +400,7 @@ impl Simulator {
                     _ => continue,
                 },
             };
-            tracing::trace!(generation, input = %String::from_utf8_lossy(&buf[..n]).escape_debug(), "sim read");
+            tracing::trace!(generation, input = %crate::at::redact(&String::from_utf8_lossy(&buf[..n])).escape_debug(), "sim read");
             let out = self.feed(&mut m, &buf[..n]);
             tracing::trace!(generation, output = %String::from_utf8_lossy(&out).escape_debug(), "sim answer");
             if !out.is_empty() && master.write_all(&out).await.is_err() {
