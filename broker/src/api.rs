@@ -5,13 +5,13 @@
 //! `{"message": "..."}`. This is the session layer of the API: what a request does is the SMS
 //! service's business ([`crate::sms`]).
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use serde_json::{Value, json};
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::config::API_PREFIX;
 use crate::http::{self, RequestHead};
@@ -56,6 +56,7 @@ impl Reply {
             409 => "Conflict",
             411 => "Length Required",
             413 => "Payload Too Large",
+            429 => "Too Many Requests",
             503 => "Service Unavailable",
             _ => "Error",
         };
@@ -82,11 +83,11 @@ pub async fn serve<S: Socket>(
     mut stream: S,
     head: RequestHead,
     leftover: BytesMut,
-    peer: SocketAddr,
+    client: IpAddr,
     shared: &Arc<Shared>,
 ) {
     let started = Instant::now();
-    let (reply, user) = answer(&mut stream, &head, leftover, peer, shared).await;
+    let (reply, user) = answer(&mut stream, &head, leftover, client, shared).await;
     debug!(
         method = %head.method, path = %head.path, status = reply.status,
         user = user.as_deref().unwrap_or("-"), elapsed = ?started.elapsed(),
@@ -104,7 +105,7 @@ async fn answer<S: Socket>(
     stream: &mut S,
     head: &RequestHead,
     leftover: BytesMut,
-    peer: SocketAddr,
+    client: IpAddr,
     shared: &Arc<Shared>,
 ) -> (Reply, Option<String>) {
     let Some(sms) = shared.sms.as_ref() else {
@@ -117,24 +118,43 @@ async fn answer<S: Socket>(
             None,
         );
     };
-    let creds = head
-        .authorization
-        .as_deref()
-        .and_then(http::basic_credentials);
-    let Some((user, password)) = creds else {
-        let mut r = Reply::json(
-            401,
-            json!({"message": "HTTP Basic credentials of a broker user are required"}),
+    if let Err(wait) = shared.guard.http_request(client) {
+        return (
+            Reply::error(ApiError {
+                status: 429,
+                message: format!(
+                    "too many requests from this address (server.http_requests_per_second = \
+                     {}); retry after the time Retry-After gives",
+                    shared.config.server.http_requests_per_second
+                ),
+                retry_after: Some(wait.as_secs().max(1)),
+            }),
+            None,
         );
-        r.extra = "WWW-Authenticate: Basic realm=\"wsmb\"\r\n".into();
-        return (r, None);
-    };
-    if !shared.auth.verify(&user, &password).await {
-        info!(%peer, user = %user, "HTTP API: wrong user name or password");
-        let mut r = Reply::json(401, json!({"message": "wrong user name or password"}));
-        r.extra = "WWW-Authenticate: Basic realm=\"wsmb\"\r\n".into();
-        return (r, Some(user));
     }
+    let login = crate::auth::login(
+        &shared.auth,
+        &shared.guard,
+        head.authorization.as_deref(),
+        client,
+    )
+    .await;
+    let user = match login {
+        crate::auth::Login::User(u) => u,
+        crate::auth::Login::Missing => {
+            let mut r = Reply::json(
+                401,
+                json!({"message": "HTTP Basic credentials of a broker user are required"}),
+            );
+            r.extra = "WWW-Authenticate: Basic realm=\"wsmb\"\r\n".into();
+            return (r, None);
+        }
+        crate::auth::Login::Failed(user) => {
+            let mut r = Reply::json(401, json!({"message": "wrong user name or password"}));
+            r.extra = "WWW-Authenticate: Basic realm=\"wsmb\"\r\n".into();
+            return (r, Some(user));
+        }
+    };
     let body = match read_body(stream, head, leftover, sms, shared).await {
         Ok(b) => b,
         Err(e) => return (Reply::error(e), Some(user)),

@@ -254,8 +254,37 @@ pub struct ServerConfig {
     pub number_of_receiver: u32,
     /// Largest accepted frame/message, in bytes; larger ones close the connection with 1009.
     pub max_message_bytes: usize,
-    /// Most simultaneous connections (WebSocket and HTTP); more get 503.
+    /// Most simultaneous authenticated WebSocket sessions; more get 503.
     pub max_connections: usize,
+    /// Most connections still authenticating (any address), a budget of their own so that
+    /// they never take the place of authenticated sessions; more get 503.
+    pub max_pending_connections: usize,
+    /// Most connections of any kind from one client address (trusted proxies excepted).
+    pub max_connections_per_address: usize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (its last address); they are
+    /// not capped per address. Default: loopback.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// After a failed login from an address, its next answer waits this long, doubling with
+    /// each failure...
+    #[serde(deserialize_with = "duration")]
+    pub auth_fail_delay: Duration,
+    /// ...up to this.
+    #[serde(deserialize_with = "duration")]
+    pub auth_fail_delay_max: Duration,
+    /// Failed logins from one address within `auth_ban_window` that ban it (0: never).
+    pub auth_ban_after: u32,
+    /// See `auth_ban_after`.
+    #[serde(deserialize_with = "duration")]
+    pub auth_ban_window: Duration,
+    /// How long a ban lasts: the address's connections are closed at once.
+    #[serde(deserialize_with = "duration")]
+    pub auth_ban_for: Duration,
+    /// HTTP API requests per second per client address (twice that in a burst); more get 429
+    /// with `Retry-After`. 0: no limit.
+    pub http_requests_per_second: f64,
+    /// Messages a second one user may send (over all its connections; as many in a burst);
+    /// a faster sender is slowed down, not refused. 0: no limit.
+    pub messages_per_second_per_user: f64,
     /// Time a client has to complete the HTTP upgrade.
     #[serde(deserialize_with = "duration")]
     pub handshake_timeout: Duration,
@@ -297,6 +326,19 @@ impl Default for ServerConfig {
             number_of_receiver: 0,
             max_message_bytes: 1024 * 1024,
             max_connections: 10_000,
+            max_pending_connections: 512,
+            max_connections_per_address: 64,
+            trusted_proxies: vec![
+                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ],
+            auth_fail_delay: Duration::from_secs(1),
+            auth_fail_delay_max: Duration::from_secs(30),
+            auth_ban_after: 10,
+            auth_ban_window: Duration::from_secs(600),
+            auth_ban_for: Duration::from_secs(900),
+            http_requests_per_second: 50.0,
+            messages_per_second_per_user: 0.0,
             handshake_timeout: Duration::from_secs(10),
             welcome_delay: Duration::from_millis(100),
             max_channels_per_connection: 64,
@@ -409,6 +451,20 @@ impl Config {
         }
         if s.max_connections == 0 {
             return bad("server.max_connections must be at least 1".into());
+        }
+        if s.max_pending_connections == 0 || s.max_connections_per_address == 0 {
+            return bad(
+                "server.max_pending_connections and server.max_connections_per_address must be \
+                 at least 1"
+                    .into(),
+            );
+        }
+        if !(s.http_requests_per_second >= 0.0 && s.messages_per_second_per_user >= 0.0) {
+            return bad(
+                "server.http_requests_per_second and server.messages_per_second_per_user must be \
+                 0 (no limit) or more"
+                    .into(),
+            );
         }
         if s.max_channels_per_connection == 0 {
             return bad("server.max_channels_per_connection must be at least 1".into());
@@ -622,6 +678,16 @@ mod tests {
             "number_of_receiver",
             "max_message_bytes",
             "max_connections",
+            "max_pending_connections",
+            "max_connections_per_address",
+            "trusted_proxies",
+            "auth_fail_delay",
+            "auth_fail_delay_max",
+            "auth_ban_after",
+            "auth_ban_window",
+            "auth_ban_for",
+            "http_requests_per_second",
+            "messages_per_second_per_user",
             "handshake_timeout",
             "welcome_delay",
             "outgoing_queue",

@@ -35,6 +35,7 @@ use wsmb_protocol::reply::{self, SendResult};
 use wsmb_protocol::{ResponseCode, time};
 
 use crate::delivery::{Accepted, Outcome, Publish, Report, Subscriber};
+use crate::guard::Admission;
 use crate::http::{self, HeadError, RequestHead};
 use crate::outbox::{Out, Outbox, Stop};
 use crate::state::Shared;
@@ -50,14 +51,21 @@ const MAX_PENDING: usize = 1024;
 /// `ids_omitted` instead, so that no reply can outgrow what a client takes.
 pub const MAX_IDS_BYTES: usize = 64 * 1024;
 
-/// Serves one accepted TCP connection.
-pub async fn handle<S: Socket>(stream: S, peer: SocketAddr, shared: Arc<Shared>, id: u64) {
+/// Serves one accepted TCP connection, admitted by the guard (`admission` is held until it
+/// closes).
+pub async fn handle<S: Socket>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    id: u64,
+    admission: Admission,
+) {
     // A debug span: at the default level no span is kept per connection (it would cost an
     // idle connection a tenth of its budget); the lines that matter at info name the
     // connection themselves.
     let span = tracing::debug_span!("conn", id, %peer, user = tracing::field::Empty);
     async move {
-        if let Err(e) = serve(stream, peer, &shared, id).await {
+        if let Err(e) = serve(stream, peer, &shared, id, admission).await {
             debug!("connection ended: {e}");
         }
     }
@@ -70,16 +78,28 @@ async fn serve<S: Socket>(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     id: u64,
+    mut admission: Admission,
 ) -> anyhow::Result<()> {
     // Boxed, so that what the handshake needs is not kept in the connection's future for its
     // whole life.
-    let Some((stream, reader, first, user)) = Box::pin(handshake(stream, peer, shared, id)).await?
+    let Some((stream, reader, first, user, _slot)) =
+        Box::pin(handshake(stream, peer, shared, id, &mut admission)).await?
     else {
         return Ok(());
     };
     session(stream, reader, first, shared, id, user).await;
     Ok(())
 }
+
+/// What an accepted WebSocket takes from the handshake: the stream, its reader, the first
+/// frame, the user, and its place among the sessions (`server.max_connections`).
+type Welcomed<S> = (
+    S,
+    Reader,
+    First,
+    Arc<str>,
+    tokio::sync::OwnedSemaphorePermit,
+);
 
 /// The first frame from the client, when one came within `welcome_delay`.
 type First = Option<Result<Option<Incoming>, ws::ReadError>>;
@@ -91,7 +111,8 @@ async fn handshake<S: Socket>(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     id: u64,
-) -> anyhow::Result<Option<(S, Reader, First, Arc<str>)>> {
+    admission: &mut Admission,
+) -> anyhow::Result<Option<Welcomed<S>>> {
     let _ = stream.set_nodelay(true);
     let cfg = &shared.config.server;
     let head = tokio::time::timeout(cfg.handshake_timeout, http::read_head(&mut stream)).await;
@@ -123,8 +144,54 @@ async fn handshake<S: Socket>(
         Ok(Err(HeadError::Io(e))) => return Err(e.into()),
         Ok(Ok(h)) => h,
     };
+    // Behind a trusted proxy, the client is the one it names.
+    let client = shared
+        .guard
+        .client_address(peer.ip(), head.forwarded_for.as_deref());
+    if let Some(left) = shared.guard.banned(client) {
+        shared
+            .guard
+            .stats
+            .refused_banned
+            .fetch_add(1, Ordering::Relaxed);
+        let resp = http::text_response(
+            403,
+            "Forbidden",
+            &format!("Retry-After: {}\r\n", left.as_secs().max(1)),
+            "this address is banned for a while after repeated failed logins",
+            false,
+        );
+        let _ = respond(&mut stream, &resp, cfg.write_timeout).await;
+        return Ok(None);
+    }
     if head.path.starts_with(crate::config::API_PREFIX) && !head.wants_websocket() {
-        Box::pin(crate::api::serve(stream, head, leftover, peer, shared)).await;
+        Box::pin(crate::api::serve(stream, head, leftover, client, shared)).await;
+        return Ok(None);
+    }
+    if head.path == crate::config::HEALTH_PATH && !head.wants_websocket() {
+        // Only up or down to strangers; the figures to users.
+        let user = match head.authorization {
+            Some(_) => authenticate(&head, shared, client, id).await,
+            None => None,
+        };
+        let body = if user.is_some() {
+            shared.health_json()
+        } else {
+            shared.health_brief()
+        };
+        let head_only = head.method == "HEAD";
+        let resp = if head.method == "GET" || head_only {
+            http::response(200, "OK", "application/json", "", &body, head_only)
+        } else {
+            http::text_response(
+                405,
+                "Method Not Allowed",
+                "Allow: GET, HEAD\r\n",
+                "use GET",
+                false,
+            )
+        };
+        respond(&mut stream, &resp, cfg.write_timeout).await?;
         return Ok(None);
     }
     if let Some(resp) = http_answer(&head, shared) {
@@ -138,10 +205,40 @@ async fn handshake<S: Socket>(
     };
     let accept = ws::accept_key(key.as_bytes());
 
-    let user = authenticate(&head, shared, peer, id).await;
+    let user = authenticate(&head, shared, client, id).await;
     if let Some(u) = &user {
         tracing::Span::current().record("user", u.as_str());
     }
+    // Authenticated: out of the pending budget, into the sessions'.
+    let slot = match &user {
+        Some(_) => {
+            admission.authenticated();
+            match Arc::clone(&shared.session_slots).try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    shared
+                        .stats
+                        .connections_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        conn = id, %peer,
+                        "session limit ({}) reached: refusing",
+                        cfg.max_connections
+                    );
+                    let resp = http::text_response(
+                        503,
+                        "Service Unavailable",
+                        "Retry-After: 5\r\n",
+                        "too many connections (server.max_connections); retry later",
+                        false,
+                    );
+                    let _ = respond(&mut stream, &resp, cfg.write_timeout).await;
+                    return Ok(None);
+                }
+            }
+        }
+        None => None,
+    };
     {
         use tokio::io::AsyncWriteExt;
         let upgrade = http::switching_protocols(&accept);
@@ -157,11 +254,11 @@ async fn handshake<S: Socket>(
         .await
         .ok();
 
-    let Some(user) = user else {
+    let (Some(user), Some(slot)) = (user, slot) else {
         reject(&stream, &mut reader, shared, peer, id).await;
         return Ok(None);
     };
-    Ok(Some((stream, reader, first, Arc::from(user))))
+    Ok(Some((stream, reader, first, Arc::from(user), slot)))
 }
 
 /// An accepted connection: reader, completer and writer side by side until the close.
@@ -249,26 +346,6 @@ async fn reject<S: Socket>(
 fn http_answer(head: &RequestHead, shared: &Shared) -> Option<Vec<u8>> {
     let cfg = &shared.config.server;
     let head_only = head.method == "HEAD";
-    if head.path == crate::config::HEALTH_PATH && !head.wants_websocket() {
-        return Some(if head.method == "GET" || head_only {
-            http::response(
-                200,
-                "OK",
-                "application/json",
-                "",
-                &shared.health_json(),
-                head_only,
-            )
-        } else {
-            http::text_response(
-                405,
-                "Method Not Allowed",
-                "Allow: GET, HEAD\r\n",
-                "use GET",
-                false,
-            )
-        });
-    }
     if head.path != cfg.path {
         let body = format!(
             "not found: the WebSocket endpoint is {} and the health check {}",
@@ -314,26 +391,27 @@ async fn respond<S: Socket>(stream: &mut S, resp: &[u8], limit: Duration) -> std
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
+/// The user `head`'s Basic credentials name, if they are right ([`crate::auth::login`]).
 async fn authenticate(
     head: &RequestHead,
     shared: &Shared,
-    peer: SocketAddr,
+    client: std::net::IpAddr,
     id: u64,
 ) -> Option<String> {
-    let Some(value) = head.authorization.as_deref() else {
-        debug!("no Authorization header");
-        return None;
-    };
-    let Some((user, password)) = http::basic_credentials(value) else {
-        debug!("Authorization header is not valid Basic credentials");
-        return None;
-    };
-    if shared.auth.verify(&user, &password).await {
-        Some(user)
-    } else {
-        // The user name is logged (it helps operators); the password never is.
-        info!(conn = id, %peer, user = %user, "wrong user name or password");
-        None
+    match crate::auth::login(
+        &shared.auth,
+        &shared.guard,
+        head.authorization.as_deref(),
+        client,
+    )
+    .await
+    {
+        crate::auth::Login::User(u) => Some(u),
+        crate::auth::Login::Missing => {
+            debug!(conn = id, "no valid Basic credentials");
+            None
+        }
+        crate::auth::Login::Failed(_) => None,
     }
 }
 
@@ -849,6 +927,9 @@ impl Session<'_> {
                     // Legacy role rule: a receiver that sends becomes a sender.
                     self.unsubscribe_all();
                 }
+                // A user over `messages_per_second_per_user` is slowed down here (its frames
+                // are read more slowly), not refused.
+                shared.guard.pace_user(&self.user).await;
                 stats.messages_in.fetch_add(1, Ordering::Relaxed);
                 let limit = frame
                     .number_of_receiver
@@ -1020,7 +1101,8 @@ mod tests {
         let (table, _) = cfg.credential_sources().load().expect("no users");
         let auth = Arc::new(crate::auth::Authenticator::new(table, Default::default()));
         let shared = Shared::new(Arc::new(cfg), auth, engine, stats, token, None);
-        let f = handle(c, addr, shared, 1);
+        let admission = shared.guard.admit(addr.ip()).expect("admitted");
+        let f = handle(c, addr, shared, 1, admission);
         let size = std::mem::size_of_val(&f);
         assert!(size <= 2600, "the connection future is {size} bytes");
     }

@@ -22,6 +22,8 @@ pub struct RequestHead {
     pub path: String,
     /// The query string (after `?`, without it), undecoded.
     pub query: String,
+    /// `X-Forwarded-For` (believed only from a trusted proxy).
+    pub forwarded_for: Option<String>,
     /// `Content-Length`, when given and valid (`Some(Err)`: given but not a number).
     pub content_length: Option<Result<usize, ()>>,
     /// Whether `Transfer-Encoding` was given (chunked bodies are not read).
@@ -118,6 +120,8 @@ fn extract(req: &httparse::Request<'_, '_>) -> RequestHead {
             head.ws_version = Some(text());
         } else if h.name.eq_ignore_ascii_case("authorization") {
             head.authorization = Some(h.value.to_vec());
+        } else if h.name.eq_ignore_ascii_case("x-forwarded-for") {
+            head.forwarded_for = Some(text());
         } else if h.name.eq_ignore_ascii_case("content-length") {
             head.content_length = Some(text().parse::<usize>().map_err(|_| ()));
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {

@@ -5,6 +5,8 @@
 //! `outbox` queues it for each receiver, `conn` writes it):
 //! - [`config`]: the TOML configuration, defaults, validation.
 //! - [`auth`]: htpasswd users (`{SHA}`, `$apr1$`, bcrypt), constant-time checks, reloading.
+//! - [`guard`]: defences against abuse by address and user: connection budgets and caps,
+//!   failed-login delays and bans, request rates.
 //! - [`http`]: the request head, routing to WebSocket, `/healthz` or an HTTP error.
 //! - [`api`]: the HTTP SMS API under `/3rdparty/v1` (session side: requests, responses).
 //! - [`ws`]: RFC 6455 framing (reading client frames, writing server frames), no buffers held
@@ -34,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod delivery;
+pub mod guard;
 pub mod http;
 pub mod outbox;
 pub mod server;

@@ -11,10 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::auth::{Authenticator, CredentialSources};
 use crate::config::Config;
@@ -25,7 +24,6 @@ use crate::stats::Stats;
 /// Accepts connections until `shared.shutdown` is cancelled, then waits for them to close.
 pub async fn run(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<crate::tls::Tls>>) {
     let cfg = &shared.config.server;
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let tracker = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -41,14 +39,22 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<cra
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            shared
-                .stats
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            warn!(%peer, "connection limit ({}) reached: refusing", cfg.max_connections);
-            tracker.spawn(refuse(stream));
-            continue;
+        // Banned, over its address's cap, or no room among the connections still
+        // authenticating: refused before any work (see `guard`).
+        let admission = match shared.guard.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(why) => {
+                shared
+                    .stats
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                match why {
+                    crate::guard::Refusal::Banned(_) => debug!(%peer, "refused: {why}"),
+                    _ => warn!(%peer, "connection refused: {why}"),
+                }
+                tracker.spawn(refuse(stream, why));
+                continue;
+            }
         };
         let id = shared.next_conn();
         let sh = Arc::clone(&shared);
@@ -57,14 +63,15 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<cra
             sh.stats.connections_open.fetch_add(1, Ordering::Relaxed);
             sh.stats.connections_total.fetch_add(1, Ordering::Relaxed);
             match tls {
-                None => crate::conn::handle(stream, peer, Arc::clone(&sh), id).await,
+                None => crate::conn::handle(stream, peer, Arc::clone(&sh), id, admission).await,
                 Some(tls) => match tls.accept(stream, sh.config.server.handshake_timeout).await {
-                    Ok(plain) => crate::conn::handle(plain, peer, Arc::clone(&sh), id).await,
+                    Ok(plain) => {
+                        crate::conn::handle(plain, peer, Arc::clone(&sh), id, admission).await
+                    }
                     Err(e) => info!(conn = id, %peer, "{e}"),
                 },
             }
             sh.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
         });
     }
     drop(listener);
@@ -77,12 +84,19 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<cra
     }
 }
 
-async fn refuse(mut stream: tokio::net::TcpStream) {
+async fn refuse(mut stream: tokio::net::TcpStream, why: crate::guard::Refusal) {
+    let (status, reason) = match why {
+        crate::guard::Refusal::Banned(_) => {
+            // Nothing more for a banned address than closing.
+            return;
+        }
+        _ => (503, "Service Unavailable"),
+    };
     let resp = crate::http::text_response(
-        503,
-        "Service Unavailable",
+        status,
+        reason,
         "Retry-After: 5\r\n",
-        "too many connections (server.max_connections); retry later",
+        &format!("{why}"),
         false,
     );
     let _ = tokio::time::timeout(

@@ -118,6 +118,10 @@ pub struct Shared {
     pub sessions: Sessions,
     /// The SMS service (`sms.enabled`).
     pub sms: Option<Arc<crate::sms::Service>>,
+    /// Defences against abuse (connection budgets, failed logins, request rates).
+    pub guard: Arc<crate::guard::Guard>,
+    /// Authenticated WebSocket sessions (`server.max_connections`).
+    pub session_slots: Arc<tokio::sync::Semaphore>,
     started: Instant,
     next_conn: AtomicU64,
 }
@@ -150,7 +154,11 @@ impl Shared {
         shutdown: CancellationToken,
         sms: Option<Arc<crate::sms::Service>>,
     ) -> Arc<Self> {
+        let guard = crate::guard::Guard::new(crate::guard::Limits::of(&config.server));
+        let session_slots = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
         Arc::new(Shared {
+            guard,
+            session_slots,
             config,
             auth,
             engine,
@@ -170,6 +178,19 @@ impl Shared {
     }
 
     /// The `/healthz` body.
+    /// What `/healthz` says without credentials: up, or how not.
+    pub fn health_brief(&self) -> String {
+        let status = if self.shutdown.is_cancelled() {
+            "stopping"
+        } else if self.engine.store().is_some_and(|s| s.health().is_err()) {
+            "degraded"
+        } else {
+            "ok"
+        };
+        format!("{{\"status\":\"{status}\"}}")
+    }
+
+    /// What `/healthz` says to a user: the figures too.
     pub fn health_json(&self) -> String {
         let (receivers, channels) = self.engine.totals();
         let store = self.engine.store();

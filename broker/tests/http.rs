@@ -24,7 +24,27 @@ async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
 async fn healthz_answers_json() {
     let b = broker().await;
     let _rx = connect(b.addr).await;
-    let r = exchange(b.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    // Strangers (and wrong credentials) learn only whether it is up.
+    for creds in ["", "Authorization: Basic cWE6d3Jvbmc=\r\n"] {
+        let r = exchange(
+            b.addr,
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{creds}\r\n").as_bytes(),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        let body = r.split("\r\n\r\n").nth(1).expect("body");
+        assert_eq!(body, r#"{"status":"ok"}"#, "{creds:?}");
+    }
+    // A user sees the figures.
+    let r = exchange(
+        b.addr,
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+            basic("qa", "4lt0@1234")
+        )
+        .as_bytes(),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
     assert!(r.contains("Content-Type: application/json\r\n"), "{r}");
     let body = r.split("\r\n\r\n").nth(1).expect("body");
@@ -121,21 +141,29 @@ async fn silent_connections_are_closed_after_the_handshake_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_over_the_limit_get_503() {
+async fn sessions_over_the_limit_get_503() {
     let b = broker_with(|c| c.server.max_connections = 2).await;
     let _a = connect(b.addr).await;
     let _b = connect(b.addr).await;
-    let r = exchange(b.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let upgrade = legacy_request("x", "qa", "4lt0@1234");
+    let r = exchange(b.addr, upgrade.as_bytes()).await;
     assert!(r.starts_with("HTTP/1.1 503 "), "{r}");
+    assert!(r.contains("server.max_connections"), "{r}");
+    // Not a session: the health check is still answered.
+    let r = exchange(b.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
     drop(_a);
     // the slot frees up once the broker sees the close
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r = exchange(b.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        if r.starts_with("HTTP/1.1 200 ") {
+        let mut s = TcpStream::connect(b.addr).await.expect("connect");
+        s.write_all(upgrade.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 256];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101 ") {
             break;
         }
-        assert!(Instant::now() < deadline, "slot never freed: {r}");
+        assert!(Instant::now() < deadline, "slot never freed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

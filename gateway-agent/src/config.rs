@@ -494,7 +494,10 @@ mod tests {
             c.modems[0].pin = pin.into();
             let e = c.validate().expect_err("pin").to_string();
             assert!(e.contains("pin must be 4 to 8 digits"), "{pin:?}: {e}");
-            assert!(!e.contains(pin), "the PIN is not repeated in the error: {e}");
+            assert!(
+                !e.contains(pin),
+                "the PIN is not repeated in the error: {e}"
+            );
         }
         for pin in ["", "1234", "12345678"] {
             let mut c = valid();

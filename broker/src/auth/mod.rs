@@ -26,6 +26,40 @@ use tokio::sync::Semaphore;
 
 pub use htpasswd::{EntryError, PasswordHash};
 
+/// What HTTP Basic credentials came to ([`login`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Login {
+    /// No `Authorization` header, or not Basic credentials.
+    Missing,
+    /// The user, whose password is right.
+    User(String),
+    /// The user named, with a wrong password (or an unknown user).
+    Failed(String),
+}
+
+/// Checks the `Authorization` header of a request from `client` (WebSocket upgrade, HTTP API,
+/// `/healthz`): a client that failed recently is checked behind everyone else, and a failure
+/// makes it wait, longer each time, and may ban its address ([`crate::guard`]).
+pub async fn login(
+    auth: &Authenticator,
+    guard: &crate::guard::Guard,
+    authorization: Option<&[u8]>,
+    client: std::net::IpAddr,
+) -> Login {
+    let Some((user, password)) = authorization.and_then(crate::http::basic_credentials) else {
+        return Login::Missing;
+    };
+    let suspects = guard.suspect(client).then(|| guard.suspect_gate());
+    if auth.verify_from(&user, &password, suspects).await {
+        guard.auth_ok(client);
+        Login::User(user)
+    } else {
+        let wait = guard.auth_failed(client, &user);
+        tokio::time::sleep(wait).await;
+        Login::Failed(user)
+    }
+}
+
 /// Where users come from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CredentialSources {
@@ -293,6 +327,23 @@ impl Authenticator {
         mac.update(user.as_bytes());
         mac.update(password);
         mac.finalize().into_bytes().into()
+    }
+
+    /// Like [`Authenticator::verify`], for a client that failed recently when `suspects` is
+    /// given: its check first waits for that gate (one at a time), so suspects' expensive
+    /// checks queue behind each other and hold at most one place in the bcrypt queue that
+    /// everyone else uses.
+    pub async fn verify_from(
+        &self,
+        user: &str,
+        password: &str,
+        suspects: Option<&Semaphore>,
+    ) -> bool {
+        let _turn = match suspects {
+            Some(g) => g.acquire().await.ok(),
+            None => None,
+        };
+        self.verify(user, password).await
     }
 
     /// Whether `user` may log in with `password`.
