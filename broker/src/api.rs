@@ -13,6 +13,7 @@ use bytes::BytesMut;
 use serde_json::{Value, json};
 use tracing::debug;
 
+use crate::auth::permissions::Action;
 use crate::config::API_PREFIX;
 use crate::http::{self, RequestHead};
 use crate::sms::{ApiError, ListFilter, Service, model};
@@ -50,6 +51,7 @@ impl Reply {
             204 => "No Content",
             400 => "Bad Request",
             401 => "Unauthorized",
+            403 => "Forbidden",
             404 => "Not Found",
             405 => "Method Not Allowed",
             408 => "Request Timeout",
@@ -174,6 +176,9 @@ async fn answer<S: Socket>(
     } else {
         head.method.as_str()
     };
+    if let Err(e) = permitted(shared, &user, method, &segments) {
+        return (Reply::error(e), Some(user));
+    }
     let query = http::query_pairs(&head.query);
     let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let r = match (method, segments.as_slice()) {
@@ -213,6 +218,15 @@ async fn answer<S: Socket>(
             .await
             .map(|v| Reply::json(200, json!(v))),
         ("POST", ["webhooks"]) => match parse::<model::WebhookRequest>(&body) {
+            Ok(req) if req.event == "sms:received" => {
+                match allow(shared, &user, Action::Receive, &sms.config().inbox_channel) {
+                    Ok(()) => sms
+                        .add_webhook(&user, req)
+                        .await
+                        .map(|v| Reply::json(201, v)),
+                    Err(e) => Err(e),
+                }
+            }
             Ok(req) => sms
                 .add_webhook(&user, req)
                 .await
@@ -255,6 +269,45 @@ async fn answer<S: Socket>(
         }),
     };
     (r.unwrap_or_else(Reply::error), Some(user))
+}
+
+/// What a request needs of `[permissions]`: sending SMS (and cancelling them) is sending on the
+/// jobs channel; message states and webhooks are receiving on the status channel; the inbox
+/// is receiving on the inbox channel; devices and health need only a user.
+fn permitted(shared: &Shared, user: &str, method: &str, segments: &[&str]) -> Result<(), ApiError> {
+    let Some(sms) = shared.sms.as_ref() else {
+        return Ok(());
+    };
+    let c = sms.config();
+    let (action, channel) = match (method, segments.first().copied()) {
+        ("POST" | "DELETE", Some("messages")) => (Action::Send, &c.jobs_channel),
+        (_, Some("messages" | "webhooks")) => (Action::Receive, &c.status_channel),
+        (_, Some("inbox")) => (Action::Receive, &c.inbox_channel),
+        _ => return Ok(()),
+    };
+    allow(shared, user, action, channel)
+}
+
+/// 403 unless `user` may `action` on `channel`; the refusal is logged.
+fn allow(shared: &Shared, user: &str, action: Action, channel: &str) -> Result<(), ApiError> {
+    if shared.auth.allows(user, action, channel) {
+        return Ok(());
+    }
+    tracing::info!(
+        user,
+        channel,
+        "HTTP API: refused: the user may not {} this channel ([permissions])",
+        action.words()
+    );
+    Err(ApiError {
+        status: 403,
+        message: format!(
+            "user {user:?} may not {} channel {channel:?}, which this needs: see [permissions] in \
+             the broker config",
+            action.words()
+        ),
+        retry_after: None,
+    })
 }
 
 fn not_found(what: &str, id: &str) -> ApiError {

@@ -47,6 +47,12 @@ pub struct Config {
     pub sms: SmsConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[permissions]`: what each user may do.
+    pub permissions: crate::auth::permissions::PermissionsConfig,
+    /// The file this came from (none: embedded defaults), read again for `[permissions]` when
+    /// the users are reloaded.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 /// `[tls]`: the broker's own TLS listener. Both files empty (the default): plain `ws://`.
@@ -388,7 +394,26 @@ impl Config {
 
     /// Loads `path`, or the default path when it exists, or the embedded defaults.
     pub fn load(path: Option<&Path>) -> Result<(Config, Origin), ConfigError> {
-        wsmb_common::load(path, DEFAULT_CONFIG_PATH)
+        let (mut c, origin): (Config, Origin) = wsmb_common::load(path, DEFAULT_CONFIG_PATH)?;
+        if let Origin::File(p) = &origin {
+            c.path = Some(p.clone());
+        }
+        Ok((c, origin))
+    }
+
+    /// The `[permissions]` of the config file `path`, read again (users reloaded), checked.
+    pub fn reload_permissions(
+        path: &Path,
+    ) -> Result<crate::auth::permissions::PermissionsConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Io {
+            path: path.to_owned(),
+            err,
+        })?;
+        let c = Config::from_toml(&text, path)?;
+        c.permissions
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(c.permissions)
     }
 
     /// Applies secrets from the environment (`WSMB_CREDENTIALS`, `WSMB_DATABASE_PASSWORD`).
@@ -414,6 +439,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        self.permissions
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.tls.enabled()
             && (self.tls.cert_file.as_os_str().is_empty()
                 || self.tls.key_file.as_os_str().is_empty())
@@ -670,7 +698,19 @@ mod tests {
         expected.credentials.files = parsed.credentials.files.clone();
         expected.credentials.lines = parsed.credentials.lines.clone();
         expected.storage.url = parsed.storage.url.clone();
+        // ...and the rules of the two users of a deployment (docs/deploy.md).
+        expected.permissions.users = parsed.permissions.users.clone();
         assert_eq!(parsed, expected);
+        use crate::auth::permissions::Action;
+        let p = &parsed.permissions;
+        assert!(p.allows("agent", Action::Receive, "sms"));
+        assert!(p.allows("agent", Action::Send, "sms-status"));
+        assert!(p.allows("agent", Action::Send, "sms-inbox"));
+        assert!(!p.allows("agent", Action::Send, "sms"));
+        assert!(p.allows("app", Action::Send, "sms"));
+        assert!(p.allows("app", Action::Receive, "sms-status"));
+        assert!(p.allows("app", Action::Receive, "sms-inbox"));
+        assert!(!p.allows("app", Action::Receive, "sms"));
         // ...and mentions every key, commented or not.
         for key in [
             "listen",
@@ -678,6 +718,9 @@ mod tests {
             "number_of_receiver",
             "max_message_bytes",
             "max_connections",
+            "default",
+            "receive",
+            "send",
             "max_pending_connections",
             "max_connections_per_address",
             "trusted_proxies",

@@ -34,6 +34,7 @@ use wsmb_protocol::client::{Command, ItemId, PROTOCOL_V2, parse_client_frame};
 use wsmb_protocol::reply::{self, SendResult};
 use wsmb_protocol::{ResponseCode, time};
 
+use crate::auth::permissions::Action;
 use crate::delivery::{Accepted, Outcome, Publish, Report, Subscriber};
 use crate::guard::Admission;
 use crate::http::{self, HeadError, RequestHead};
@@ -878,6 +879,9 @@ impl Session<'_> {
                 let Some(channel) = frame.channel.as_deref() else {
                     return true;
                 };
+                if let Some(refusal) = self.forbidden(Action::Receive, channel) {
+                    return self.reply_error(ResponseCode::Forbidden, refusal).await;
+                }
                 if !self.v2 {
                     // Legacy: a connection receives on one channel; a new request moves it.
                     self.unsubscribe_all();
@@ -923,6 +927,9 @@ impl Session<'_> {
                 let Some(channel) = frame.channel.as_deref() else {
                     return true;
                 };
+                if let Some(refusal) = self.forbidden(Action::Send, channel) {
+                    return self.reply_error(ResponseCode::Forbidden, refusal).await;
+                }
                 if !self.v2 && !self.subscriptions.is_empty() {
                     // Legacy role rule: a receiver that sends becomes a sender.
                     self.unsubscribe_all();
@@ -1017,6 +1024,23 @@ impl Session<'_> {
             self.replies.push(Pending::Ready(text)).await;
         }
         true
+    }
+
+    /// Why the user may not `action` on `channel` (`[permissions]`), logged; None if it may.
+    fn forbidden(&self, action: Action, channel: &str) -> Option<String> {
+        if self.shared.auth.allows(&self.user, action, channel) {
+            return None;
+        }
+        info!(
+            conn = self.id, user = %self.user, channel,
+            "refused: the user may not {} this channel ([permissions])",
+            action.words()
+        );
+        Some(format!(
+            "user {:?} may not {} channel {channel:?}: see [permissions] in the broker config",
+            &*self.user,
+            action.words()
+        ))
     }
 
     async fn reply_error(&self, code: ResponseCode, reason: String) -> bool {

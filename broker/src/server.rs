@@ -121,10 +121,12 @@ fn fingerprint(files: &[PathBuf]) -> Fingerprint {
 }
 
 /// Reloads the credentials when a file changes (checked every `interval`; zero disables) or on
-/// SIGHUP. A load that fails is logged and the previous users stay in force.
+/// SIGHUP, and with them the `[permissions]` of the config file `config` (when there is one).
+/// A load that fails is logged and the previous users (or rules) stay in force.
 pub fn spawn_credentials_watcher(
     shared: &Arc<Shared>,
     sources: CredentialSources,
+    config: Option<PathBuf>,
     interval: Duration,
 ) {
     let auth = Arc::clone(&shared.auth);
@@ -137,7 +139,13 @@ pub fn spawn_credentials_watcher(
                 None
             }
         };
-        let mut seen = fingerprint(sources.watched_files());
+        let watched: Vec<PathBuf> = sources
+            .watched_files()
+            .iter()
+            .cloned()
+            .chain(config.iter().cloned())
+            .collect();
+        let mut seen = fingerprint(&watched);
         let poll = if interval.is_zero() {
             Duration::from_secs(3600 * 24 * 365)
         } else {
@@ -149,7 +157,7 @@ pub fn spawn_credentials_watcher(
                 _ = tokio::time::sleep(poll) => false,
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
             };
-            let now = fingerprint(sources.watched_files());
+            let now = fingerprint(&watched);
             if !forced && (now == seen || interval.is_zero()) {
                 continue;
             }
@@ -170,6 +178,19 @@ pub fn spawn_credentials_watcher(
                 }
                 Ok(Err(e)) => error!("credentials reload failed, keeping the previous users: {e}"),
                 Err(e) => error!("credentials reload failed: {e}"),
+            }
+            if let Some(path) = &config {
+                match crate::config::Config::reload_permissions(path) {
+                    Ok(rules) => {
+                        info!(
+                            "permissions reloaded: rules for {} user(s), others: {:?}",
+                            rules.users.len(),
+                            rules.default
+                        );
+                        auth.replace_permissions(rules);
+                    }
+                    Err(e) => error!("permissions reload failed, keeping the previous rules: {e}"),
+                }
             }
         }
     });
@@ -272,6 +293,22 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
     }
     info!("{} user(s) loaded ({})", table.len(), table.kinds());
     let auth = Arc::new(Authenticator::new(table, config.auth_tuning()));
+    if config.permissions.is_empty() {
+        if config.permissions.default == crate::auth::permissions::DefaultAccess::All {
+            warn!(
+                "no [permissions] rules: every user may send and receive on every channel \
+                 (permissions.default = \"all\"); give the application and the agent only what \
+                 they need (docs/security.md)"
+            );
+        }
+    } else {
+        info!(
+            "permissions: rules for {} user(s), others: {:?}",
+            config.permissions.users.len(),
+            config.permissions.default
+        );
+    }
+    auth.replace_permissions(config.permissions.clone());
     let interval = config.credentials.reload_interval;
     let store = if config.storage.backend == crate::config::Backend::Memory {
         None
@@ -303,8 +340,9 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
     } else {
         None
     };
+    let config_path = config.path.clone();
     let shared = Shared::new(Arc::new(config), auth, engine, stats, shutdown, sms);
-    spawn_credentials_watcher(&shared, sources, interval);
+    spawn_credentials_watcher(&shared, sources, config_path, interval);
     spawn_keepalive(&shared);
     if let Some(t) = &tls {
         spawn_tls_reloader(&shared, Arc::clone(t));

@@ -44,11 +44,13 @@ pub enum ResponseCode {
     InvalidField,
     /// `19`: a protocol-2 connection asked to receive on more channels than the broker allows.
     TooManyChannels,
+    /// `20`: the user may not send (or receive) on that channel (`[permissions]`).
+    Forbidden,
 }
 
 impl ResponseCode {
     /// Every code, in table order.
-    pub const ALL: [ResponseCode; 17] = [
+    pub const ALL: [ResponseCode; 18] = [
         Self::Accepted,
         Self::Rejected,
         Self::NoReceiver,
@@ -66,6 +68,7 @@ impl ResponseCode {
         Self::NotUtf8,
         Self::InvalidField,
         Self::TooManyChannels,
+        Self::Forbidden,
     ];
 
     /// The two-digit code as it appears on the wire.
@@ -88,6 +91,7 @@ impl ResponseCode {
             Self::NotUtf8 => "17",
             Self::InvalidField => "18",
             Self::TooManyChannels => "19",
+            Self::Forbidden => "20",
         }
     }
 
@@ -111,6 +115,7 @@ impl ResponseCode {
             Self::NotUtf8 => "Not UTF-8",
             Self::InvalidField => "Invalid field",
             Self::TooManyChannels => "Too many channels",
+            Self::Forbidden => "Forbidden",
         }
     }
 

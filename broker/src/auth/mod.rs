@@ -1,4 +1,5 @@
-//! Who may connect: htpasswd users, checked in constant time, reloaded without a restart.
+//! Who may connect: htpasswd users, checked in constant time, reloaded without a restart; and
+//! what they may do ([`permissions`], reloaded with them).
 //!
 //! [`Authenticator`] owns the current [`UserTable`] and answers `verify(user, password)`.
 //! - An unknown user costs what a wrong password costs: the password is checked against a dummy
@@ -13,6 +14,7 @@
 pub mod apr1;
 pub mod htpasswd;
 pub mod passwd;
+pub mod permissions;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -257,6 +259,7 @@ struct Cached {
 /// Checks credentials against the current user table.
 pub struct Authenticator {
     table: RwLock<Arc<UserTable>>,
+    permissions: RwLock<Arc<permissions::PermissionsConfig>>,
     generation: AtomicU64,
     cache: Mutex<HashMap<CacheKey, Cached>>,
     mac_key: [u8; 64],
@@ -282,6 +285,7 @@ impl Authenticator {
         }
         Authenticator {
             table: RwLock::new(Arc::new(table)),
+            permissions: RwLock::new(Arc::new(permissions::PermissionsConfig::default())),
             generation: AtomicU64::new(0),
             cache: Mutex::new(HashMap::new()),
             mac_key,
@@ -301,6 +305,25 @@ impl Authenticator {
         }
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.lock_cache().clear();
+    }
+
+    /// Puts `rules` in force (at start and on reload); open connections keep their current
+    /// subscriptions, new actions are checked against them.
+    pub fn replace_permissions(&self, rules: permissions::PermissionsConfig) {
+        let rules = Arc::new(rules);
+        match self.permissions.write() {
+            Ok(mut p) => *p = rules,
+            Err(poisoned) => *poisoned.into_inner() = rules,
+        }
+    }
+
+    /// Whether `user` may `action` on `channel`.
+    pub fn allows(&self, user: &str, action: permissions::Action, channel: &str) -> bool {
+        let rules = match self.permissions.read() {
+            Ok(p) => Arc::clone(&p),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        };
+        rules.allows(user, action, channel)
     }
 
     /// Number of users in force.
