@@ -130,6 +130,7 @@ pub fn spawn_credentials_watcher(
     interval: Duration,
 ) {
     let auth = Arc::clone(&shared.auth);
+    let stats = Arc::clone(&shared.stats);
     let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -176,8 +177,14 @@ pub fn spawn_credentials_watcher(
                     );
                     auth.replace_table(table);
                 }
-                Ok(Err(e)) => error!("credentials reload failed, keeping the previous users: {e}"),
-                Err(e) => error!("credentials reload failed: {e}"),
+                Ok(Err(e)) => {
+                    stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+                    error!("credentials reload failed, keeping the previous users: {e}")
+                }
+                Err(e) => {
+                    stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+                    error!("credentials reload failed: {e}")
+                }
             }
             if let Some(path) = &config {
                 match crate::config::Config::reload_permissions(path) {
@@ -189,7 +196,10 @@ pub fn spawn_credentials_watcher(
                         );
                         auth.replace_permissions(rules);
                     }
-                    Err(e) => error!("permissions reload failed, keeping the previous rules: {e}"),
+                    Err(e) => {
+                        stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+                        error!("permissions reload failed, keeping the previous rules: {e}")
+                    }
                 }
             }
         }

@@ -32,4 +32,6 @@ pub struct Stats {
     pub expired: AtomicU64,
     /// Stored messages handed out again (after a disconnect or an ack timeout).
     pub redelivered: AtomicU64,
+    /// Reloads of users or permissions that failed (the previous ones stayed in force).
+    pub reload_failures: AtomicU64,
 }
