@@ -132,7 +132,8 @@ pub enum Final {
 }
 
 impl Final {
-    fn parse(line: &str) -> Option<Final> {
+    /// The final result a line is, if it is one (`OK`, `ERROR`, `+CME ERROR: n`, ...).
+    pub fn parse(line: &str) -> Option<Final> {
         let code = |rest: &str| rest.trim().parse::<u16>().ok();
         if line == "OK" {
             Some(Final::Ok)
