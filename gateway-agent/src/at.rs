@@ -63,8 +63,10 @@ const SECRET_COMMANDS: &[&str] = &["AT+CPIN=", "AT+CLCK=", "AT+CPWD="];
 pub fn redact(text: &str) -> std::borrow::Cow<'_, str> {
     let t = text.trim_start();
     for p in SECRET_COMMANDS {
-        if t.len() >= p.len() && t[..p.len()].eq_ignore_ascii_case(p) {
-            return std::borrow::Cow::Owned(format!("{}<hidden>", &t[..p.len()]));
+        // Compared as bytes: `t` may hold anything a modem sent (slicing it at a byte offset
+        // could fall inside a character). A match is ASCII, so it ends on a boundary.
+        if let Some(head) = t.get(..p.len()).filter(|h| h.eq_ignore_ascii_case(p)) {
+            return std::borrow::Cow::Owned(format!("{head}<hidden>"));
         }
     }
     std::borrow::Cow::Borrowed(text)
@@ -709,6 +711,18 @@ mod tests {
         let urcs = at.take_urcs();
         assert_eq!(urcs.len(), 3, "{urcs:?}");
         assert_eq!(urcs[2].data.as_deref(), Some("0791ABCD"));
+    }
+
+    /// Found by the `at_response` fuzz target: a line whose 8th byte falls inside a character
+    /// (modem noise read as U+FFFD) made `redact` panic, which would have killed the modem's
+    /// task.
+    #[test]
+    fn redact_survives_any_text() {
+        let noise = String::from_utf8_lossy(&[0x8a, 0x82, 0x8a, 0x82]).into_owned();
+        assert_eq!(redact(&noise), noise);
+        for s in ["AT+CPIN\u{e9}xx", "\u{1f600}\u{1f600}\u{1f600}", "AT+CPI\u{e9}"] {
+            assert_eq!(redact(s), s);
+        }
     }
 
     #[test]
