@@ -232,3 +232,30 @@ pub fn ready_agent(exe: &str, cfg: &Path) -> Proc {
     }
     a
 }
+
+/// The PDUs (hex, SMSC information first) of `text` from `sender` as a modem receives them,
+/// encoded by Gammu (Debian's python3-gammu): an independent encoder for what the simulated
+/// modem is given to "receive". SMSC time 2026-12-05 17:30:00.
+pub fn gammu_deliver(text: &str, sender: &str) -> Vec<String> {
+    let script = r#"
+import datetime, json, sys, gammu
+smsc = {"Location": 0, "Number": "+6281100000", "Format": "Text", "Validity": "NA", "DefaultNumber": "", "Name": ""}
+parts = gammu.EncodeSMS({"Class": -1, "Entries": [{"ID": "ConcatenatedTextLong", "Buffer": sys.argv[1]}]})
+out = []
+for p in parts:
+    p["Number"] = sys.argv[2]; p["Type"] = "Deliver"; p["SMSC"] = smsc
+    p["DateTime"] = datetime.datetime(2026, 12, 5, 17, 30, 0)
+    out.append(gammu.EncodePDU(p, "Deliver").hex())
+print(json.dumps(out))
+"#;
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", script, text, sender])
+        .output()
+        .expect("/usr/bin/python3 with python3-gammu (installed by .ci/run)");
+    assert!(
+        out.status.success(),
+        "gammu: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("PDUs")
+}

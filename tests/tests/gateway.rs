@@ -428,3 +428,71 @@ async fn under_systemd_the_agent_says_ready_feeds_the_watchdog_and_survives_sigh
         assert!(a.wait(T).is_some_and(|s| s.success()), "{}", a.output());
     });
 }
+
+/// The broker is unreachable for a while (`WSMB_FAULT_BROKER_AWAY_SECS`, 3 s by default; the
+/// fault script runs it for minutes): the agent keeps trying, an SMS received meanwhile is kept
+/// and published once the broker is back, and jobs flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_waits_out_a_broker_that_is_away_and_loses_nothing() {
+    let away: u64 = std::env::var("WSMB_FAULT_BROKER_AWAY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let dir = scratch("away");
+    let (broker, addr) = tokio::task::block_in_place(|| {
+        wsmb_e2e::sqlite_broker(env!("CARGO_BIN_EXE_e2e-broker"), &dir, "127.0.0.1:0", &[])
+    });
+    let sim = Simulator::start(dir.join("modem"), SimConfig::default())
+        .await
+        .expect("sim");
+    let agent = agent(&dir, addr, &sim, "");
+    tokio::task::block_in_place(|| wait_agent_ready(&agent));
+    drop(broker); // SIGKILL
+    let pdus = tokio::task::block_in_place(|| {
+        wsmb_e2e::gammu_deliver(
+            "a reply that came while the broker was away",
+            "+628123456789",
+        )
+    });
+    sim.receive(&pdus[0], true).expect("room");
+    // Taken off the modem and kept by the agent while nobody can hear it.
+    let deadline = std::time::Instant::now() + T;
+    while !sim.stored().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(away)).await; // the outage itself
+    let listen = addr.to_string();
+    let _broker = tokio::task::block_in_place(|| {
+        wsmb_e2e::sqlite_broker(env!("CARGO_BIN_EXE_e2e-broker"), &dir, &listen, &[])
+    });
+    assert!(
+        tokio::task::block_in_place(|| agent.wait_line("connected to the broker", T)).is_some(),
+        "the agent did not reconnect:\n{}",
+        agent.output()
+    );
+    // The broker stored it for whoever receives on sms-inbox.
+    let mut inbox = client(addr).await;
+    inbox
+        .send(Message::text(
+            r#"{"command":"receive-message","channel":"sms-inbox","protocol":2,"ack":true}"#,
+        ))
+        .await
+        .expect("send");
+    let got = tokio::time::timeout(T, async {
+        loop {
+            let m = inbox.next().await.expect("frame").expect("ok");
+            if let Ok(t) = m.to_text() {
+                if t.contains("while the broker was away") {
+                    return t.to_owned();
+                }
+            }
+        }
+    })
+    .await
+    .expect("the SMS received during the outage");
+    assert!(got.contains("+628123456789"), "{got}");
+    let mut statuses = Statuses::listen(addr).await;
+    tokio::task::block_in_place(|| php_send(addr, "after-away", "+628123456789", "back again"));
+    statuses.wait("after-away", Status::Sent).await;
+}

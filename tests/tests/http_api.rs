@@ -943,22 +943,7 @@ async fn a_received_sms_reaches_a_legacy_php_receiver_the_inbox_and_the_webhook(
     let text = "Balasan: YA, saya setuju dengan pesanan #4821. Terima kasih banyak atas \
                 bantuannya, kami tunggu kiriman berikutnya minggu depan. Salam hangat dari \
                 seluruh tim kami di Bandung.";
-    let script = r#"
-import datetime, json, sys, gammu
-smsc = {"Location": 0, "Number": "+6281100000", "Format": "Text", "Validity": "NA", "DefaultNumber": "", "Name": ""}
-parts = gammu.EncodeSMS({"Class": -1, "Entries": [{"ID": "ConcatenatedTextLong", "Buffer": sys.argv[1]}]})
-out = []
-for p in parts:
-    p["Number"] = "+628123456789"; p["Type"] = "Deliver"; p["SMSC"] = smsc
-    p["DateTime"] = datetime.datetime(2026, 12, 5, 17, 30, 0)
-    out.append(gammu.EncodePDU(p, "Deliver").hex())
-print(json.dumps(out))
-"#;
-    let mut py = Command::new("/usr/bin/python3");
-    py.args(["-c", script, text]);
-    let pdus: Vec<String> =
-        serde_json::from_str(tokio::task::block_in_place(|| run(py, "python3-gammu")).trim())
-            .expect("pdus");
+    let pdus = wsmb_e2e::gammu_deliver(text, "+628123456789");
     assert_eq!(pdus.len(), 2);
     let dir = repo_root().join("tests/fixtures/legacy-php");
     let mut php = Command::new("php");
