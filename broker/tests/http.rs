@@ -131,7 +131,15 @@ async fn malformed_requests_get_4xx() {
 async fn silent_connections_are_closed_after_the_handshake_timeout() {
     let b = broker_with(|c| c.server.handshake_timeout = Duration::from_millis(300)).await;
     let t0 = Instant::now();
-    let r = exchange(b.addr, b"GET / HTTP/1.1\r\n").await;
+    let addr = b.addr;
+    let silent = tokio::spawn(async move { exchange(addr, b"GET / HTTP/1.1\r\n").await });
+    // Meanwhile a well-behaved client is served.
+    let mut rx = connect(b.addr).await;
+    receive_on(&mut rx, "meanwhile").await;
+    let mut tx = connect(b.addr).await;
+    send(&mut tx, &sms("meanwhile", "served")).await;
+    assert!(recv_text(&mut rx).await.contains("served"));
+    let r = silent.await.expect("silent client");
     assert!(r.starts_with("HTTP/1.1 408 "), "{r}");
     assert!(
         t0.elapsed() >= Duration::from_millis(250),
