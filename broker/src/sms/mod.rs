@@ -125,6 +125,22 @@ pub struct ListFilter {
     pub oldest_first: bool,
 }
 
+impl ListFilter {
+    /// The store's query for this listing of `kind`.
+    fn query(&self, kind: Kind, owner: Option<&str>, state: Option<String>) -> Query {
+        Query {
+            kind,
+            owner: owner.map(str::to_owned),
+            state,
+            from: self.from,
+            to: self.to,
+            limit: self.limit,
+            offset: self.offset,
+            newest_first: !self.oldest_first,
+        }
+    }
+}
+
 /// The SMS service.
 pub struct Service {
     cfg: SmsConfig,
@@ -580,17 +596,12 @@ impl Service {
 
     /// `GET /messages`.
     pub async fn list(&self, owner: &str, f: &ListFilter) -> Result<Vec<Value>, ApiError> {
-        let q = Query {
-            kind: Kind::Message,
-            owner: Some(owner.to_owned()),
-            state: f.state.map(|s| s.as_str().to_owned()),
-            from: f.from,
-            to: f.to,
-            limit: f.limit,
-            offset: f.offset,
-            newest_first: !f.oldest_first,
-        };
-        let docs = self.store.list(&q).await.map_err(ApiError::db)?;
+        let state = f.state.map(|s| s.as_str().to_owned());
+        let docs = self
+            .store
+            .list(&f.query(Kind::Message, Some(owner), state))
+            .await
+            .map_err(ApiError::db)?;
         Ok(docs
             .iter()
             .filter_map(parse_message)
@@ -913,17 +924,11 @@ impl Service {
     /// `GET /inbox`: received SMS, newest first (every user sees them: they came to the
     /// gateway, not to a user).
     pub async fn inbox(&self, f: &ListFilter) -> Result<Vec<Value>, ApiError> {
-        let q = Query {
-            kind: Kind::Inbox,
-            owner: None,
-            state: None,
-            from: f.from,
-            to: f.to,
-            limit: f.limit,
-            offset: f.offset,
-            newest_first: !f.oldest_first,
-        };
-        let docs = self.store.list(&q).await.map_err(ApiError::db)?;
+        let docs = self
+            .store
+            .list(&f.query(Kind::Inbox, None, None))
+            .await
+            .map_err(ApiError::db)?;
         Ok(docs
             .iter()
             .filter_map(|d| serde_json::from_str(&d.body).ok())

@@ -110,6 +110,24 @@ pub async fn client(addr: SocketAddr) -> Ws {
     ws
 }
 
+/// A client receiving on `channel`, once the broker has it (a ping round trip).
+pub async fn subscribed(addr: SocketAddr, channel: &str) -> Ws {
+    let mut ws = client(addr).await;
+    let receive = format!(r#"{{"command":"receive-message","channel":"{channel}"}}"#);
+    ws.send(Message::text(receive)).await.expect("send");
+    ws.send(Message::text(r#"{"command":"ping"}"#))
+        .await
+        .expect("send");
+    loop {
+        let m = ws.next().await.expect("frame").expect("ok");
+        if let Message::Text(t) = m {
+            if t.contains("\"connect\"") {
+                return ws;
+            }
+        }
+    }
+}
+
 /// An application listening on `sms-status`.
 pub struct StatusListener {
     ws: Ws,
@@ -118,23 +136,7 @@ pub struct StatusListener {
 
 impl StatusListener {
     pub async fn new(addr: SocketAddr) -> Self {
-        let mut ws = client(addr).await;
-        ws.send(Message::text(
-            r#"{"command":"receive-message","channel":"sms-status"}"#,
-        ))
-        .await
-        .expect("send");
-        ws.send(Message::text(r#"{"command":"ping"}"#))
-            .await
-            .expect("send");
-        loop {
-            let m = ws.next().await.expect("frame").expect("ok");
-            if let Message::Text(t) = m {
-                if t.contains("\"connect\"") {
-                    break;
-                }
-            }
-        }
+        let ws = subscribed(addr, "sms-status").await;
         StatusListener {
             ws,
             events: Vec::new(),
@@ -208,23 +210,7 @@ pub struct InboxListener {
 
 impl InboxListener {
     pub async fn new(addr: SocketAddr) -> Self {
-        let mut ws = client(addr).await;
-        ws.send(Message::text(
-            r#"{"command":"receive-message","channel":"sms-inbox"}"#,
-        ))
-        .await
-        .expect("send");
-        ws.send(Message::text(r#"{"command":"ping"}"#))
-            .await
-            .expect("send");
-        loop {
-            let m = ws.next().await.expect("frame").expect("ok");
-            if let Message::Text(t) = m {
-                if t.contains("\"connect\"") {
-                    break;
-                }
-            }
-        }
+        let ws = subscribed(addr, "sms-inbox").await;
         InboxListener {
             ws,
             messages: Vec::new(),
