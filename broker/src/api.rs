@@ -90,6 +90,9 @@ pub async fn serve<S: Socket>(
 ) {
     let started = Instant::now();
     let (reply, user) = answer(&mut stream, &head, leftover, client, shared).await;
+    if let Some(sms) = &shared.sms {
+        sms.count_request(reply.status);
+    }
     debug!(
         method = %head.method, path = %head.path, status = reply.status,
         user = user.as_deref().unwrap_or("-"), elapsed = ?started.elapsed(),

@@ -47,12 +47,44 @@ pub struct Config {
     pub sms: SmsConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[metrics]`.
+    pub metrics: MetricsConfig,
     /// `[permissions]`: what each user may do.
     pub permissions: crate::auth::permissions::PermissionsConfig,
     /// The file this came from (none: embedded defaults), read again for `[permissions]` when
     /// the users are reloaded.
     #[serde(skip)]
     pub path: Option<PathBuf>,
+}
+
+/// Who may read the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAccess {
+    /// Any broker user (HTTP Basic credentials).
+    #[default]
+    Users,
+    /// Clients on loopback (a Prometheus on the same host), without credentials.
+    Loopback,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where the metrics are served on the broker's port; empty: not served.
+    pub path: String,
+    /// Who may read them.
+    pub access: MetricsAccess,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            path: "/metrics".into(),
+            access: MetricsAccess::Users,
+        }
+    }
 }
 
 /// `[tls]`: the broker's own TLS listener. Both files empty (the default): plain `ws://`.
@@ -464,6 +496,13 @@ impl Config {
                 s.path
             ));
         }
+        let m = &self.metrics.path;
+        if !m.is_empty() && (!m.starts_with('/') || *m == s.path || m == HEALTH_PATH) {
+            return bad(format!(
+                "metrics.path = {m:?} must start with / and differ from server.path and \
+                 {HEALTH_PATH}; empty turns the metrics off"
+            ));
+        }
         if s.path == HEALTH_PATH {
             return bad(format!(
                 "server.path cannot be {HEALTH_PATH:?}: it is the health check"
@@ -719,6 +758,7 @@ mod tests {
             "max_message_bytes",
             "max_connections",
             "default",
+            "access",
             "receive",
             "send",
             "max_pending_connections",

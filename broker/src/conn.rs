@@ -169,6 +169,45 @@ async fn handshake<S: Socket>(
         Box::pin(crate::api::serve(stream, head, leftover, client, shared)).await;
         return Ok(None);
     }
+    let metrics = &shared.config.metrics;
+    if !metrics.path.is_empty() && head.path == metrics.path && !head.wants_websocket() {
+        let allowed = match metrics.access {
+            crate::config::MetricsAccess::Loopback => {
+                peer.ip().is_loopback() && head.forwarded_for.is_none()
+            }
+            crate::config::MetricsAccess::Users => {
+                authenticate(&head, shared, client, id).await.is_some()
+            }
+        };
+        let resp = if !allowed && metrics.access == crate::config::MetricsAccess::Users {
+            http::text_response(
+                401,
+                "Unauthorized",
+                "WWW-Authenticate: Basic realm=\"wsmb\"\r\n",
+                "the metrics need the credentials of a broker user (metrics.access)",
+                false,
+            )
+        } else if !allowed {
+            http::text_response(
+                403,
+                "Forbidden",
+                "",
+                "the metrics are served to loopback only (metrics.access)",
+                false,
+            )
+        } else {
+            http::response(
+                200,
+                "OK",
+                crate::metrics::CONTENT_TYPE,
+                "",
+                &crate::metrics::render(shared),
+                head.method == "HEAD",
+            )
+        };
+        respond(&mut stream, &resp, cfg.write_timeout).await?;
+        return Ok(None);
+    }
     if head.path == crate::config::HEALTH_PATH && !head.wants_websocket() {
         // Only up or down to strangers; the figures to users.
         let user = match head.authorization {

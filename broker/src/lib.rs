@@ -22,6 +22,7 @@
 //! - [`storage`]: the database (SQLite, MariaDB/MySQL, PostgreSQL), claims, group commit.
 //! - [`tls`]: the broker's own TLS listener, certificates reloaded on SIGHUP.
 //! - [`state`], [`stats`]: what every connection shares; counters.
+//! - [`metrics`]: the counters in the Prometheus text format (`/metrics`).
 //! - [`server`]: accept loop, start-up, credential reloading, graceful shutdown.
 //! - [`cli`]: the `wsmb-broker` command line.
 //!
@@ -38,6 +39,7 @@ pub mod conn;
 pub mod delivery;
 pub mod guard;
 pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod server;
 pub mod sms;

@@ -1189,3 +1189,72 @@ async fn received_sms_past_the_limit_are_refused_not_dropped() {
     assert_eq!(a.body.as_array().map(Vec::len), Some(1), "{a:?}");
     stop(b).await;
 }
+
+/// `/metrics` follows the SMS service: API requests by status, messages by outcome, webhook
+/// calls, and the gateway with its modem as the agent last said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_messages_webhooks_and_gateways() {
+    let hooks = Hooks::start(200).await;
+    let b = start(&db::storage(Backend::Memory, "smsmetrics"), |_| {}).await;
+    let mut agent = Agent::connect(b.addr).await;
+    register(b.addr, &hooks.url("/sent"), "sms:sent").await;
+    let a = api(
+        b.addr,
+        "POST",
+        "/messages",
+        Some(send_body("x1", &["+628126666666", "+628127777777"], "x1")),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{a:?}");
+    let a = api(b.addr, "GET", "/messages/nope", None).await;
+    assert_eq!(a.status, 404, "{a:?}");
+    let (j1, j2) = (agent.job().await, agent.job().await);
+    let (id1, id2) = (
+        j1["id"].as_str().expect("id").to_owned(),
+        j2["id"].as_str().expect("id").to_owned(),
+    );
+    agent
+        .report(json!([
+            event(&id1, "sent", json!({})),
+            event(&id2, "failed", json!({"reason": "no such number"})),
+            event(&id1, "delivered", json!({})),
+            event(
+                "modem:m1",
+                "modem",
+                json!({"modem_state": "ready", "signal_dbm": -71})
+            )
+        ]))
+        .await;
+    wait_state(b.addr, "x1", "Failed").await;
+    hooks
+        .wait("sms:sent of x1", |h| {
+            h.iter().any(|x| x.body["payload"]["messageId"] == "x1")
+        })
+        .await;
+    // The call is counted once the endpoint's answer is in.
+    let deadline = tokio::time::Instant::now() + T;
+    let m = loop {
+        let m = scrape_metrics(b.addr, APP).await;
+        if metric(&m, r#"wsmb_webhook_calls_total{outcome="delivered"}"#) >= 1.0 {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    for (key, want) in [
+        (r#"wsmb_sms_total{event="accepted"}"#, 1.0),
+        (r#"wsmb_sms_total{event="sent"}"#, 1.0),
+        (r#"wsmb_sms_total{event="delivered"}"#, 1.0),
+        (r#"wsmb_sms_total{event="failed"}"#, 1.0),
+        (r#"wsmb_sms_total{event="received"}"#, 0.0),
+        (r#"wsmb_http_api_requests_total{status="202"}"#, 1.0),
+        (r#"wsmb_http_api_requests_total{status="404"}"#, 1.0),
+        (r#"wsmb_webhook_calls_total{outcome="given_up"}"#, 0.0),
+        (r#"wsmb_gateway_connected{gateway="sha"}"#, 1.0),
+        (r#"wsmb_modem_ready{gateway="sha",modem="m1"}"#, 1.0),
+        (r#"wsmb_modem_signal_dbm{gateway="sha",modem="m1"}"#, -71.0),
+    ] {
+        assert_eq!(metric(&m, key), want, "{key}");
+    }
+    stop(b).await;
+}

@@ -998,3 +998,72 @@ async fn a_received_sms_reaches_a_legacy_php_receiver_the_inbox_and_the_webhook(
     });
     assert!(b.sim.stored().is_empty());
 }
+
+/// `/metrics` after an OTP through the real agent, read by the Prometheus project's own
+/// parser (`prometheus_client` from PyPI, as a scraper would): the families are well formed
+/// and say what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_read_by_the_prometheus_parser_after_an_otp() {
+    let b = Bundle::start("api-metrics", "", "").await;
+    let script = r#"
+import json, os, requests
+from prometheus_client.parser import text_string_to_metric_families
+r = requests.get(os.environ["URL"], auth=("qa", os.environ["PW"]), timeout=10)
+r.raise_for_status()
+out = {"type": r.headers["Content-Type"], "families": {}, "samples": {}}
+for f in text_string_to_metric_families(r.text):
+    out["families"][f.name] = f.type
+    for s in f.samples:
+        key = s.name + "".join("|%s=%s" % kv for kv in sorted(s.labels.items()))
+        out["samples"][key] = s.value
+print(json.dumps(out))
+"#;
+    tokio::task::block_in_place(|| {
+        let (code, _) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("metrics-1", "Your code is 112233", json!({}))),
+        );
+        assert_eq!(code, 202);
+        b.wait_state("metrics-1", "Sent");
+        let py = tool("WSMB_TEST_PYTHON", "target/ci-venv/bin/python");
+        let mut cmd = Command::new(&py);
+        cmd.args(["-c", script])
+            .env("PW", QA_PASSWORD)
+            .env("URL", format!("http://{}/metrics", b.addr));
+        let out = run(cmd, "the Prometheus parser (prometheus_client)");
+        let v = last_json(&out);
+        assert!(
+            v["type"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("text/plain")),
+            "{out}"
+        );
+        for (family, kind) in [
+            ("wsmb_messages_in", "counter"),
+            ("wsmb_connections_open", "gauge"),
+            ("wsmb_sms", "counter"),
+            ("wsmb_modem_signal_dbm", "gauge"),
+        ] {
+            assert_eq!(v["families"][family], kind, "{family}: {out}");
+        }
+        let s = &v["samples"];
+        assert_eq!(s["wsmb_sms_total|event=accepted"], 1.0, "{out}");
+        assert_eq!(s["wsmb_sms_total|event=sent"], 1.0, "{out}");
+        assert_eq!(s["wsmb_http_api_requests_total|status=202"], 1.0, "{out}");
+        assert_eq!(s["wsmb_gateway_connected|gateway=qa"], 1.0, "{out}");
+        assert_eq!(s["wsmb_modem_ready|gateway=qa|modem=sim1"], 1.0, "{out}");
+        assert!(
+            s["wsmb_modem_signal_dbm|gateway=qa|modem=sim1"]
+                .as_f64()
+                .is_some_and(|d| d < 0.0),
+            "{out}"
+        );
+        assert!(
+            s["wsmb_messages_in_total"]
+                .as_f64()
+                .is_some_and(|n| n >= 2.0),
+            "the job and its status events: {out}"
+        );
+    });
+}

@@ -141,6 +141,33 @@ impl ListFilter {
     }
 }
 
+/// One series of the SMS service's metrics (see `crate::metrics`).
+#[derive(Debug, Clone)]
+pub struct Metric {
+    /// Name, without the `wsmb_` prefix.
+    pub name: &'static str,
+    /// What it counts.
+    pub help: &'static str,
+    /// Labels.
+    pub labels: Vec<(&'static str, String)>,
+    /// Value.
+    pub value: i64,
+    /// A counter (else a gauge).
+    pub counter: bool,
+}
+
+/// The service's counters (atomics; the HTTP statuses behind a lock: not a hot path).
+#[derive(Debug, Default)]
+struct Counters {
+    api_requests: Mutex<BTreeMap<u16, u64>>,
+    accepted: AtomicU64,
+    tracked: AtomicU64,
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    received: AtomicU64,
+}
+
 /// The SMS service.
 pub struct Service {
     cfg: SmsConfig,
@@ -158,6 +185,7 @@ pub struct Service {
     seq: AtomicU64,
     seq_prefix: String,
     hooks: Arc<webhooks::Deliverer>,
+    counters: Counters,
 }
 
 /// Epoch milliseconds now.
@@ -249,6 +277,7 @@ impl Service {
             seq: AtomicU64::new(1),
             seq_prefix: random_hex(4),
             hooks: Arc::clone(&hooks),
+            counters: Counters::default(),
         });
         // What the service reads at start: the signing key and the number of messages kept. A
         // database that is down now does not stop the broker (the message store copes too): the
@@ -464,6 +493,7 @@ impl Service {
             info!(message = %id, "SMS not queued: {why}");
             return Err(ApiError::unavailable(why, 30));
         }
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         debug!(message = %id, recipients = numbers.len(), "SMS accepted");
         Ok((202, msg.view()))
     }
@@ -696,6 +726,7 @@ impl Service {
             Ok(r) => {
                 let n = r.iter().filter(|x| **x).count();
                 self.messages.fetch_add(n, Ordering::Relaxed);
+                self.counters.tracked.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 // The jobs are routed anyway; while the database is down, do not make every
@@ -761,6 +792,12 @@ impl Service {
                 continue;
             };
             if let Some((event, payload)) = apply_event(m, e, device) {
+                let c = match event {
+                    "sms:sent" => &self.counters.sent,
+                    "sms:delivered" => &self.counters.delivered,
+                    _ => &self.counters.failed,
+                };
+                c.fetch_add(1, Ordering::Relaxed);
                 fired.push((msg_id.clone(), event, payload));
             }
         }
@@ -893,6 +930,7 @@ impl Service {
             );
             let calls = writes.len() > 1;
             self.store.apply(writes).await?;
+            self.counters.received.fetch_add(1, Ordering::Relaxed);
             if calls {
                 self.hooks.wake();
             }
@@ -1131,6 +1169,117 @@ impl Service {
     /// The webhook signing key in force (see [`webhooks::Deliverer::key`]).
     pub async fn signing_key(&self) -> Result<&str, DbError> {
         self.hooks.key().await
+    }
+
+    /// An HTTP API request was answered with `status`.
+    pub fn count_request(&self, status: u16) {
+        *self
+            .counters
+            .api_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(status)
+            .or_default() += 1;
+    }
+
+    /// The service's metrics now: API requests by status, messages by outcome, webhook calls,
+    /// and each gateway with its modems (state, signal).
+    pub fn metrics(&self) -> Vec<Metric> {
+        let c = &self.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed) as i64;
+        let mut out = Vec::new();
+        let mut push = |name, help, labels: Vec<(&'static str, String)>, value, counter| {
+            out.push(Metric {
+                name,
+                help,
+                labels,
+                value,
+                counter,
+            })
+        };
+        for (status, v) in c
+            .api_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            push(
+                "http_api_requests",
+                "HTTP SMS API requests, by status",
+                vec![("status", status.to_string())],
+                *v as i64,
+                true,
+            );
+        }
+        for (outcome, v) in [
+            ("accepted", n(&c.accepted)),
+            ("tracked", n(&c.tracked)),
+            ("sent", n(&c.sent)),
+            ("delivered", n(&c.delivered)),
+            ("failed", n(&c.failed)),
+            ("received", n(&c.received)),
+        ] {
+            push(
+                "sms",
+                "SMS: accepted by the API, tracked from WebSocket, sent, delivered, failed (per \
+                 recipient), received",
+                vec![("event", outcome.into())],
+                v,
+                true,
+            );
+        }
+        let h = &self.hooks;
+        for (outcome, v) in [
+            ("delivered", n(&h.delivered)),
+            ("failed_attempt", n(&h.failed_attempts)),
+            ("given_up", n(&h.given_up)),
+        ] {
+            push(
+                "webhook_calls",
+                "Webhook calls: delivered (2xx), failed attempts (retried), given up",
+                vec![("outcome", outcome.into())],
+                v,
+                true,
+            );
+        }
+        let now = now_ms();
+        let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, dev) in d.iter() {
+            push(
+                "gateway_connected",
+                "1 when the gateway agent is connected",
+                vec![("gateway", id.clone())],
+                i64::from(!dev.conns.is_empty()),
+                false,
+            );
+            push(
+                "gateway_last_seen_seconds",
+                "Seconds since the gateway agent was last heard from",
+                vec![("gateway", id.clone())],
+                ((now - dev.last_ms) / 1000).max(0),
+                false,
+            );
+            for (name, m) in &dev.modems {
+                let labels = vec![("gateway", id.clone()), ("modem", name.clone())];
+                push(
+                    "modem_ready",
+                    "1 when the modem is ready to send (as its agent last said)",
+                    labels.clone(),
+                    i64::from(m.state == "ready"),
+                    false,
+                );
+                if let Some(dbm) = m.signal_dbm {
+                    push(
+                        "modem_signal_dbm",
+                        "Signal of the modem when it became ready, dBm",
+                        labels,
+                        i64::from(dbm),
+                        false,
+                    );
+                }
+            }
+        }
+        out
     }
 
     // ---- devices and health ----------------------------------------------------------------

@@ -86,6 +86,12 @@ pub struct Deliverer {
     http_hosts: Vec<String>,
     wake: Notify,
     in_flight: Mutex<HashSet<String>>,
+    /// Calls answered with a 2xx.
+    pub delivered: std::sync::atomic::AtomicU64,
+    /// Attempts that failed (each is retried, or given up).
+    pub failed_attempts: std::sync::atomic::AtomicU64,
+    /// Calls given up after `webhook_give_up_after`.
+    pub given_up: std::sync::atomic::AtomicU64,
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -114,6 +120,9 @@ impl Deliverer {
             http_hosts: cfg.webhook_http_hosts.clone(),
             wake: Notify::new(),
             in_flight: Mutex::new(HashSet::new()),
+            delivered: Default::default(),
+            failed_attempts: Default::default(),
+            given_up: Default::default(),
         }))
     }
 
@@ -325,6 +334,8 @@ impl Deliverer {
         call.attempts += 1;
         let write = match result {
             Ok(status) if (200..300).contains(&status) => {
+                self.delivered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 debug!(call = %d.id, event = %call.event, status, "webhook delivered");
                 Write::Delete(Kind::Outbox, d.id.clone())
             }
@@ -335,7 +346,11 @@ impl Deliverer {
                 };
                 let age = Duration::from_millis((now - d.created).max(0) as u64);
                 call.last_error = Some(err.clone());
+                self.failed_attempts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if age >= self.give_up {
+                    self.given_up
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     warn!(
                         webhook = %call.hook, url = %call.url, event = %call.event,
                         "webhook call given up after {} attempt(s) over {age:?} \

@@ -200,3 +200,36 @@ pub fn masked_text(body: &str) -> Vec<u8> {
     f.extend(b.iter().enumerate().map(|(i, x)| x ^ [9, 8, 7, 6][i % 4]));
     f
 }
+
+/// `GET /metrics` as `creds`: the samples, `name{labels}` → value.
+pub async fn scrape_metrics(
+    addr: SocketAddr,
+    creds: (&str, &str),
+) -> std::collections::HashMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {}\r\n\r\n",
+        basic(creds.0, creds.1)
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+/// One sample of [`scrape_metrics`]'s answer; panics with the whole scrape when absent.
+pub fn metric(m: &std::collections::HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key)
+        .unwrap_or_else(|| panic!("{key} not in the metrics: {m:?}"))
+}

@@ -1,0 +1,119 @@
+//! `/metrics`: who may read them (`metrics.access`), turning them off, and the figures moving
+//! with what the broker does. The SMS service's series are checked in `sms.rs`, a real
+//! Prometheus parser reads them in `tests/tests/observability.rs`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wsmb_broker::config::MetricsAccess;
+
+/// One GET; the status and the whole answer.
+async fn get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    (status, text)
+}
+
+fn auth(creds: (&str, &str)) -> String {
+    format!("Authorization: {}\r\n", basic(creds.0, creds.1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_need_a_user_and_follow_the_broker() {
+    let b = broker().await;
+    // Strangers and wrong passwords: 401 with a Basic challenge, no figures.
+    for headers in [String::new(), auth(("qa", "wrong"))] {
+        let (status, text) = get(b.addr, "/metrics", &headers).await;
+        assert_eq!(status, 401, "{text}");
+        assert!(text.contains("WWW-Authenticate: Basic"), "{text}");
+        assert!(!text.contains("wsmb_"), "{text}");
+    }
+    let (status, text) = get(b.addr, "/metrics", &auth(SHA_USER)).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("Content-Type: application/openmetrics-text")
+            || text.contains("Content-Type: text/plain"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE wsmb_messages_in_total counter")
+            && text.contains("# HELP wsmb_connections_open "),
+        "{text}"
+    );
+    let before = scrape_metrics(b.addr, QA).await;
+    assert!(metric(&before, r#"wsmb_authentications_total{outcome="failed"}"#) >= 1.0);
+    assert_eq!(metric(&before, "wsmb_receivers"), 0.0);
+
+    // A receiver and one message: the figures move by exactly that.
+    let mut rx = connect(b.addr).await;
+    receive_on(&mut rx, "metrics-ch").await;
+    let mut tx = connect_as(b.addr, SHA_USER).await;
+    send(&mut tx, &sms("metrics-ch", "m-1")).await;
+    assert!(recv_text(&mut rx).await.contains("m-1"));
+    let r = reply(&mut tx).await;
+    assert_eq!(r.response_code, "00", "{r:?}");
+    let after = scrape_metrics(b.addr, QA).await;
+    for (key, delta) in [
+        ("wsmb_messages_in_total", 1.0),
+        ("wsmb_messages_out_total", 1.0),
+        ("wsmb_messages_unrouted_total", 0.0),
+    ] {
+        assert_eq!(metric(&after, key) - metric(&before, key), delta, "{key}");
+    }
+    assert_eq!(metric(&after, "wsmb_receivers"), 1.0);
+    assert_eq!(metric(&after, "wsmb_channels"), 1.0);
+    assert!(metric(&after, "wsmb_connections_open") >= 2.0);
+    assert!(
+        metric(&after, r#"wsmb_authentications_total{outcome="ok"}"#)
+            >= metric(&before, r#"wsmb_authentications_total{outcome="ok"}"#) + 2.0
+    );
+    assert_eq!(metric(&after, "wsmb_storage_up"), 1.0);
+    // A frame the broker refuses is counted too.
+    send(&mut tx, "{not json").await;
+    let r = reply(&mut tx).await;
+    assert_eq!(r.command, "error", "{r:?}");
+    let later = scrape_metrics(b.addr, QA).await;
+    assert_eq!(
+        metric(&later, "wsmb_frames_rejected_total") - metric(&after, "wsmb_frames_rejected_total"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_access_serves_local_scrapers_only_and_an_empty_path_turns_them_off() {
+    let b = broker_with(|c| c.metrics.access = MetricsAccess::Loopback).await;
+    // A Prometheus on the same host needs no credentials.
+    let (status, text) = get(b.addr, "/metrics", "").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("wsmb_connections_open"), "{text}");
+    // Through a reverse proxy on the same host the peer is loopback but the client is not.
+    let (status, text) = get(b.addr, "/metrics", "X-Forwarded-For: 203.0.113.9\r\n").await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("loopback"), "{text}");
+
+    let b = broker_with(|c| c.metrics.path = String::new()).await;
+    let (status, text) = get(b.addr, "/metrics", &auth(QA)).await;
+    assert_ne!(status, 200, "{text}");
+    assert!(!text.contains("wsmb_connections_open"), "{text}");
+
+    let b = broker_with(|c| c.metrics.path = "/internal/metrics".into()).await;
+    let (status, text) = get(b.addr, "/internal/metrics", &auth(QA)).await;
+    assert_eq!(status, 200, "{text}");
+}
