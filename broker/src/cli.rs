@@ -32,6 +32,10 @@ pub struct Cli {
     /// Log filter, overriding log.level (error, warn, info, debug, trace)
     #[arg(long, value_name = "FILTER", global = true)]
     pub log_level: Option<String>,
+    /// Log format, overriding log.format: text, or json (one object per line, for log shippers)
+    #[arg(long, value_name = "FORMAT", global = true,
+          value_parser = clap::builder::PossibleValuesParser::new(["text", "json"]))]
+    pub log_format: Option<String>,
     /// What to do (default: run)
     #[command(subcommand)]
     pub command: Option<Cmd>,
@@ -100,6 +104,9 @@ pub fn effective_config(cli: &Cli) -> anyhow::Result<(Config, Origin)> {
     if let Some(l) = &cli.log_level {
         config.log.level = l.clone();
     }
+    if let Some(f) = &cli.log_format {
+        config.log.format = f.parse().map_err(anyhow::Error::msg)?;
+    }
     config.validate()?;
     Ok((config, origin))
 }
@@ -163,7 +170,7 @@ pub fn main() -> ExitCode {
             }
         }
         Cmd::Run => {
-            wsmb_common::init_logging(&config.log.level);
+            wsmb_common::init_logging(&config.log);
             let Some(rt) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
                 return ExitCode::FAILURE;
             };

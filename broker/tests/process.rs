@@ -574,3 +574,53 @@ async fn under_systemd_it_says_ready_once_listening_and_feeds_the_watchdog() {
     assert!(notify.wait("STOPPING=1", Duration::from_secs(5)).is_some());
     assert!(p.wait_exit(Duration::from_secs(20)).success());
 }
+
+/// `--log-format json`: every line on stderr is one JSON object with time, level, target and
+/// the message with its fields, for log shippers; the default stays text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_format_writes_one_object_per_line() {
+    let dir = TempDir::new("jsonlogs");
+    let hp = dir.file("htpasswd", QA_LINE);
+    let mut p = BrokerProcess::spawn(&["--htpasswd", &hp, "--log-format", "json"], &[]);
+    let mut bad = connect_raw(p.addr, Some(("qa", "Wr0ngPassw0rd"))).await;
+    reply(&mut bad).await;
+    p.signal("TERM");
+    let log = tokio::task::spawn_blocking(move || {
+        p.wait_exit(Duration::from_secs(15));
+        p.log()
+    })
+    .await
+    .expect("join");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let find = |needle: &str| {
+        lines
+            .iter()
+            .find(|v| {
+                v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(needle))
+            })
+            .unwrap_or_else(|| panic!("no {needle:?} line: {log}"))
+    };
+    let start = find("listening on");
+    assert_eq!(start["level"], "INFO", "{start}");
+    assert!(start["timestamp"].is_string(), "{start}");
+    assert!(
+        start["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("wsmb_broker")),
+        "{start}"
+    );
+    let login = find("wrong user name or password");
+    assert_eq!(login["fields"]["user"], "qa", "{login}");
+    assert_eq!(login["fields"]["client"], "127.0.0.1", "{login}");
+    assert!(!log.contains("Wr0ngPassw0rd"), "{log}");
+
+    // An unknown format is refused with what to write instead.
+    let (code, _, err) = out(bin().args(["--log-format", "xml", "check-config"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("text") && err.contains("json"), "{err}");
+}

@@ -109,12 +109,38 @@ pub struct LogConfig {
     /// A `tracing` filter: `error`, `warn`, `info`, `debug`, `trace`, or per-module directives
     /// such as `wsmb_broker=debug`.
     pub level: String,
+    /// `text` (one readable line per event) or `json` (one JSON object per line, for log
+    /// shippers).
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `2026-12-06T01:02:03.456Z  WARN wsmb_broker::conn: message key=value`
+    #[default]
+    Text,
+    /// `{"timestamp":"...","level":"WARN","fields":{"message":"...","key":"value"},"target":"..."}`
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("log format {other:?}: use text or json")),
         }
     }
 }
@@ -151,9 +177,10 @@ pub fn filter(s: &str) -> Result<tracing_subscriber::filter::Targets, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Logs to stderr (journald under systemd) at `level`; `RUST_LOG`, when set, wins. Colours
-/// only on a terminal.
-pub fn init_logging(level: &str) {
+/// Logs to stderr (journald under systemd) as `log` says; `RUST_LOG`, when set, wins over
+/// `log.level`. Colours only on a terminal, never in JSON.
+pub fn init_logging(log: &LogConfig) {
+    let level = log.level.as_str();
     use std::io::IsTerminal as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -165,13 +192,25 @@ pub fn init_logging(level: &str) {
             tracing_subscriber::filter::Targets::new()
                 .with_default(tracing_subscriber::filter::LevelFilter::INFO)
         });
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = tracing_subscriber::registry()
-        .with(fmt)
-        .with(targets)
-        .try_init();
+    let registry = tracing_subscriber::registry().with(targets);
+    let _ = match log.format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
 }
 
 #[cfg(test)]
@@ -223,10 +262,23 @@ mod tests {
     #[test]
     fn log_filters() {
         for ok in ["debug", "WARN", "wsmb_broker=debug,info", "off"] {
-            LogConfig { level: ok.into() }.validate().expect(ok);
+            LogConfig {
+                level: ok.into(),
+                ..Default::default()
+            }
+            .validate()
+            .expect(ok);
         }
         for bad in ["loud", "", "x=loud"] {
-            assert!(LogConfig { level: bad.into() }.validate().is_err(), "{bad}");
+            assert!(
+                LogConfig {
+                    level: bad.into(),
+                    ..Default::default()
+                }
+                .validate()
+                .is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -80,7 +80,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    wsmb_common::init_logging("warn");
+    wsmb_common::init_logging(&wsmb_common::LogConfig {
+        level: "warn".into(),
+        ..Default::default()
+    });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

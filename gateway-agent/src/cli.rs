@@ -35,6 +35,10 @@ pub struct Cli {
     /// Log filter, overriding log.level
     #[arg(long, value_name = "FILTER", global = true)]
     pub log_level: Option<String>,
+    /// Log format, overriding log.format: text, or json (one object per line, for log shippers)
+    #[arg(long, value_name = "FORMAT", global = true,
+          value_parser = clap::builder::PossibleValuesParser::new(["text", "json"]))]
+    pub log_format: Option<String>,
     /// What to do (default: run)
     #[command(subcommand)]
     pub command: Option<Cmd>,
@@ -86,6 +90,9 @@ pub fn effective_config(cli: &Cli) -> anyhow::Result<(Config, String)> {
     if let Some(l) = &cli.log_level {
         c.log.level = l.clone();
     }
+    if let Some(f) = &cli.log_format {
+        c.log.format = f.parse().map_err(anyhow::Error::msg)?;
+    }
     c.fill_names();
     Ok((c, origin.to_string()))
 }
@@ -108,7 +115,7 @@ pub fn main() -> ExitCode {
     if let Cmd::CheckConfig = cmd {
         return check_config(&cfg, &origin);
     }
-    wsmb_common::init_logging(&cfg.log.level);
+    wsmb_common::init_logging(&cfg.log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

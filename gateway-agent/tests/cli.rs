@@ -111,6 +111,31 @@ async fn send_delivers_one_sms_now() {
     let (code, _, err) = run(c).await;
     assert_eq!(code, 2);
     assert!(err.contains("not a phone number"), "{err}");
+
+    // --log-format json: each log line one JSON object (here the AT exchange at debug).
+    let mut c = agent();
+    c.args([
+        "--device",
+        &sim.path().display().to_string(),
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+        "send",
+        "+628123456789",
+        "json",
+    ]);
+    let (code, out, err) = run(c).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.lines().count() >= 2, "{err}");
+    for l in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{l}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,8 +40,10 @@ impl BrokerProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // Text (`... listening on ADDR`) or JSON (`"message":"listening on ADDR"`).
                 if let Some(rest) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(rest.trim().to_owned());
+                    let addr = rest.split('"').next().unwrap_or(rest);
+                    let _ = tx.send(addr.trim().to_owned());
                 }
                 let mut g = l.lock().expect("log lock");
                 g.push_str(&line);
