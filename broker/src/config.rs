@@ -49,6 +49,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[status]`: the status page.
+    pub status: StatusConfig,
     /// `[permissions]`: what each user may do.
     pub permissions: crate::auth::permissions::PermissionsConfig,
     /// The file this came from (none: embedded defaults), read again for `[permissions]` when
@@ -83,6 +85,23 @@ impl Default for MetricsConfig {
         MetricsConfig {
             path: "/metrics".into(),
             access: MetricsAccess::Users,
+        }
+    }
+}
+
+/// `[status]`: the status page, for any broker user (HTTP Basic).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// Where the page is served on the broker's port (its script, style and figures below
+    /// it); empty: not served.
+    pub path: String,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            path: "/status".into(),
         }
     }
 }
@@ -501,6 +520,28 @@ impl Config {
             return bad(format!(
                 "metrics.path = {m:?} must start with / and differ from server.path and \
                  {HEALTH_PATH}; empty turns the metrics off"
+            ));
+        }
+        let p = &self.status.path;
+        if !p.is_empty()
+            && (!p.starts_with('/')
+                || p.len() < 2
+                || p.ends_with('/')
+                || !p
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/-_.".contains(c))
+                || p.contains("//")
+                || p.contains("/.")
+                || *p == s.path
+                || p == HEALTH_PATH
+                || p == m
+                || p.starts_with(API_PREFIX))
+        {
+            return bad(format!(
+                "status.path = {p:?} must be a path such as \"/status\" (letters, digits, - _ . \
+                 and /, not ending in /), \
+                 other than server.path, metrics.path, {HEALTH_PATH} and the HTTP API's \
+                 {API_PREFIX}; empty turns the status page off"
             ));
         }
         if s.path == HEALTH_PATH {

@@ -208,6 +208,22 @@ async fn handshake<S: Socket>(
         respond(&mut stream, &resp, cfg.write_timeout).await?;
         return Ok(None);
     }
+    if let Some(asset) = crate::status::asset(&shared.config.status.path, &head.path)
+        .filter(|_| !head.wants_websocket())
+    {
+        let resp = match authenticate(&head, shared, client, id).await {
+            Some(user) => crate::status::answer(shared, asset, &head.method, &user).await,
+            None => http::text_response(
+                401,
+                "Unauthorized",
+                "WWW-Authenticate: Basic realm=\"wsmb\"\r\n",
+                "the status page needs the credentials of a broker user",
+                false,
+            ),
+        };
+        respond(&mut stream, &resp, cfg.write_timeout).await?;
+        return Ok(None);
+    }
     if head.path == crate::config::HEALTH_PATH && !head.wants_websocket() {
         // Only up or down to strangers; the figures to users.
         let user = match head.authorization {

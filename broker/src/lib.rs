@@ -23,6 +23,7 @@
 //! - [`tls`]: the broker's own TLS listener, certificates reloaded on SIGHUP.
 //! - [`state`], [`stats`]: what every connection shares; counters.
 //! - [`metrics`]: the counters in the Prometheus text format (`/metrics`).
+//! - [`status`]: the status page (`/status`): page, script, figures, the per-minute sampler.
 //! - [`server`]: accept loop, start-up, credential reloading, graceful shutdown.
 //! - [`cli`]: the `wsmb-broker` command line.
 //!
@@ -45,6 +46,7 @@ pub mod server;
 pub mod sms;
 pub mod state;
 pub mod stats;
+pub mod status;
 pub mod storage;
 pub mod tls;
 pub mod ws;

@@ -3,104 +3,14 @@
 //! are the atomics the broker bumps anyway ([`crate::stats`], the guard's and the
 //! authenticator's counters), read once per scrape into a snapshot that is then encoded.
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
 use std::sync::atomic::Ordering;
+
+use wsmb_common::metrics::Snapshot;
 
 use crate::state::Shared;
 
 /// The content type of [`render`]'s text.
-pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-
-/// One series: name (without `wsmb_`), help, labels, value, and whether it is a counter.
-#[derive(Debug, Clone)]
-struct Series {
-    name: &'static str,
-    help: &'static str,
-    labels: Vec<(&'static str, String)>,
-    value: i64,
-    counter: bool,
-}
-
-/// What one scrape read.
-#[derive(Debug, Default)]
-struct Snapshot(Vec<Series>);
-
-impl Snapshot {
-    fn counter(&mut self, name: &'static str, help: &'static str, value: u64) {
-        self.labelled(name, help, Vec::new(), value, true);
-    }
-
-    fn gauge(&mut self, name: &'static str, help: &'static str, value: u64) {
-        self.labelled(name, help, Vec::new(), value, false);
-    }
-
-    fn labelled(
-        &mut self,
-        name: &'static str,
-        help: &'static str,
-        labels: Vec<(&'static str, String)>,
-        value: u64,
-        counter: bool,
-    ) {
-        self.signed(
-            name,
-            help,
-            labels,
-            i64::try_from(value).unwrap_or(i64::MAX),
-            counter,
-        );
-    }
-
-    fn signed(
-        &mut self,
-        name: &'static str,
-        help: &'static str,
-        labels: Vec<(&'static str, String)>,
-        value: i64,
-        counter: bool,
-    ) {
-        self.0.push(Series {
-            name,
-            help,
-            labels,
-            value,
-            counter,
-        });
-    }
-}
-
-impl Collector for Snapshot {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut i = 0;
-        while i < self.0.len() {
-            // The series of one family are next to each other.
-            let first = &self.0[i];
-            let kind = if first.counter {
-                ConstCounter::new(0u64).metric_type()
-            } else {
-                ConstGauge::new(0i64).metric_type()
-            };
-            let mut family = encoder.encode_descriptor(first.name, first.help, None, kind)?;
-            while i < self.0.len() && self.0[i].name == first.name {
-                let s = &self.0[i];
-                let labels: Vec<(&str, &str)> =
-                    s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                let series = family.encode_family(&labels)?;
-                if s.counter {
-                    ConstCounter::new(s.value.max(0) as u64).encode(series)?;
-                } else {
-                    ConstGauge::new(s.value).encode(series)?;
-                }
-                i += 1;
-            }
-        }
-        Ok(())
-    }
-}
+pub const CONTENT_TYPE: &str = wsmb_common::metrics::CONTENT_TYPE;
 
 fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
@@ -113,7 +23,7 @@ pub fn render(shared: &Shared) -> String {
     s.gauge(
         "connections_open",
         "Open connections (WebSocket and HTTP)",
-        load(&st.connections_open),
+        load(&st.connections_open) as i64,
     );
     s.counter(
         "connections",
@@ -127,22 +37,20 @@ pub fn render(shared: &Shared) -> String {
         ("per_address", load(&g.refused_per_address)),
         ("pending_full", load(&g.refused_pending)),
     ] {
-        s.labelled(
+        s.counter_with(
             "connections_refused",
             "Connections refused, by reason",
             vec![("reason", reason.into())],
             v,
-            true,
         );
     }
     let a = &shared.auth.stats;
     for (outcome, v) in [("ok", load(&a.accepted)), ("failed", load(&a.rejected))] {
-        s.labelled(
+        s.counter_with(
             "authentications",
             "Credential checks, by outcome",
             vec![("outcome", outcome.into())],
             v,
-            true,
         );
     }
     s.counter(
@@ -195,12 +103,11 @@ pub fn render(shared: &Shared) -> String {
         ("write_timeout", load(&st.write_timeouts)),
         ("dead_peer", load(&st.dead_peers)),
     ] {
-        s.labelled(
+        s.counter_with(
             "slow_receivers",
             "Receivers dropped: full queue, write deadline, silence",
             vec![("action", action.into())],
             v,
-            true,
         );
     }
     s.counter(
@@ -212,30 +119,73 @@ pub fn render(shared: &Shared) -> String {
     s.gauge(
         "receivers",
         "Receivers registered on channels",
-        receivers as u64,
+        receivers as i64,
     );
-    s.gauge("channels", "Channels with receivers", channels as u64);
+    s.gauge("channels", "Channels with receivers", channels as i64);
+    let chans = shared.engine.channels();
+    let label = |name: &str| vec![("channel", name.to_owned())];
+    type Pick = fn(&crate::stats::ChannelCounters) -> &std::sync::atomic::AtomicU64;
+    let per_channel: [(&str, &str, Pick); 5] = [
+        (
+            "channel_messages_in",
+            "Messages published on the channel",
+            |c| &c.messages_in,
+        ),
+        (
+            "channel_messages_out",
+            "Copies handed to the channel's receivers",
+            |c| &c.deliveries,
+        ),
+        (
+            "channel_messages_unrouted",
+            "Messages on the channel that reached no receiver and were not stored",
+            |c| &c.unrouted,
+        ),
+        (
+            "channel_messages_expired",
+            "Stored messages of the channel that expired undelivered",
+            |c| &c.expired,
+        ),
+        (
+            "channel_messages_redelivered",
+            "Stored messages of the channel handed out again",
+            |c| &c.redelivered,
+        ),
+    ];
+    for (name, help, pick) in per_channel {
+        for c in &chans {
+            s.counter_with(name, help, label(&c.name), load(pick(&c.counters)));
+        }
+    }
+    for c in &chans {
+        s.gauge_with(
+            "channel_receivers",
+            "Receivers registered on the channel",
+            label(&c.name),
+            c.receivers as i64,
+        );
+    }
+    for c in chans.iter().filter(|_| shared.engine.store().is_some()) {
+        s.gauge_with(
+            "channel_stored_messages",
+            "Messages stored for the channel (its queue: waiting for a receiver or an acknowledgement)",
+            label(&c.name),
+            c.stored as i64,
+        );
+    }
     let store = shared.engine.store();
     s.gauge(
         "stored_messages",
         "Messages in the store waiting for a receiver or an acknowledgement",
-        store.map_or(0, |st| st.stored() as u64),
+        store.map_or(0, |st| st.stored() as i64),
     );
     s.gauge(
         "storage_up",
         "1 when the database answers (always 1 with the memory backend)",
-        u64::from(store.is_none_or(|st| st.health().is_ok())),
+        i64::from(store.is_none_or(|st| st.health().is_ok())),
     );
     if let Some(sms) = &shared.sms {
-        for m in sms.metrics() {
-            s.signed(m.name, m.help, m.labels, m.value, m.counter);
-        }
+        sms.metrics(&mut s);
     }
-    let mut registry = Registry::with_prefix("wsmb");
-    registry.register_collector(Box::new(s));
-    let mut out = String::new();
-    if prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).is_err() {
-        out.clear();
-    }
-    out
+    s.render("wsmb")
 }

@@ -354,6 +354,7 @@ pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<R
     let shared = Shared::new(Arc::new(config), auth, engine, stats, shutdown, sms);
     spawn_credentials_watcher(&shared, sources, config_path, interval);
     spawn_keepalive(&shared);
+    crate::status::spawn_sampler(&shared);
     if let Some(t) = &tls {
         spawn_tls_reloader(&shared, Arc::clone(t));
     }

@@ -122,6 +122,8 @@ pub struct Shared {
     pub guard: Arc<crate::guard::Guard>,
     /// Authenticated WebSocket sessions (`server.max_connections`).
     pub session_slots: Arc<tokio::sync::Semaphore>,
+    /// Messages per minute over the last hour (the status page's chart).
+    pub history: crate::stats::History,
     started: Instant,
     next_conn: AtomicU64,
 }
@@ -167,6 +169,7 @@ impl Shared {
             message_ids: MessageIds::default(),
             sessions: Sessions::default(),
             sms,
+            history: crate::stats::History::default(),
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
         })

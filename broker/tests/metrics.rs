@@ -117,3 +117,95 @@ async fn loopback_access_serves_local_scrapers_only_and_an_empty_path_turns_them
     let (status, text) = get(b.addr, "/internal/metrics", &auth(QA)).await;
     assert_eq!(status, 200, "{text}");
 }
+
+/// Each channel has its own figures: messages in and out, queue depth (stored), receivers; a
+/// channel's queue drains when a receiver comes. Channel names past the bound are counted
+/// together, so a client inventing names cannot grow the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_have_their_own_figures_and_queue_depths() {
+    let st = common::db::storage(wsmb_broker::config::Backend::Sqlite, "chanmetrics");
+    let b = broker_with(move |c| c.storage = st).await;
+    let mut rx = connect(b.addr).await;
+    receive_on(&mut rx, "ch-a").await;
+    let mut tx = connect_as(b.addr, SHA_USER).await;
+    send(&mut tx, &sms("ch-a", "a-1")).await;
+    assert!(recv_text(&mut rx).await.contains("a-1"));
+    assert_eq!(reply(&mut tx).await.response_code, "00");
+    for id in ["b-1", "b-2"] {
+        send(&mut tx, &sms("ch-b", id)).await;
+        let r = reply(&mut tx).await;
+        assert_eq!(r.response_code, "00", "stored: {r:?}");
+    }
+    let m = scrape_metrics(b.addr, QA).await;
+    for (key, want) in [
+        (r#"wsmb_channel_messages_in_total{channel="ch-a"}"#, 1.0),
+        (r#"wsmb_channel_messages_out_total{channel="ch-a"}"#, 1.0),
+        (r#"wsmb_channel_receivers{channel="ch-a"}"#, 1.0),
+        (r#"wsmb_channel_stored_messages{channel="ch-a"}"#, 0.0),
+        (r#"wsmb_channel_messages_in_total{channel="ch-b"}"#, 2.0),
+        (r#"wsmb_channel_messages_out_total{channel="ch-b"}"#, 0.0),
+        (r#"wsmb_channel_receivers{channel="ch-b"}"#, 0.0),
+        (r#"wsmb_channel_stored_messages{channel="ch-b"}"#, 2.0),
+        (
+            r#"wsmb_channel_messages_unrouted_total{channel="ch-b"}"#,
+            0.0,
+        ),
+    ] {
+        assert_eq!(metric(&m, key), want, "{key}: {m:?}");
+    }
+    // A receiver on ch-b takes its queue.
+    let mut rb = connect(b.addr).await;
+    send(&mut rb, r#"{"command":"receive-message","channel":"ch-b"}"#).await;
+    let mut got = String::new();
+    while !(got.contains("b-1") && got.contains("b-2")) {
+        got.push_str(&recv_text(&mut rb).await);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = scrape_metrics(b.addr, QA).await;
+        if metric(&m, r#"wsmb_channel_stored_messages{channel="ch-b"}"#) == 0.0 {
+            assert_eq!(
+                metric(&m, r#"wsmb_channel_messages_out_total{channel="ch-b"}"#),
+                2.0
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_figures_are_bounded() {
+    let b = broker().await;
+    let mut tx = connect_as(b.addr, SHA_USER).await;
+    for i in 0..300 {
+        send(&mut tx, &sms(&format!("invented-{i}"), "x")).await;
+        assert_eq!(reply(&mut tx).await.response_code, "02");
+    }
+    let m = scrape_metrics(b.addr, QA).await;
+    let labelled: Vec<&String> = m
+        .keys()
+        .filter(|k| k.starts_with("wsmb_channel_messages_in_total{"))
+        .collect();
+    assert!(
+        labelled.len() <= 256,
+        "{} channels: {labelled:?}",
+        labelled.len()
+    );
+    let other = metric(&m, r#"wsmb_channel_messages_in_total{channel="(other)"}"#);
+    let named: f64 = labelled
+        .iter()
+        .filter(|k| !k.contains("(other)"))
+        .map(|k| m[*k])
+        .sum();
+    assert_eq!(named + other, 300.0, "every message counted once");
+    assert!(other >= 44.0, "{other}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"wsmb_channel_messages_unrouted_total{channel="(other)"}"#
+        ),
+        other
+    );
+}

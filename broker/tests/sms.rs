@@ -1054,6 +1054,132 @@ async fn devices_health_held_cancelled_and_expired_messages() {
     db::cleanup(&st).await;
 }
 
+/// The agent's heartbeat tells the broker about every modem: `/devices` shows it, the metrics
+/// carry it, a modem the heartbeat no longer lists goes, and heartbeats that stop while the
+/// agent stays connected turn `/health` to warn with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_fill_devices_metrics_and_health() {
+    let b = start(&db::storage(Backend::Memory, "smsbeat"), |_| {}).await;
+    let mut agent = Agent::connect(b.addr).await;
+    let modem = |name: &str, state: &str, registration: &str| {
+        json!({"name": name, "state": state, "signal_dbm": -83, "operator": "Telkomsel",
+               "registration": registration, "sent": 12, "failed": 2, "retried": 1,
+               "last_error": "+CMS ERROR: 38 (network out of order)", "last_sent": 1_800_000_000})
+    };
+    let beat = |interval: u64, modems: Vec<Value>| {
+        event(
+            "agent",
+            "heartbeat",
+            json!({"agent": {"version": "9.9.9", "interval": interval, "uptime": 3600,
+                   "queued": 7, "unpublished": 3, "modems": modems}}),
+        )
+    };
+    agent
+        .report(json!([beat(
+            60,
+            vec![
+                modem("m1", "ready", "registered, home network"),
+                modem("m2", "down", "registration denied")
+            ]
+        )]))
+        .await;
+    let a = api(b.addr, "GET", "/devices", None).await;
+    let d = &a.body[0];
+    assert_eq!(d["agent"]["version"], "9.9.9", "{a:?}");
+    assert_eq!(d["agent"]["queued"], 7, "{a:?}");
+    assert_eq!(d["agent"]["unpublished"], 3, "{a:?}");
+    assert_eq!(d["agent"]["heartbeatInterval"], 60, "{a:?}");
+    assert_eq!(d["agent"]["heartbeatLate"], false, "{a:?}");
+    let m1 = &d["modems"][0];
+    assert_eq!(m1["name"], "m1", "{a:?}");
+    assert_eq!(m1["registration"], "registered, home network", "{a:?}");
+    assert_eq!(m1["signalDbm"], -83, "{a:?}");
+    assert_eq!(m1["operator"], "Telkomsel", "{a:?}");
+    assert_eq!(
+        (&m1["sent"], &m1["failed"], &m1["retried"]),
+        (&json!(12), &json!(2), &json!(1))
+    );
+    assert!(
+        m1["lastError"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("CMS ERROR: 38"),
+        "{a:?}"
+    );
+    assert_eq!(m1["lastSentAt"], "2027-01-15T08:00:00.000+00:00", "{a:?}");
+    assert_eq!(d["modems"][1]["state"], "down", "{a:?}");
+
+    let m = scrape_metrics(b.addr, APP).await;
+    for (key, want) in [
+        (r#"wsmb_gateway_queued_jobs{gateway="sha"}"#, 7.0),
+        (r#"wsmb_modem_registered{gateway="sha",modem="m1"}"#, 1.0),
+        (r#"wsmb_modem_registered{gateway="sha",modem="m2"}"#, 0.0),
+        (r#"wsmb_modem_ready{gateway="sha",modem="m2"}"#, 0.0),
+        (
+            r#"wsmb_modem_sms_total{gateway="sha",modem="m1",outcome="sent"}"#,
+            12.0,
+        ),
+        (
+            r#"wsmb_modem_sms_total{gateway="sha",modem="m1",outcome="failed"}"#,
+            2.0,
+        ),
+        (r#"wsmb_modem_signal_dbm{gateway="sha",modem="m1"}"#, -83.0),
+    ] {
+        assert_eq!(metric(&m, key), want, "{key}: {m:?}");
+    }
+    assert!(
+        m.contains_key(r#"wsmb_gateway_heartbeat_age_seconds{gateway="sha"}"#),
+        "{m:?}"
+    );
+    let info = r#"wsmb_modem_info{gateway="sha",modem="m1",operator="Telkomsel",registration="registered, home network",last_error="+CMS ERROR: 38 (network out of order)"}"#;
+    assert_eq!(metric(&m, info), 1.0, "{m:?}");
+
+    // m2 taken out of the agent's configuration: the next heartbeat no longer lists it.
+    agent
+        .report(json!([beat(
+            1,
+            vec![modem("m1", "ready", "registered, roaming")]
+        )]))
+        .await;
+    let a = api(b.addr, "GET", "/devices", None).await;
+    assert_eq!(
+        a.body[0]["modems"].as_array().map(Vec::len),
+        Some(1),
+        "{a:?}"
+    );
+    let a = api(b.addr, "GET", "/health", None).await;
+    assert_eq!(a.body["checks"]["agents"]["status"], "pass", "{a:?}");
+
+    // Then silence for more than three intervals of 1 s, the agent still connected.
+    let deadline = tokio::time::Instant::now() + T;
+    let a = loop {
+        let a = api(b.addr, "GET", "/health", None).await;
+        if a.body["checks"]["agents"]["status"] == "warn" {
+            break a;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{a:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let why = a.body["checks"]["agents"]["description"].to_string();
+    assert!(
+        why.contains("connected but silent") && why.contains("sha"),
+        "{a:?}"
+    );
+    let a = api(b.addr, "GET", "/devices", None).await;
+    assert_eq!(a.body[0]["agent"]["heartbeatLate"], true, "{a:?}");
+    // A heartbeat again: pass.
+    agent
+        .report(json!([beat(
+            60,
+            vec![modem("m1", "ready", "registered, roaming")]
+        )]))
+        .await;
+    let a = api(b.addr, "GET", "/health", None).await;
+    assert_eq!(a.body["checks"]["agents"]["status"], "pass", "{a:?}");
+    drop(agent);
+    stop(b).await;
+}
+
 /// Status events the SMS service cannot record (its database is gone) are refused with `05`,
 /// so the agent keeps them and sends them again; they are taken once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,10 +2,13 @@
 //! file (explicit path, else a default path when it exists, else embedded defaults), durations
 //! written `"30s"`, the `[log]` section, and logging to stderr.
 //! [`systemd`]: READY, STATUS and the watchdog of `Type=notify` units. [`tls`]: what TLS
-//! clients trust.
+//! clients trust. [`metrics`]: a snapshot of figures rendered in the Prometheus text format.
+//! [`problem`]: lasting problems logged once, reminded, and cleared.
 
 #![forbid(unsafe_code)]
 
+pub mod metrics;
+pub mod problem;
 pub mod systemd;
 pub mod tls;
 

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
+use crate::health::Board;
 use crate::link::LinkState;
 use crate::store::Store;
 use crate::{dispatch, link, modem};
@@ -20,6 +21,10 @@ pub struct Running {
     pub link: watch::Receiver<LinkState>,
     /// The modems.
     pub modems: Vec<modem::ModemHandle>,
+    /// The agent's health (heartbeat, metrics).
+    pub board: Arc<Board>,
+    /// Where the metrics are served (`agent.metrics_listen`), when they are.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Cancel to stop.
     pub shutdown: CancellationToken,
     /// Completes when the agent has stopped.
@@ -47,7 +52,31 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         })
         .collect();
     drop(incoming_tx);
+    let board = Board::new(&modems);
+    // Bound before anything runs: a port in use stops the start with the reason.
+    let metrics = if cfg.agent.metrics_listen.is_empty() {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&cfg.agent.metrics_listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "agent.metrics_listen = {:?}: cannot listen there: {e}",
+                    cfg.agent.metrics_listen
+                )
+            })?;
+        Some(l)
+    };
+    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
     let shutdown = CancellationToken::new();
+    if let Some(l) = metrics {
+        tokio::spawn(crate::health::serve_metrics(
+            l,
+            Arc::clone(&board),
+            store.clone(),
+            shutdown.clone(),
+        ));
+    }
     let incoming = tokio::spawn(crate::incoming::run(
         store.clone(),
         incoming_rx,
@@ -60,12 +89,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         store.clone(),
         Arc::clone(&cfg),
         modems.clone(),
+        Arc::clone(&board),
         Arc::clone(&wake),
         shutdown.clone(),
     ));
     let link = tokio::spawn(link::run(
         Arc::clone(&cfg),
         store.clone(),
+        Arc::clone(&board),
         wake,
         link_tx,
         shutdown.clone(),
@@ -79,6 +110,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         store,
         link: link_rx,
         modems,
+        board,
+        metrics_addr,
         shutdown,
         task,
     })

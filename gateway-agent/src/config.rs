@@ -116,6 +116,13 @@ pub struct AgentConfig {
     pub inbox_sweep: Duration,
     /// Validity period given to the SMSC ("1d", "6h"); empty leaves the SMSC default.
     pub validity: String,
+    /// How often the agent tells the broker how it and its modems are (a `heartbeat` status
+    /// event, also sent at each connection); "0s": never.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Prometheus metrics of the agent at `http://ADDR/metrics`, e.g. "127.0.0.1:9746";
+    /// loopback addresses only (no authentication). Empty (the default): off.
+    pub metrics_listen: String,
 }
 
 impl Default for AgentConfig {
@@ -133,6 +140,8 @@ impl Default for AgentConfig {
             inbox_part_timeout: Duration::from_secs(600),
             inbox_sweep: Duration::from_secs(60),
             validity: String::new(),
+            heartbeat_interval: Duration::from_secs(60),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -171,6 +180,10 @@ pub struct ModemConfig {
     /// How long to wait for network registration.
     #[serde(deserialize_with = "duration")]
     pub registration_timeout: Duration,
+    /// How often an idle modem is checked (registration, signal): a lost network is noticed
+    /// and the signal in the heartbeat is at most this old.
+    #[serde(deserialize_with = "duration")]
+    pub check_interval: Duration,
 }
 
 impl Default for ModemConfig {
@@ -190,6 +203,7 @@ impl Default for ModemConfig {
             prompt_timeout: d.prompt_timeout,
             send_timeout: d.send_timeout,
             registration_timeout: d.registration_timeout,
+            check_interval: d.health_interval,
         }
     }
 }
@@ -205,6 +219,7 @@ impl ModemConfig {
         s.prompt_timeout = self.prompt_timeout;
         s.send_timeout = self.send_timeout;
         s.registration_timeout = self.registration_timeout;
+        s.health_interval = self.check_interval;
         s
     }
 }
@@ -262,6 +277,26 @@ impl Config {
         }
         if self.broker.channel.is_empty() || self.broker.status_channel.is_empty() {
             return bad("broker.channel and broker.status_channel must not be empty".into());
+        }
+        if !self.agent.metrics_listen.is_empty() {
+            match self.agent.metrics_listen.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(_) => {
+                    return bad(format!(
+                        "agent.metrics_listen = {:?}: the metrics have no authentication, so \
+                         only a loopback address is allowed (e.g. \"127.0.0.1:9746\"); reach \
+                         them from elsewhere through an SSH tunnel or the broker's /metrics",
+                        self.agent.metrics_listen
+                    ));
+                }
+                Err(e) => {
+                    return bad(format!(
+                        "agent.metrics_listen = {:?} is not an address ({e}); write e.g. \
+                         \"127.0.0.1:9746\", or \"\" for none",
+                        self.agent.metrics_listen
+                    ));
+                }
+            }
         }
         if self.broker.channel == self.broker.status_channel {
             return bad("broker.status_channel must differ from broker.channel".into());
@@ -321,6 +356,12 @@ impl Config {
             if m.command_timeout.is_zero() || m.prompt_timeout.is_zero() || m.send_timeout.is_zero()
             {
                 return bad(format!("modem {:?}: timeouts must be more than 0s", m.name));
+            }
+            if m.check_interval < Duration::from_secs(1) {
+                return bad(format!(
+                    "modem {:?}: check_interval must be at least 1s (e.g. \"30s\")",
+                    m.name
+                ));
             }
             // What goes on the serial line must not be able to end the command it is in and
             // start another one.
@@ -425,8 +466,12 @@ mod tests {
             "prompt_timeout",
             "send_timeout",
             "registration_timeout",
+            "check_interval",
+            "heartbeat_interval",
+            "metrics_listen",
             "prefixes",
             "level",
+            "format",
         ] {
             assert!(text.contains(&format!("{key} =")), "example lacks {key}");
         }

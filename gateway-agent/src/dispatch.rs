@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use wsmb_protocol::sms::{Status, StatusEvent};
 
 use crate::config::Config;
+use crate::health::Board;
 use crate::modem::{FailureClass, Health, ModemHandle, PartOutcome, PartRequest};
 use crate::pdu::{self, Address, SubmitOptions};
 use crate::store::{Ending, JobRow, Store};
@@ -138,6 +139,7 @@ struct Ctx {
     store: Store,
     cfg: Arc<Config>,
     opts: SubmitOptions,
+    board: Arc<Board>,
 }
 
 /// Runs the dispatcher until `shutdown`; then waits for the parts in flight to finish.
@@ -145,6 +147,7 @@ pub async fn run(
     store: Store,
     cfg: Arc<Config>,
     modems: Vec<ModemHandle>,
+    board: Arc<Board>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
@@ -169,6 +172,7 @@ pub async fn run(
             s.modem.radio(),
             store.clone(),
             Arc::clone(&wake),
+            Arc::clone(&board),
         );
     }
     let mut routes: Vec<(String, String)> = cfg
@@ -184,6 +188,7 @@ pub async fn run(
             validity: cfg.validity(),
         },
         cfg,
+        board,
     });
     let mut rr: HashMap<String, usize> = HashMap::new();
     let mut running: JoinSet<(usize, String)> = JoinSet::new();
@@ -458,6 +463,7 @@ async fn send_job(
     job: JobRow,
 ) {
     let store = &ctx.store;
+    let counters = ctx.board.modem(&modem.name);
     let log_err = |e: crate::store::StoreError| warn!(job = %job.id, "job store: {e}");
     // the job's last word: recorded with its status event, or logged when the store fails
     let finish = async |status, code: &str, reason: String, ambiguous| {
@@ -573,8 +579,16 @@ async fn send_job(
         };
         match outcome {
             PartOutcome::Sent { mr } => {
+                if let Some(c) = counters {
+                    c.part_sent();
+                }
                 match store.part_sent(&job.id, k, mr, total, &modem.name).await {
-                    Ok(true) => info!(job = %job.id, modem = %modem.name, "sent ({total} part(s))"),
+                    Ok(true) => {
+                        if let Some(c) = counters {
+                            c.job_sent(now_secs());
+                        }
+                        info!(job = %job.id, modem = %modem.name, "sent ({total} part(s))")
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         log_err(e);
@@ -593,6 +607,22 @@ async fn send_job(
                 reason,
             } => {
                 let code_s = code.clone().unwrap_or_else(|| "modem_error".into());
+                // Counted on the modem: it gave up for good, or will be retried.
+                let gives_up = match class {
+                    FailureClass::Permanent => true,
+                    FailureClass::Ambiguous if !ctx.cfg.agent.retry_ambiguous => true,
+                    FailureClass::Sim => false,
+                    FailureClass::Transient | FailureClass::Ambiguous => {
+                        attempts >= ctx.cfg.agent.max_attempts
+                    }
+                };
+                if let Some(c) = counters {
+                    if gives_up {
+                        c.job_failed(&reason);
+                    } else {
+                        c.retried(&reason);
+                    }
+                }
                 match class {
                     FailureClass::Permanent => {
                         warn!(job = %job.id, "failed permanently: {reason}");
@@ -648,6 +678,7 @@ fn spawn_health_watcher(
     radio: tokio::sync::watch::Receiver<crate::modem::Radio>,
     store: Store,
     wake: Arc<Notify>,
+    board: Arc<Board>,
 ) {
     tokio::spawn(async move {
         let mut last: Option<Health> = None;
@@ -675,6 +706,7 @@ fn spawn_health_watcher(
                 if let Err(err) = store.event(e).await {
                     warn!("job store: {err}");
                 }
+                board.modems_changed();
                 last = Some(h);
             }
             wake.notify_one();

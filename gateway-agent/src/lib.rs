@@ -23,6 +23,7 @@ pub mod at;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod health;
 pub mod incoming;
 pub mod jobs;
 pub mod link;

@@ -24,8 +24,10 @@ use wsmb_protocol::sms::{Status, parse_jobs};
 use wsmb_protocol::{ResponseCode, frames};
 
 use crate::config::Config;
+use crate::health::Board;
 use crate::jobs;
 use crate::store::{Ending, Inserted, Store};
+use wsmb_common::problem::{Problem, REMIND_EVERY, Say, human};
 
 /// Most status events per published frame.
 const BATCH: usize = 50;
@@ -199,11 +201,13 @@ fn jitter(d: Duration) -> Duration {
 pub async fn run(
     cfg: Arc<Config>,
     store: Store,
+    board: Arc<Board>,
     wake_dispatcher: Arc<Notify>,
     state: watch::Sender<LinkState>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(500);
+    let mut problem = Problem::default();
     loop {
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -211,9 +215,28 @@ pub async fn run(
         };
         let reason = match outcome {
             Ok(ws) => {
-                info!(url = %cfg.broker.url, "connected to the broker");
+                match problem.cleared() {
+                    Some(over) => info!(
+                        url = %cfg.broker.url,
+                        "connected to the broker again, after {} away ({} failed attempt(s))",
+                        human(over.lasted),
+                        over.count
+                    ),
+                    None => info!(url = %cfg.broker.url, "connected to the broker"),
+                }
                 backoff = Duration::from_millis(500);
-                let r = serve(ws, &cfg, &store, &wake_dispatcher, &state, &shutdown).await;
+                board.broker(true);
+                let r = serve(
+                    ws,
+                    &cfg,
+                    &store,
+                    &board,
+                    &wake_dispatcher,
+                    &state,
+                    &shutdown,
+                )
+                .await;
+                board.broker(false);
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -222,13 +245,49 @@ pub async fn run(
             Err(e) => e,
         };
         let pause = jitter(backoff);
-        warn!("broker link down: {reason}; reconnecting in {pause:.1?}");
+        match problem.occurred(&reason) {
+            Say::Start => warn!(
+                url = %cfg.broker.url,
+                "broker link down: {reason}; {}; reconnecting with growing pauses (up to \
+                 broker.reconnect_max), said again only if it changes or every {}",
+                link_hint(&reason),
+                human(REMIND_EVERY)
+            ),
+            Say::Remind { since, count } => warn!(
+                url = %cfg.broker.url,
+                "broker link still down after {} ({count} attempts): {reason}; {}",
+                human(since),
+                link_hint(&reason)
+            ),
+            Say::Quiet => debug!("broker link down: {reason}; reconnecting in {pause:.1?}"),
+        }
         let _ = state.send(LinkState::Down(reason));
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
         backoff = (backoff * 2).min(cfg.broker.reconnect_max);
+    }
+}
+
+/// What to check for a broker link that failed with `reason`.
+fn link_hint(reason: &str) -> &'static str {
+    let r = reason.to_lowercase();
+    if r.contains("401") || r.contains("unauthorized") || r.contains("password") {
+        "check broker.user and the password (WSMB_PASSWORD) against the broker's htpasswd file"
+    } else if r.contains("certificate") || r.contains("tls") {
+        "check the broker's certificate, or broker.ca_file for a private one"
+    } else if r.contains("dns") || r.contains("resolve") || r.contains("lookup") {
+        "check the host name in broker.url and the Pi's DNS"
+    } else if r.contains("refused") {
+        "the broker's host answers but nothing listens there: check that wsmb-broker runs \
+         and the port in broker.url"
+    } else if r.contains("timed out") || r.contains("no frame") || r.contains("unreachable") {
+        "check the Pi's network and that the broker's host is up"
+    } else if r.contains("403") || r.contains("banned") {
+        "the broker refuses this address for now (repeated failed logins): check the password"
+    } else {
+        "check broker.url, the network, and the broker's log (journalctl -u wsmb-broker)"
     }
 }
 
@@ -288,6 +347,7 @@ async fn serve(
     mut ws: Ws,
     cfg: &Config,
     store: &Store,
+    board: &Board,
     wake: &Notify,
     state: &watch::Sender<LinkState>,
     shutdown: &CancellationToken,
@@ -303,6 +363,11 @@ async fn serve(
     let mut ping = tokio::time::interval(cfg.broker.ping_interval);
     ping.reset();
     let mut last_rx = tokio::time::Instant::now();
+    // The heartbeat: at once (the broker learns the modems as soon as the agent is back), then
+    // every interval. Not stored: one the broker cannot take now is worthless later.
+    let beat_every = cfg.agent.heartbeat_interval;
+    let mut beat = tokio::time::interval(beat_every.max(Duration::from_secs(1)));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     store.poke(); // publish what is pending
     loop {
         // Biased: frames already waiting are read before the silence check runs, so time
@@ -323,6 +388,13 @@ async fn serve(
                                     warn!("a reply from the broker for nothing sent: {t}");
                                     continue;
                                 };
+                                if seqs.is_empty() {
+                                    // A heartbeat's answer: nothing to keep or send again.
+                                    if let StatusReply::Refused(why) | StatusReply::Later(why) = status_reply(&reply) {
+                                        debug!("the broker did not take a heartbeat: {why}");
+                                    }
+                                    continue;
+                                }
                                 match status_reply(&reply) {
                                     StatusReply::Taken => {
                                         if reply.code() == Some(ResponseCode::NoReceiver) {
@@ -363,6 +435,7 @@ async fn serve(
                             // Acknowledged only once the jobs are stored.
                             match intake(store, cfg, d.frame.get(), Some(&d.message_id)).await {
                                 Ok(n) => {
+                                    board.jobs_received(n as u64);
                                     if n > 0 {
                                         wake.notify_one();
                                     }
@@ -372,14 +445,20 @@ async fn serve(
                                 }
                                 Err(_) => warn!(message = %d.message_id, "not acknowledged: the broker will offer it again"),
                             }
-                        } else if intake(store, cfg, &t, None).await.is_ok_and(|n| n > 0) {
-                            wake.notify_one();
+                        } else if let Ok(n) = intake(store, cfg, &t, None).await {
+                            board.jobs_received(n as u64);
+                            if n > 0 {
+                                wake.notify_one();
+                            }
                         }
                     }
                     Some(Ok(Message::Binary(b))) => {
                         if let Ok(t) = std::str::from_utf8(&b) {
-                            if intake(store, cfg, t, None).await.is_ok_and(|n| n > 0) {
-                                wake.notify_one();
+                            if let Ok(n) = intake(store, cfg, t, None).await {
+                                board.jobs_received(n as u64);
+                                if n > 0 {
+                                    wake.notify_one();
+                                }
                             }
                         }
                     }
@@ -423,6 +502,18 @@ async fn serve(
                     Ok(_) => {}
                     Err(e) => warn!("{e}"),
                 }
+            }
+            _ = board.changed(), if !beat_every.is_zero() => beat.reset_immediately(),
+            _ = beat.tick(), if !beat_every.is_zero() && inflight.len() < WINDOW => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let e = board.heartbeat(store, beat_every, now).await;
+                let frame = frames::send_message_ttl(&cfg.broker.status_channel, &[e], beat_every.as_secs());
+                if let Err(e) = ws.send(Message::text(frame.clone())).await {
+                    return format!("write error: {e}");
+                }
+                inflight.push_back((Vec::new(), frame));
             }
             _ = ping.tick() => {
                 if last_rx.elapsed() > cfg.broker.ping_interval * 2 {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_serial::SerialPortBuilderExt;
 use tracing::{debug, info, warn};
+use wsmb_common::problem::{Problem, REMIND_EVERY, Say, human};
 
 use crate::at::{AtError, AtPort, Final, Response, Stage, SubmitTimeouts};
 use crate::pdu::{Deliver, Received, StatusReport, decode_received};
@@ -120,14 +121,17 @@ impl Health {
     }
 }
 
-/// The radio side of a ready modem, read when it became ready: reported with its `modem`
-/// status event so that the broker can show it (`GET /3rdparty/v1/devices`).
+/// The radio side of a ready modem, read when it became ready and again at each idle check
+/// (`health_interval`): reported with its `modem` status event and in the agent's heartbeat
+/// so that the broker can show it (`GET /3rdparty/v1/devices`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Radio {
     /// `AT+CSQ`, in dBm.
     pub signal_dbm: Option<i32>,
     /// `AT+COPS?` operator name.
     pub operator: Option<String>,
+    /// `AT+CREG?` status in words (`registered, home network`).
+    pub registration: Option<String>,
 }
 
 /// What a modem says about itself (`wsmb-agent probe`).
@@ -250,6 +254,28 @@ pub struct ModemHandle {
     radio: watch::Receiver<Radio>,
 }
 
+/// What can be read about a modem without being able to ask it anything (see
+/// [`ModemHandle::view`]).
+#[derive(Clone)]
+pub struct ModemView {
+    /// The modem's name.
+    pub name: String,
+    health: watch::Receiver<Health>,
+    radio: watch::Receiver<Radio>,
+}
+
+impl ModemView {
+    /// The current health.
+    pub fn health(&self) -> Health {
+        self.health.borrow().clone()
+    }
+
+    /// Signal, operator and registration as last read.
+    pub fn radio(&self) -> Radio {
+        self.radio.borrow().clone()
+    }
+}
+
 impl ModemHandle {
     /// The current health.
     pub fn health(&self) -> Health {
@@ -265,6 +291,16 @@ impl ModemHandle {
     /// turns `Ready`).
     pub fn radio(&self) -> watch::Receiver<Radio> {
         self.radio.clone()
+    }
+
+    /// A read-only view of the modem (health and radio) that does not keep its actor
+    /// running: the actor stops when the last handle is dropped, whoever still watches it.
+    pub fn view(&self) -> ModemView {
+        ModemView {
+            name: self.name.clone(),
+            health: self.health.clone(),
+            radio: self.radio.clone(),
+        }
     }
 
     /// Sends one part (see [`PartRequest`]).
@@ -319,6 +355,7 @@ pub fn spawn_with(
     let name = settings.name.clone();
     tokio::spawn(
         Actor {
+            problem: Problem::default(),
             s: settings,
             rx,
             health: health_tx,
@@ -462,8 +499,16 @@ async fn sim_state(at: &mut Port, t: Duration) -> Result<String, InitError> {
     let r = at.command("AT+CPIN?", t).await.map_err(at_err)?;
     match &r.result {
         Final::Ok => Ok(r.value("+CPIN:").unwrap_or("UNKNOWN").to_owned()),
-        Final::Cme(10) => Err(sim("no SIM card (+CME ERROR: 10)", true)),
-        Final::Cme(13) => Err(sim("SIM failure (+CME ERROR: 13)", true)),
+        Final::Cme(10) => Err(sim(
+            "no SIM card (+CME ERROR: 10): insert one (modem unplugged); checked again every \
+             minute",
+            true,
+        )),
+        Final::Cme(13) => Err(sim(
+            "SIM failure (+CME ERROR: 13): reseat the SIM or try it in a phone; checked again \
+             every minute",
+            true,
+        )),
         other => Err(InitError::Retry(format!("AT+CPIN? answered {other}"))),
     }
 }
@@ -606,7 +651,27 @@ pub async fn probe(at: &mut Port, t: Duration) -> Result<ModemInfo, InitError> {
     Ok(info)
 }
 
+/// What to check for a modem that is down for `reason`, as "; ..." (empty when the reason
+/// carries its own hint, as those of the port do).
+fn modem_hint(reason: &str) -> &'static str {
+    let r = reason.to_lowercase();
+    if r.contains("registration denied") {
+        "; the network refuses the SIM: check that it is activated, paid up and not blocked \
+         (try it in a phone)"
+    } else if r.contains("not registered") {
+        "; no network: check the antenna, the coverage at this place, and the SIM in a phone"
+    } else if r.contains("cannot open") {
+        ""
+    } else if r.contains("timed out") || r.contains("no answer") || r.contains("timeout") {
+        "; the modem does not answer: check its power (a Pi's USB port may be too weak: use a \
+         powered hub) and that `device` is its AT port"
+    } else {
+        "; check the modem with `wsmb-agent probe` (stop the agent first)"
+    }
+}
+
 struct Actor {
+    problem: Problem,
     s: ModemSettings,
     rx: mpsc::Receiver<Request>,
     health: watch::Sender<Health>,
@@ -615,17 +680,47 @@ struct Actor {
 }
 
 impl Actor {
-    fn set_health(&self, h: Health) {
+    /// Publishes the modem's health and logs the change: a problem once when it starts (or its
+    /// reason changes) and then every [`REMIND_EVERY`] while the modem keeps failing the same
+    /// way, not at every attempt; its end once.
+    fn set_health(&mut self, h: Health) {
         let changed = *self.health.borrow() != h;
-        if changed {
-            match &h {
-                Health::Ready => info!(modem = %self.s.name, "modem ready"),
-                Health::Down(r) => warn!(modem = %self.s.name, "modem down: {r}"),
-                Health::Stopped(r) => tracing::error!(modem = %self.s.name, "modem stopped: {r}"),
-                Health::Starting => debug!(modem = %self.s.name, "modem starting"),
-            }
-            let _ = self.health.send(h);
+        if !changed {
+            return;
         }
+        let name = &self.s.name;
+        match &h {
+            Health::Ready => match self.problem.cleared() {
+                Some(over) => info!(
+                    modem = %name,
+                    "modem ready again, after {} ({} failed attempt(s))",
+                    human(over.lasted),
+                    over.count
+                ),
+                None => info!(modem = %name, "modem ready"),
+            },
+            Health::Down(r) => match self.problem.occurred(r) {
+                Say::Start => warn!(
+                    modem = %name,
+                    "modem down: {r}{}; trying again with growing pauses, said again only if \
+                     it changes or every {}",
+                    modem_hint(r),
+                    human(REMIND_EVERY)
+                ),
+                Say::Remind { since, count } => warn!(
+                    modem = %name,
+                    "modem still down after {} ({count} attempts): {r}",
+                    human(since)
+                ),
+                Say::Quiet => debug!(modem = %name, "modem down: {r}"),
+            },
+            Health::Stopped(r) => match self.problem.occurred(r) {
+                Say::Quiet => debug!(modem = %name, "modem stopped: {r}"),
+                _ => tracing::error!(modem = %name, "modem stopped: {r}"),
+            },
+            Health::Starting => debug!(modem = %name, "modem starting"),
+        }
+        let _ = self.health.send(h);
     }
 
     async fn run(mut self) {
@@ -653,11 +748,16 @@ impl Actor {
                     .await
                     .ok()
                     .and_then(|r| operator_name(&r));
+                let registration = registration(&mut at, t)
+                    .await
+                    .ok()
+                    .map(|s| registration_words(s).to_owned());
                 Ok::<_, InitError>((
                     at,
                     Radio {
                         signal_dbm,
                         operator,
+                        registration,
                     },
                 ))
             };
@@ -967,7 +1067,8 @@ impl Actor {
         Ok(())
     }
 
-    /// Idle check: the modem answers and is still registered.
+    /// Idle check: the modem answers and is still registered; the signal and registration
+    /// are refreshed for the heartbeat.
     async fn check(&self, at: &mut Port) -> Result<(), String> {
         let t = self.s.command_timeout;
         match at.command("AT+CREG?", t).await {
@@ -976,10 +1077,34 @@ impl Actor {
                     .value("+CREG:")
                     .and_then(|v| v.split(',').nth(1).or(Some(v)))
                     .and_then(|s| s.trim().parse::<u8>().ok());
+                if let Some(s) = stat {
+                    self.radio.send_if_modified(|r| {
+                        let words = Some(registration_words(s).to_owned());
+                        let changed = r.registration != words;
+                        r.registration = words;
+                        changed
+                    });
+                }
                 match stat {
-                    Some(1 | 5) => Ok(()),
-                    Some(s) => Err(format!("lost the network ({})", registration_words(s))),
-                    None => Ok(()),
+                    Some(1 | 5) => {}
+                    Some(s) => return Err(format!("lost the network ({})", registration_words(s))),
+                    None => return Ok(()),
+                }
+                // The signal (an unreadable answer keeps the last value).
+                match at.command("AT+CSQ", t).await {
+                    Ok(r) => {
+                        let dbm = signal_dbm(&r);
+                        if dbm.is_some() {
+                            self.radio.send_if_modified(|r| {
+                                let changed = r.signal_dbm != dbm;
+                                r.signal_dbm = dbm;
+                                changed
+                            });
+                        }
+                        Ok(())
+                    }
+                    Err(AtError::Timeout { .. }) => self.recover(at).await,
+                    Err(e) => Err(e.to_string()),
                 }
             }
             Ok(r) => Err(format!("AT+CREG? answered {}", r.result)),

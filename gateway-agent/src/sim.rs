@@ -121,6 +121,8 @@ struct Shared {
     storage: std::collections::BTreeMap<u32, (u8, String)>,
     /// `AT+CMGD` answers an error (a modem that fails to delete).
     refuse_delete: bool,
+    /// The signal now, when changed from `SimConfig::rssi` ([`Simulator::set_rssi`]).
+    rssi: Option<u8>,
 }
 
 struct Inner {
@@ -338,6 +340,11 @@ impl Simulator {
         self.lock().faults.push_back(f);
     }
 
+    /// The signal changes (`AT+CSQ` RSSI, 0-31; dBm = 2 x RSSI - 113).
+    pub fn set_rssi(&self, rssi: u8) {
+        self.lock().rssi = Some(rssi);
+    }
+
     /// Stops answering anything (true) or answers again (false).
     pub fn set_silent(&self, silent: bool) {
         self.lock().silent = silent;
@@ -490,7 +497,8 @@ impl Simulator {
                 Some(ok)
             }
             "AT+CSQ" => {
-                info.push(format!("+CSQ: {},99", self.inner.cfg.rssi));
+                let rssi = self.lock().rssi.unwrap_or(self.inner.cfg.rssi);
+                info.push(format!("+CSQ: {rssi},99"));
                 Some(ok)
             }
             "AT+CGMI" => {

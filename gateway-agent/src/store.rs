@@ -1032,6 +1032,21 @@ impl Store {
         .await
     }
 
+    /// Jobs not finished (queued or being sent) and outbox items not yet taken by the broker:
+    /// what the heartbeat and the metrics report.
+    pub async fn backlog(&self) -> Result<(u64, u64), StoreError> {
+        self.read(|c| {
+            let jobs: i64 = c.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'sending')",
+                [],
+                |r| r.get(0),
+            )?;
+            let out: i64 = c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
+            Ok((jobs.max(0) as u64, out.max(0) as u64))
+        })
+        .await
+    }
+
     /// Counts by state (for logs, probes, tests).
     pub async fn counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         self.read(|c| {
@@ -1064,6 +1079,7 @@ fn state_name(s: Status) -> &'static str {
         Status::Failed => "failed",
         Status::Expired => "expired",
         Status::Modem => "modem",
+        Status::Heartbeat => "heartbeat",
         Status::Held => "queued",
     }
 }

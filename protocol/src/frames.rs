@@ -14,6 +14,8 @@ struct Out<'a, D: Serialize> {
     ack: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     window: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl: Option<u64>,
     data: &'a [D],
 }
 
@@ -29,6 +31,7 @@ fn encode<D: Serialize>(
         protocol,
         ack: false,
         window: None,
+        ttl: None,
         data,
     })
     .unwrap_or_default()
@@ -43,6 +46,7 @@ pub fn receive_message_acked(channel: &str, window: u32) -> String {
         protocol: Some(crate::client::PROTOCOL_V2),
         ack: true,
         window: Some(window),
+        ttl: None,
         data: &[],
     })
     .unwrap_or_default()
@@ -67,6 +71,21 @@ pub fn receive_message(channel: &str, protocol2: bool) -> String {
 /// `send-message` of `data` on `channel`.
 pub fn send_message<D: Serialize>(channel: &str, data: &[D]) -> String {
     encode("send-message", Some(channel), None, data)
+}
+
+/// `send-message` of `data` on `channel` that the broker keeps at most `ttl_secs` for a
+/// receiver (a heartbeat: worthless once the next one is due).
+pub fn send_message_ttl<D: Serialize>(channel: &str, data: &[D], ttl_secs: u64) -> String {
+    serde_json::to_string(&Out {
+        command: "send-message",
+        channel: Some(channel),
+        protocol: None,
+        ack: false,
+        window: None,
+        ttl: Some(ttl_secs),
+        data,
+    })
+    .unwrap_or_default()
 }
 
 /// `ping`.

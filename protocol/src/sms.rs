@@ -223,6 +223,60 @@ pub enum Status {
     /// (`rate_per_minute`, `rate_per_hour`, `rate_per_day`); it stays queued until `until`
     /// (epoch seconds), and `reason` names the limit. Sent once per hold, not repeated.
     Held,
+    /// The agent's health (`id` is `agent`; see `agent`): sent when the agent connects and
+    /// every `agent.heartbeat_interval`, with a `ttl` of that interval so that a copy nobody
+    /// takes does not outlive the next one. Not kept by the agent while the broker is away.
+    Heartbeat,
+}
+
+/// What a heartbeat says about the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHealth {
+    /// `wsmb-agent`'s version.
+    pub version: String,
+    /// Seconds until the next heartbeat (the broker calls the agent stale after three).
+    pub interval: u64,
+    /// Seconds since the agent started.
+    pub uptime: u64,
+    /// Jobs stored and not finished yet (waiting, being sent, retrying).
+    pub queued: u64,
+    /// Status events and received SMS stored, not yet taken by the broker.
+    pub unpublished: u64,
+    /// Each modem.
+    pub modems: Vec<ModemHealth>,
+}
+
+/// One modem in a heartbeat. Counters are since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModemHealth {
+    /// The modem's name (`[[modem]] name`).
+    pub name: String,
+    /// `starting`, `ready`, `down` or `stopped`.
+    pub state: String,
+    /// Why it is down or stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Signal in dBm, as last read (`AT+CSQ`, at each idle check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_dbm: Option<i32>,
+    /// Network operator (`AT+COPS?`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// Network registration in words (`registered, home network`, `registration denied`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<String>,
+    /// Jobs sent through it (every part accepted by the network).
+    pub sent: u64,
+    /// Jobs that failed on it for good.
+    pub failed: u64,
+    /// Attempts on it that will be retried.
+    pub retried: u64,
+    /// The last error it gave, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When it last sent a job (epoch seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sent: Option<u64>,
 }
 
 /// One status event, an item of the `data` array published on the status channel.
@@ -271,6 +325,9 @@ pub struct StatusEvent {
     /// For `held`: when a modem may send it (epoch seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<u64>,
+    /// For `heartbeat`: the agent's health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentHealth>,
 }
 
 /// An SMS the gateway received, an item of the `data` array published on the inbox channel.
@@ -320,6 +377,7 @@ impl StatusEvent {
             signal_dbm: None,
             operator: None,
             until: None,
+            agent: None,
         }
     }
 }

@@ -53,6 +53,8 @@ ping_interval = "2s"
 state_dir = "{state}"
 country_code = "62"
 retry_delay = "300ms"
+# Often, so that tests see the broker follow the agent's counters.
+heartbeat_interval = "2s"
 
 [[modem]]
 name = "sim1"

@@ -233,6 +233,17 @@ impl Bundle {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// The broker's metrics, as text (curl, user qa).
+    fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-s", "-f", "-u", &format!("qa:{QA_PASSWORD}")])
+            .arg(format!("http://{}/metrics", self.addr))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// One API request with curl: (status, JSON body or Null).
     fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut cmd = Command::new("curl");
@@ -263,6 +274,45 @@ impl Bundle {
                 "{id} never became {state}: {code} {v}"
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Publishes `data` on `channel` over WebSocket as user qa, as the PHP sender does; returns
+/// the broker's response code.
+async fn ws_publish(addr: SocketAddr, channel: &str, data: Value) -> String {
+    use base64::Engine as _;
+    use futures_util::{SinkExt, StreamExt};
+    let url = format!("ws://{addr}/");
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        url.as_str(),
+    )
+    .expect("req");
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("qa:{QA_PASSWORD}"));
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Basic {auth}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws");
+    let frame = json!({"command": "send-message", "channel": channel, "data": data});
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        frame.to_string(),
+    ))
+    .await
+    .expect("send");
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a send-result in time");
+        let Some(Ok(m)) = m else {
+            panic!("the connection ended before the send-result");
+        };
+        if let Ok(t) = m.to_text() {
+            let v: Value = serde_json::from_str(t).unwrap_or(Value::Null);
+            if v["command"] == "send-result" {
+                return v["response_code"].as_str().unwrap_or_default().to_owned();
+            }
         }
     }
 }
@@ -738,7 +788,6 @@ async fn repeated_ids_cancel_expiry_and_bad_input() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_jobs_are_tracked_and_their_webhooks_fire() {
-    use futures_util::{SinkExt, StreamExt};
     let b = Bundle::start("api-ws", "", "").await;
     let hooks = Receiver::start(0);
     let (code, h) = tokio::task::block_in_place(|| {
@@ -750,30 +799,13 @@ async fn websocket_jobs_are_tracked_and_their_webhooks_fire() {
     });
     assert_eq!(code, 201, "{h}");
     // The legacy way: a send-message on `sms` over WebSocket, as the PHP sender does.
-    let url = format!("ws://{}/", b.addr);
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        url.as_str(),
+    let code = ws_publish(
+        b.addr,
+        "sms",
+        json!([{"id": "ws-job-7", "time": 1_800_000_000, "receiver": "08126666666", "message": "Legacy code 7"}]),
     )
-    .expect("req");
-    use base64::Engine as _;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("qa:{QA_PASSWORD}"));
-    req.headers_mut().insert(
-        "Authorization",
-        format!("Basic {auth}").parse().expect("header"),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws");
-    let frame = json!({"command": "send-message", "channel": "sms",
-        "data": [{"id": "ws-job-7", "time": 1_800_000_000, "receiver": "08126666666", "message": "Legacy code 7"}]});
-    ws.send(tokio_tungstenite::tungstenite::Message::text(
-        frame.to_string(),
-    ))
-    .await
-    .expect("send");
-    while let Some(Ok(m)) = ws.next().await {
-        if m.to_text().is_ok_and(|t| t.contains("send-result")) {
-            break;
-        }
-    }
+    .await;
+    assert_eq!(code, "00");
     tokio::task::block_in_place(|| {
         let v = b.wait_state("ws-job-7", "Sent");
         assert_eq!(v["deviceId"], "qa", "{v}");
@@ -1026,6 +1058,17 @@ print(json.dumps(out))
         );
         assert_eq!(code, 202);
         b.wait_state("metrics-1", "Sent");
+        // The agent's heartbeat follows its modem's state: registration and its sent count.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, d) = b.api("GET", "/devices", None);
+            if d[0]["modems"][0]["sent"] == 1 {
+                assert_eq!(d[0]["agent"]["queued"], 0, "{d}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{d}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let py = tool("WSMB_TEST_PYTHON", "target/ci-venv/bin/python");
         let mut cmd = Command::new(&py);
         cmd.args(["-c", script])
@@ -1053,6 +1096,15 @@ print(json.dumps(out))
         assert_eq!(s["wsmb_http_api_requests_total|status=202"], 1.0, "{out}");
         assert_eq!(s["wsmb_gateway_connected|gateway=qa"], 1.0, "{out}");
         assert_eq!(s["wsmb_modem_ready|gateway=qa|modem=sim1"], 1.0, "{out}");
+        assert_eq!(
+            s["wsmb_modem_registered|gateway=qa|modem=sim1"], 1.0,
+            "{out}"
+        );
+        assert_eq!(
+            s["wsmb_modem_sms_total|gateway=qa|modem=sim1|outcome=sent"], 1.0,
+            "{out}"
+        );
+        assert_eq!(s["wsmb_gateway_queued_jobs|gateway=qa"], 0.0, "{out}");
         assert!(
             s["wsmb_modem_signal_dbm|gateway=qa|modem=sim1"]
                 .as_f64()
@@ -1066,4 +1118,180 @@ print(json.dumps(out))
             "the job and its status events: {out}"
         );
     });
+}
+
+/// The status page in a real headless Chromium (Debian's `chromium`, driven by playwright-core
+/// from npm), the size of a phone: it needs a user, loads nothing from elsewhere, shows the
+/// channels with their queues, the gateway with its modem, the last messages and the failure
+/// with its reason as the broker counts them (checked against `/metrics`), treats a channel
+/// named like markup as text, fits the screen, and shows a new message without a reload. The
+/// screenshot is kept in target/screenshots/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_in_a_real_browser_shows_the_broker_as_it_is() {
+    let b = Bundle::start("status-page", "", "").await;
+    // A queue: messages on a channel nobody receives from (SQLite stores them).
+    for n in 0..2 {
+        let code = ws_publish(b.addr, "parked", json!([{"n": n}])).await;
+        assert_eq!(code, "00", "stored");
+    }
+    let markup = "<img src=x onerror=alert(1)>";
+    ws_publish(b.addr, markup, json!([{"n": 0}])).await;
+    let shot = repo_root().join("target/screenshots/status-page-phone.png");
+    let _ = std::fs::remove_file(&shot);
+    tokio::task::block_in_place(|| {
+        let (code, _) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("page-ok", "Your code is 4711", json!({}))),
+        );
+        assert_eq!(code, 202);
+        b.wait_state("page-ok", "Sent");
+        // The next SMS is refused by the network for good: CMS ERROR 21.
+        b.sim
+            .push_fault(wsmb_agent::sim::Fault::RefuseBeforePrompt(21));
+        let (code, _) = b.api(
+            "POST",
+            "/messages",
+            Some(send_body("page-bad", "Your code is 0815", json!({}))),
+        );
+        assert_eq!(code, 202);
+        let failed = b.wait_state("page-bad", "Failed");
+        // The agent's heartbeat has counted both.
+        let deadline = Instant::now() + T;
+        loop {
+            let (_, d) = b.api("GET", "/devices", None);
+            if d[0]["modems"][0]["failed"] == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{d}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // What the broker counts before the page is read (the script then sends one more).
+        let metrics = b.metrics();
+        std::fs::create_dir_all(shot.parent().expect("dir")).expect("screenshots dir");
+        let mut cmd = Command::new("node");
+        cmd.arg(repo_root().join("tests/browser/status-page.js"))
+            .env(
+                "NODE_MODULES",
+                tool("WSMB_TEST_NODE_MODULES", "target/ci-node/node_modules"),
+            )
+            .env("CHROMIUM", tool("WSMB_TEST_CHROMIUM", "/usr/bin/chromium"))
+            .env("BASE", format!("http://{}", b.addr))
+            .env("USER_NAME", "qa")
+            .env("PASSWORD", QA_PASSWORD)
+            .env("SHOT", &shot)
+            .env("LIVE_ID", "page-live");
+        let out = run(cmd, "the status page in Chromium (playwright-core)");
+        let v = last_json(&out);
+        let page = &v["view"];
+        // Access, offline, no errors, fits a phone.
+        assert_eq!(v["anonymousStatus"], 401, "{out}");
+        assert_eq!(v["anonymousShowsPage"], false, "{out}");
+        assert_eq!(v["pageStatus"], 200, "{out}");
+        assert!(
+            v["csp"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("default-src 'none'"),
+            "{out}"
+        );
+        assert_eq!(v["offsite"], json!([]), "nothing from elsewhere: {out}");
+        assert_eq!(v["consoleErrors"], json!([]), "{out}");
+        assert!(
+            page["overflow"].as_i64().is_some_and(|o| o <= 0),
+            "wider than the phone: {out}"
+        );
+        // Channels and queues, as the metrics count them.
+        let m = |k: &str| metric_value(&metrics, k);
+        let parked = &page["channels"]["parked"];
+        assert_eq!(parked["stored"], 2, "{out}");
+        assert_eq!(parked["receivers"], 0, "{out}");
+        assert_eq!(
+            parked["stored"].as_f64(),
+            Some(m(r#"wsmb_channel_stored_messages{channel="parked"}"#))
+        );
+        assert_eq!(
+            parked["in"].as_f64(),
+            Some(m(r#"wsmb_channel_messages_in_total{channel="parked"}"#))
+        );
+        assert_eq!(page["channels"]["sms"]["receivers"], 1, "the agent: {out}");
+        assert_eq!(page["channels"][markup]["in"], 1, "{out}");
+        assert_eq!(page["injected"], 0, "a channel name became markup: {out}");
+        // The gateway and its modem, from the agent's heartbeat.
+        let gw = &page["gateways"]["qa"];
+        assert_eq!(gw["online"], "online", "{out}");
+        let modem = &gw["modems"]["sim1"];
+        assert_eq!(modem["state"], "ready", "{out}");
+        assert!(
+            modem["signal"].as_str().is_some_and(|s| s.ends_with("dBm")),
+            "{out}"
+        );
+        assert_eq!(modem["operator"], "Telkomsel", "{out}");
+        assert_eq!(modem["registration"], "registered, home network", "{out}");
+        assert_eq!(modem["counts"], "1 / 1", "{out}");
+        assert!(
+            modem["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("21")),
+            "{out}"
+        );
+        // The last messages, numbers masked, and the failure with its reason.
+        let msgs = page["messages"].as_array().expect("messages");
+        let row = |id: &str| msgs.iter().find(|r| r["id"] == id).cloned();
+        let ok = row("page-ok").unwrap_or_else(|| panic!("page-ok missing: {out}"));
+        assert!(
+            matches!(ok["state"].as_str(), Some("Sent" | "Delivered")),
+            "{out}"
+        );
+        assert!(
+            ok["to"]
+                .as_str()
+                .is_some_and(|t| t.contains('•') && !t.contains("6666666")),
+            "{out}"
+        );
+        assert_eq!(
+            row("page-bad").map(|r| r["state"].clone()),
+            Some(json!("Failed"))
+        );
+        let reason = failed["recipients"][0]["error"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(!reason.is_empty(), "{failed}");
+        let f = &page["failures"][0];
+        assert_eq!(f["id"], "page-bad", "{out}");
+        assert_eq!(f["reason"], reason, "{out}");
+        assert!(
+            !out.contains("Your code is"),
+            "message texts never shown: {out}"
+        );
+        // The chart: an hour of minutes, the hour's totals as counted.
+        for series in ["in", "out", "sent", "failed"] {
+            assert_eq!(page["lines"][series], 60, "{series}: {out}");
+        }
+        assert_eq!(
+            page["totals"]["sent"].as_f64(),
+            Some(m(r#"wsmb_sms_total{event="sent"}"#))
+        );
+        assert_eq!(page["totals"]["failed"], 1, "{out}");
+        assert!(
+            page["totals"]["in"].as_f64().is_some_and(|n| n >= 5.0),
+            "{out}"
+        );
+        // Live.
+        assert_eq!(v["liveApiStatus"], 202, "{out}");
+        assert!(
+            v["liveAfterUpdates"].as_i64().is_some_and(|n| n >= 1),
+            "{out}"
+        );
+        assert_eq!(v["reloaded"], false, "{out}");
+        let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+        assert!(size > 10_000, "screenshot {}: {size} bytes", shot.display());
+    });
+}
+
+/// The value of the series `key` (name with its labels, as exposed) in a Prometheus text.
+fn metric_value(text: &str, key: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{key} not in the metrics:\n{text}"))
 }

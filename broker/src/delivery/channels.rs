@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::outbox::Outbox;
+use crate::stats::{ChannelCounters, MAX_COUNTED_CHANNELS, OTHER_CHANNELS};
 
 /// Rows a receiver in acknowledged mode holds under one message id (a message fanned out to
 /// several receivers is one row per copy; after a redelivery one receiver may hold two).
@@ -189,6 +190,9 @@ pub(super) struct Table {
     pub chans: HashMap<Arc<str>, Channel>,
     /// Channels each receiving connection is on.
     pub conns: HashMap<u64, Vec<Arc<str>>>,
+    /// Counters of every channel a message was published on, kept when the channel goes idle
+    /// (bounded: see [`MAX_COUNTED_CHANNELS`]).
+    pub counted: HashMap<Arc<str>, Arc<ChannelCounters>>,
 }
 
 impl Table {
@@ -204,6 +208,21 @@ impl Table {
         };
         let ch = self.chans.entry(Arc::clone(&key)).or_default();
         (key, ch)
+    }
+
+    /// The counters of `name` (created on first use; past [`MAX_COUNTED_CHANNELS`] channels,
+    /// the shared ones of [`OTHER_CHANNELS`]). A map lookup under the table's lock, which
+    /// every caller holds anyway: no lock of its own.
+    pub fn counters(&mut self, name: &str) -> Arc<ChannelCounters> {
+        if let Some(c) = self.counted.get(name) {
+            return Arc::clone(c);
+        }
+        let key = if self.counted.len() + 1 >= MAX_COUNTED_CHANNELS {
+            OTHER_CHANNELS
+        } else {
+            name
+        };
+        Arc::clone(self.counted.entry(Arc::from(key)).or_default())
     }
 
     /// Adds a receiver (replacing one of the same connection).

@@ -171,8 +171,10 @@ pub(super) async fn publish(e: &Engine, p: Publish<'_>) -> Accepted {
     let mut waiting: Vec<(u64, Arc<Outbox>)> = Vec::new();
     let mut pump_now = false;
     let name;
+    let counters;
     {
         let mut t = e.lock();
+        counters = t.counters(p.channel);
         let (n, ch) = t.channel(p.channel);
         name = n;
         let (order, want, rotate) = ch.order(p.limit);
@@ -231,6 +233,10 @@ pub(super) async fn publish(e: &Engine, p: Publish<'_>) -> Accepted {
         }
     }
     e.stats
+        .deliveries
+        .fetch_add(u64::from(handed), Ordering::Relaxed);
+    counters.messages_in.fetch_add(1, Ordering::Relaxed);
+    counters
         .deliveries
         .fetch_add(u64::from(handed), Ordering::Relaxed);
     if let (Some(report), Some(id)) = (p.report, first.id) {
@@ -410,8 +416,10 @@ async fn wait_and_hand(
 /// stored.
 fn unstored(e: &Engine, p: &Publish<'_>, why: &str) -> Outcome {
     let mut handed = 0u32;
+    let counters;
     {
         let mut t = e.lock();
+        counters = t.counters(p.channel);
         if let Some(ch) = t.chans.get_mut(p.channel) {
             let (order, want, rotate) = ch.order(p.limit);
             let mut examined = 0;
@@ -435,6 +443,10 @@ fn unstored(e: &Engine, p: &Publish<'_>, why: &str) -> Outcome {
     e.stats
         .deliveries
         .fetch_add(u64::from(handed), Ordering::Relaxed);
+    counters.messages_in.fetch_add(1, Ordering::Relaxed);
+    counters
+        .deliveries
+        .fetch_add(u64::from(handed), Ordering::Relaxed);
     if handed > 0 {
         Outcome {
             code: ResponseCode::Accepted,
@@ -444,6 +456,7 @@ fn unstored(e: &Engine, p: &Publish<'_>, why: &str) -> Outcome {
         }
     } else {
         e.stats.unrouted.fetch_add(1, Ordering::Relaxed);
+        counters.unrouted.fetch_add(1, Ordering::Relaxed);
         Outcome::refused(
             ResponseCode::StorageUnavailable,
             format!(
@@ -532,9 +545,9 @@ pub(super) fn dropped(e: &Engine, carried: Vec<Carried>) {
             }
         }
     }
+    // Counted as redelivered when they are handed out again (a claim of a row handed out
+    // before), not here: counting both would count one redelivery twice.
     for c in carried {
-        let n = c.rows.len() as u64;
-        e.stats.redelivered.fetch_add(n, Ordering::Relaxed);
         store.release(c.rows.iter().map(|r| r.0).filter(|id| *id >= 0).collect());
     }
     for ch in channels {
@@ -603,9 +616,6 @@ pub(super) fn give_back(e: &Engine, channel: &str, held: super::channels::Held) 
     if ids.is_empty() {
         return;
     }
-    e.stats
-        .redelivered
-        .fetch_add(ids.len() as u64, Ordering::Relaxed);
     let name = {
         let mut t = e.lock();
         let (name, ch) = t.channel(channel);
@@ -704,6 +714,7 @@ fn claimed(
     let again;
     {
         let mut t = e.lock();
+        let counters = t.counters(channel);
         let (_, ch) = t.channel(channel);
         ch.backlog.fetching = false;
         match result {
@@ -722,6 +733,9 @@ fn claimed(
                 e.stats
                     .redelivered
                     .fetch_add(redelivered as u64, Ordering::Relaxed);
+                counters
+                    .redelivered
+                    .fetch_add(redelivered as u64, Ordering::Relaxed);
                 match ch.find(conn) {
                     Some(i) => {
                         let r = &mut ch.receivers[i];
@@ -731,9 +745,9 @@ fn claimed(
                         } else {
                             hand_legacy(r, channel, rows, e.cfg.limit, e.cfg.max_frame)
                         };
-                        e.stats
-                            .deliveries
-                            .fetch_add((n - left.len()) as u64, Ordering::Relaxed);
+                        let handed = (n - left.len()) as u64;
+                        e.stats.deliveries.fetch_add(handed, Ordering::Relaxed);
+                        counters.deliveries.fetch_add(handed, Ordering::Relaxed);
                         free = left;
                     }
                     None => free = rows.into_iter().map(|r| r.data_id).collect(),
@@ -1047,6 +1061,12 @@ async fn sweep(e: &Engine) {
         e.stats
             .expired
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        {
+            let mut t = e.lock();
+            for (_, channel) in &rows {
+                t.counters(channel).expired.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         debug!("{} stored message(s) expired undelivered", rows.len());
         if e.reports_n.load(Ordering::Relaxed) > 0 {
             let mut reports = e.reports.lock().unwrap_or_else(|p| p.into_inner());

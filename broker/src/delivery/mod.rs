@@ -186,6 +186,19 @@ impl Accepted {
     }
 }
 
+/// A channel as [`Engine::channels`] shows it.
+#[derive(Debug, Clone)]
+pub struct ChannelView {
+    /// Its name.
+    pub name: String,
+    /// Receivers registered now.
+    pub receivers: usize,
+    /// Messages stored for it (waiting for a receiver or an acknowledgement).
+    pub stored: usize,
+    /// Its counters since start (zero for a channel nobody published on).
+    pub counters: Arc<crate::stats::ChannelCounters>,
+}
+
 /// The delivery engine, shared by every connection.
 pub struct Engine {
     table: Mutex<channels::Table>,
@@ -235,6 +248,51 @@ impl Engine {
     /// Receiver registrations and channels with receivers.
     pub fn totals(&self) -> (usize, usize) {
         self.lock().totals()
+    }
+
+    /// Every channel now: its counters, receivers and stored messages (durable backend),
+    /// sorted by name. Channels counted together past the bound appear as one
+    /// ([`crate::stats::OTHER_CHANNELS`]).
+    pub fn channels(&self) -> Vec<ChannelView> {
+        let mut v: Vec<ChannelView> = {
+            let t = self.lock();
+            let mut v: Vec<ChannelView> = t
+                .counted
+                .iter()
+                .map(|(name, c)| ChannelView {
+                    name: name.to_string(),
+                    receivers: t.chans.get(name).map_or(0, |ch| ch.receivers.len()),
+                    stored: 0,
+                    counters: Arc::clone(c),
+                })
+                .collect();
+            for (name, ch) in &t.chans {
+                if !t.counted.contains_key(name) && !ch.receivers.is_empty() {
+                    v.push(ChannelView {
+                        name: name.to_string(),
+                        receivers: ch.receivers.len(),
+                        stored: 0,
+                        counters: Arc::default(),
+                    });
+                }
+            }
+            v
+        };
+        if let Some(store) = &self.store {
+            for (name, n) in store.stored_per_channel() {
+                match v.iter_mut().find(|c| *c.name == *name) {
+                    Some(c) => c.stored = n,
+                    None => v.push(ChannelView {
+                        name: name.to_string(),
+                        receivers: 0,
+                        stored: n,
+                        counters: Arc::default(),
+                    }),
+                }
+            }
+        }
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// Receivers of `channel` now.
@@ -326,16 +384,22 @@ impl Engine {
             return durable::publish(self, p).await;
         }
         let frame = p.frame;
-        let (delivered, full) = {
+        let (delivered, full, counters) = {
             let mut t = self.lock();
-            match t.chans.get_mut(p.channel) {
+            let counters = t.counters(p.channel);
+            let (delivered, full) = match t.chans.get_mut(p.channel) {
                 None => (0, Vec::new()),
                 Some(ch) => hand_live(ch, p.sender, p.limit, &frame),
-            }
+            };
+            (delivered, full, counters)
         };
+        counters.messages_in.fetch_add(1, Ordering::Relaxed);
         let (late, busy) = self.wait_for_room(full, &frame).await;
         let delivered = delivered + late;
         self.stats
+            .deliveries
+            .fetch_add(u64::from(delivered), Ordering::Relaxed);
+        counters
             .deliveries
             .fetch_add(u64::from(delivered), Ordering::Relaxed);
         let code = if delivered > 0 {
@@ -344,6 +408,7 @@ impl Engine {
             ResponseCode::ReceiversBusy
         } else {
             self.stats.unrouted.fetch_add(1, Ordering::Relaxed);
+            counters.unrouted.fetch_add(1, Ordering::Relaxed);
             ResponseCode::NoReceiver
         };
         Accepted::Done(Outcome {

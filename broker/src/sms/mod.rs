@@ -26,6 +26,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use wsmb_common::problem::{Problem, Say};
 use wsmb_protocol::ResponseCode;
 use wsmb_protocol::sms::{InboxMessage, JobItem, Status, StatusEvent, parse_jobs};
 
@@ -83,12 +84,40 @@ impl ApiError {
     }
 
     fn db(e: DbError) -> ApiError {
-        warn!("SMS service: database error: {e}");
+        // Once per outage, not per request: the database's own line says more.
+        static PROBLEM: Mutex<Option<Problem>> = Mutex::new(None);
+        let say = PROBLEM
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Problem::default)
+            .occurred("database");
+        match say {
+            Say::Quiet => debug!("SMS service: database error: {e}"),
+            _ => warn!(
+                "SMS service: the message store is unavailable: {e}; HTTP API requests that \
+                 need it answer 503 with Retry-After until it is back (check the database: \
+                 storage.url)"
+            ),
+        }
         ApiError::unavailable(format!("the message store is unavailable: {e}"), 5)
     }
 }
 
-/// A modem of a gateway, as its last `modem` event described it.
+/// Most modems kept per gateway, and the longest text kept from what an agent says about
+/// them (names, reasons, errors): an agent cannot make the broker's memory grow.
+const MAX_MODEMS: usize = 64;
+const MAX_TEXT: usize = 256;
+
+/// `s` cut to [`MAX_TEXT`] bytes (on a character boundary).
+fn bounded(s: &str) -> String {
+    let mut end = s.len().min(MAX_TEXT);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// A modem of a gateway, as its last `modem` event or heartbeat described it.
 #[derive(Debug, Clone, Default)]
 struct ModemInfo {
     state: String,
@@ -96,6 +125,30 @@ struct ModemInfo {
     at_ms: i64,
     signal_dbm: Option<i32>,
     operator: Option<String>,
+    /// From heartbeats only.
+    beat: Option<ModemBeat>,
+}
+
+/// What heartbeats add about a modem.
+#[derive(Debug, Clone, Default)]
+struct ModemBeat {
+    registration: Option<String>,
+    sent: u64,
+    failed: u64,
+    retried: u64,
+    last_error: Option<String>,
+    last_sent: Option<u64>,
+}
+
+/// The agent's last heartbeat.
+#[derive(Debug, Clone, Default)]
+struct Beat {
+    at_ms: i64,
+    version: String,
+    interval: u64,
+    uptime: u64,
+    queued: u64,
+    unpublished: u64,
 }
 
 /// A gateway agent (by its broker user).
@@ -106,6 +159,25 @@ struct Device {
     last_ms: i64,
     modems: BTreeMap<String, ModemInfo>,
     last_sms_ms: Option<i64>,
+    beat: Option<Beat>,
+}
+
+impl Device {
+    /// The entry of modem `name`; None past [`MAX_MODEMS`] others.
+    fn modem(&mut self, name: &str) -> Option<&mut ModemInfo> {
+        let name = bounded(name);
+        if !self.modems.contains_key(&name) && self.modems.len() >= MAX_MODEMS {
+            return None;
+        }
+        Some(self.modems.entry(name).or_default())
+    }
+
+    /// Whether the heartbeats stopped: none for three intervals while connected.
+    fn beat_late(&self, now: i64) -> Option<i64> {
+        let b = self.beat.as_ref()?;
+        let age = (now - b.at_ms).max(0) / 1000;
+        (b.interval > 0 && !self.conns.is_empty() && age > 3 * b.interval as i64).then_some(age)
+    }
 }
 
 /// Listing filters of `GET /messages`.
@@ -139,21 +211,6 @@ impl ListFilter {
             newest_first: !self.oldest_first,
         }
     }
-}
-
-/// One series of the SMS service's metrics (see `crate::metrics`).
-#[derive(Debug, Clone)]
-pub struct Metric {
-    /// Name, without the `wsmb_` prefix.
-    pub name: &'static str,
-    /// What it counts.
-    pub help: &'static str,
-    /// Labels.
-    pub labels: Vec<(&'static str, String)>,
-    /// Value.
-    pub value: i64,
-    /// A counter (else a gauge).
-    pub counter: bool,
 }
 
 /// The service's counters (atomics; the HTTP statuses behind a lock: not a hot path).
@@ -624,6 +681,34 @@ impl Service {
             .filter(|m| m.owner == owner))
     }
 
+    /// The last `limit` messages of every user, newest first (only those in `state`); for the
+    /// status page.
+    pub async fn recent(
+        &self,
+        state: Option<State>,
+        limit: usize,
+    ) -> Result<Vec<Message>, ApiError> {
+        let f = ListFilter {
+            state,
+            limit,
+            ..ListFilter::default()
+        };
+        let docs = self
+            .store
+            .list(&f.query(Kind::Message, None, state.map(|s| s.as_str().to_owned())))
+            .await
+            .map_err(ApiError::db)?;
+        Ok(docs.iter().filter_map(parse_message).collect())
+    }
+
+    /// SMS sent and failed (per recipient) since start.
+    pub fn sent_and_failed(&self) -> (u64, u64) {
+        (
+            self.counters.sent.load(Ordering::Relaxed),
+            self.counters.failed.load(Ordering::Relaxed),
+        )
+    }
+
     /// `GET /messages`.
     pub async fn list(&self, owner: &str, f: &ListFilter) -> Result<Vec<Value>, ApiError> {
         let state = f.state.map(|s| s.as_str().to_owned());
@@ -775,7 +860,7 @@ impl Service {
         self.note_device(device, &events, now);
         let events: Vec<StatusEvent> = events
             .into_iter()
-            .filter(|e| e.status != Status::Modem && !e.id.is_empty())
+            .filter(|e| !matches!(e.status, Status::Modem | Status::Heartbeat) && !e.id.is_empty())
             .collect();
         if events.is_empty() {
             return Ok(());
@@ -853,16 +938,48 @@ impl Service {
         dev.last_ms = now;
         for e in events {
             if e.status == Status::Modem {
-                let name = e.id.strip_prefix("modem:").unwrap_or(&e.id).to_owned();
-                let m = dev.modems.entry(name).or_default();
-                m.state = e.modem_state.clone().unwrap_or_default();
-                m.reason = e.reason.clone();
+                let name = e.id.strip_prefix("modem:").unwrap_or(&e.id);
+                let Some(m) = dev.modem(name) else {
+                    continue;
+                };
+                m.state = bounded(e.modem_state.as_deref().unwrap_or_default());
+                m.reason = e.reason.as_deref().map(bounded);
                 m.at_ms = now;
                 if e.signal_dbm.is_some() {
                     m.signal_dbm = e.signal_dbm;
                 }
-                if e.operator.is_some() {
-                    m.operator = e.operator.clone();
+                if let Some(o) = &e.operator {
+                    m.operator = Some(bounded(o));
+                }
+            } else if let (Status::Heartbeat, Some(h)) = (e.status, &e.agent) {
+                dev.beat = Some(Beat {
+                    at_ms: now,
+                    version: bounded(&h.version),
+                    interval: h.interval,
+                    uptime: h.uptime,
+                    queued: h.queued,
+                    unpublished: h.unpublished,
+                });
+                // The heartbeat lists every modem: one no longer configured goes.
+                let listed: BTreeSet<String> = h.modems.iter().map(|m| bounded(&m.name)).collect();
+                dev.modems.retain(|name, _| listed.contains(name));
+                for mh in &h.modems {
+                    let Some(m) = dev.modem(&mh.name) else {
+                        break;
+                    };
+                    m.state = bounded(&mh.state);
+                    m.reason = mh.reason.as_deref().map(bounded);
+                    m.at_ms = now;
+                    m.signal_dbm = mh.signal_dbm;
+                    m.operator = mh.operator.as_deref().map(bounded);
+                    m.beat = Some(ModemBeat {
+                        registration: mh.registration.as_deref().map(bounded),
+                        sent: mh.sent,
+                        failed: mh.failed,
+                        retried: mh.retried,
+                        last_error: mh.last_error.as_deref().map(bounded),
+                        last_sent: mh.last_sent,
+                    });
                 }
             } else if e.status == Status::Sent {
                 dev.last_sms_ms = Some(now);
@@ -1184,31 +1301,20 @@ impl Service {
 
     /// The service's metrics now: API requests by status, messages by outcome, webhook calls,
     /// and each gateway with its modems (state, signal).
-    pub fn metrics(&self) -> Vec<Metric> {
+    pub fn metrics(&self, s: &mut wsmb_common::metrics::Snapshot) {
         let c = &self.counters;
-        let n = |a: &AtomicU64| a.load(Ordering::Relaxed) as i64;
-        let mut out = Vec::new();
-        let mut push = |name, help, labels: Vec<(&'static str, String)>, value, counter| {
-            out.push(Metric {
-                name,
-                help,
-                labels,
-                value,
-                counter,
-            })
-        };
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         for (status, v) in c
             .api_requests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            push(
+            s.counter_with(
                 "http_api_requests",
                 "HTTP SMS API requests, by status",
                 vec![("status", status.to_string())],
-                *v as i64,
-                true,
+                *v,
             );
         }
         for (outcome, v) in [
@@ -1219,13 +1325,12 @@ impl Service {
             ("failed", n(&c.failed)),
             ("received", n(&c.received)),
         ] {
-            push(
+            s.counter_with(
                 "sms",
                 "SMS: accepted by the API, tracked from WebSocket, sent, delivered, failed (per \
                  recipient), received",
                 vec![("event", outcome.into())],
                 v,
-                true,
             );
         }
         let h = &self.hooks;
@@ -1234,58 +1339,128 @@ impl Service {
             ("failed_attempt", n(&h.failed_attempts)),
             ("given_up", n(&h.given_up)),
         ] {
-            push(
+            s.counter_with(
                 "webhook_calls",
                 "Webhook calls: delivered (2xx), failed attempts (retried), given up",
                 vec![("outcome", outcome.into())],
                 v,
-                true,
             );
         }
         let now = now_ms();
         let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         for (id, dev) in d.iter() {
-            push(
+            s.gauge_with(
                 "gateway_connected",
                 "1 when the gateway agent is connected",
                 vec![("gateway", id.clone())],
                 i64::from(!dev.conns.is_empty()),
-                false,
             );
-            push(
+        }
+        for (id, dev) in d.iter() {
+            s.gauge_with(
                 "gateway_last_seen_seconds",
                 "Seconds since the gateway agent was last heard from",
                 vec![("gateway", id.clone())],
                 ((now - dev.last_ms) / 1000).max(0),
-                false,
             );
-            for (name, m) in &dev.modems {
-                let labels = vec![("gateway", id.clone()), ("modem", name.clone())];
-                push(
-                    "modem_ready",
-                    "1 when the modem is ready to send (as its agent last said)",
-                    labels.clone(),
-                    i64::from(m.state == "ready"),
-                    false,
+        }
+        let modems = || {
+            d.iter().flat_map(|(id, dev)| {
+                dev.modems.iter().map(move |(name, m)| {
+                    (vec![("gateway", id.clone()), ("modem", name.clone())], m)
+                })
+            })
+        };
+        for (labels, m) in modems() {
+            s.gauge_with(
+                "modem_ready",
+                "1 when the modem is ready to send (as its agent last said)",
+                labels,
+                i64::from(m.state == "ready"),
+            );
+        }
+        for (id, dev) in d.iter() {
+            if let Some(b) = &dev.beat {
+                s.gauge_with(
+                    "gateway_heartbeat_age_seconds",
+                    "Seconds since the gateway agent's last heartbeat",
+                    vec![("gateway", id.clone())],
+                    ((now - b.at_ms) / 1000).max(0),
                 );
-                if let Some(dbm) = m.signal_dbm {
-                    push(
-                        "modem_signal_dbm",
-                        "Signal of the modem when it became ready, dBm",
-                        labels,
-                        i64::from(dbm),
-                        false,
+            }
+        }
+        for (id, dev) in d.iter() {
+            if let Some(b) = &dev.beat {
+                s.gauge_with(
+                    "gateway_queued_jobs",
+                    "Jobs the gateway agent holds, not finished (its last heartbeat)",
+                    vec![("gateway", id.clone())],
+                    i64::try_from(b.queued).unwrap_or(i64::MAX),
+                );
+            }
+        }
+        for (labels, m) in modems() {
+            if let Some(b) = &m.beat {
+                let registered = b
+                    .registration
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("registered"));
+                s.gauge_with(
+                    "modem_registered",
+                    "1 when the modem is registered on a network (home or roaming)",
+                    labels,
+                    i64::from(registered),
+                );
+            }
+        }
+        for (mut labels, m) in modems() {
+            // Words as labels of a constant 1 (the Prometheus "info" idiom).
+            let b = m.beat.clone().unwrap_or_default();
+            labels.push(("operator", m.operator.clone().unwrap_or_default()));
+            labels.push(("registration", b.registration.unwrap_or_default()));
+            labels.push(("last_error", b.last_error.unwrap_or_default()));
+            s.gauge_with(
+                "modem_info",
+                "The modem's operator, registration and last error (as its agent last said)",
+                labels,
+                1,
+            );
+        }
+        for (labels, m) in modems() {
+            if let Some(b) = &m.beat {
+                for (outcome, v) in [
+                    ("sent", b.sent),
+                    ("failed", b.failed),
+                    ("retried", b.retried),
+                ] {
+                    let mut l = labels.clone();
+                    l.push(("outcome", outcome.into()));
+                    s.counter_with(
+                        "modem_sms",
+                        "Jobs through the modem since its agent started: sent, failed, retried",
+                        l,
+                        v,
                     );
                 }
             }
         }
-        out
+        for (labels, m) in modems() {
+            if let Some(dbm) = m.signal_dbm {
+                s.gauge_with(
+                    "modem_signal_dbm",
+                    "Signal of the modem, dBm (as its agent last said)",
+                    labels,
+                    i64::from(dbm),
+                );
+            }
+        }
     }
 
     // ---- devices and health ----------------------------------------------------------------
 
     /// `GET /devices`: the gateway agents seen since the broker started.
     pub fn devices(&self) -> Vec<Value> {
+        let now = now_ms();
         let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.iter()
             .map(|(id, dev)| {
@@ -1293,12 +1468,26 @@ impl Service {
                     .modems
                     .iter()
                     .map(|(name, m)| {
-                        json!({"name": name, "state": m.state, "reason": m.reason,
+                        let mut v = json!({"name": name, "state": m.state, "reason": m.reason,
                                "signalDbm": m.signal_dbm, "operator": m.operator,
-                               "updatedAt": model::iso(m.at_ms)})
+                               "updatedAt": model::iso(m.at_ms)});
+                        if let (Some(b), Some(o)) = (&m.beat, v.as_object_mut()) {
+                            o.extend([
+                                ("registration".to_owned(), json!(b.registration)),
+                                ("sent".to_owned(), json!(b.sent)),
+                                ("failed".to_owned(), json!(b.failed)),
+                                ("retried".to_owned(), json!(b.retried)),
+                                ("lastError".to_owned(), json!(b.last_error)),
+                                (
+                                    "lastSentAt".to_owned(),
+                                    json!(b.last_sent.map(|t| model::iso(t as i64 * 1000))),
+                                ),
+                            ]);
+                        }
+                        v
                     })
                     .collect();
-                json!({
+                let mut v = json!({
                     "id": id,
                     "name": id,
                     "connected": !dev.conns.is_empty(),
@@ -1307,7 +1496,22 @@ impl Service {
                     "lastSeen": model::iso(dev.last_ms),
                     "lastSmsAt": dev.last_sms_ms.map(model::iso),
                     "modems": modems,
-                })
+                });
+                if let (Some(b), Some(o)) = (&dev.beat, v.as_object_mut()) {
+                    o.insert(
+                        "agent".to_owned(),
+                        json!({
+                            "version": b.version,
+                            "heartbeatAt": model::iso(b.at_ms),
+                            "heartbeatInterval": b.interval,
+                            "heartbeatLate": dev.beat_late(now).is_some(),
+                            "uptime": b.uptime,
+                            "queued": b.queued,
+                            "unpublished": b.unpublished,
+                        }),
+                    );
+                }
+                v
             })
             .collect()
     }
@@ -1331,7 +1535,26 @@ impl Service {
             (online.len(), ready, all)
         };
         let receivers = self.engine.receivers(&self.cfg.jobs_channel);
-        let agents_check = if receivers > 0 {
+        let late: Vec<String> = {
+            let now = now_ms();
+            let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+            d.iter()
+                .filter_map(|(id, dev)| {
+                    dev.beat_late(now)
+                        .map(|age| format!("{id} (last heartbeat {age} s ago)"))
+                })
+                .collect()
+        };
+        let agents_check = if receivers > 0 && !late.is_empty() {
+            (
+                "warn",
+                format!(
+                    "connected but silent: {}; the agent may be stuck, check its log \
+                     (journalctl -u wsmb-agent)",
+                    late.join(", ")
+                ),
+            )
+        } else if receivers > 0 {
             ("pass", format!("{receivers} agent connection(s) take jobs"))
         } else {
             (
@@ -1482,7 +1705,29 @@ fn data_items<T: serde::de::DeserializeOwned>(frame: &str) -> Vec<T> {
     };
     items
         .into_iter()
-        .filter_map(|v| serde_json::from_value(v).ok())
+        .filter_map(|v| match serde_json::from_value(v) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                // Said once (then every while), not per item: an agent newer or older than
+                // the broker sends many.
+                static PROBLEM: Mutex<Option<Problem>> = Mutex::new(None);
+                let say = PROBLEM
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(Problem::default)
+                    .occurred(&e.to_string());
+                if say.loud() {
+                    warn!(
+                        "SMS service: an item it does not understand was not recorded ({e}); \
+                         it is still passed to the channel's receivers. Are the broker and the \
+                         agent of the same version?"
+                    );
+                } else {
+                    debug!("SMS service: item not understood: {e}");
+                }
+                None
+            }
+        })
         .collect()
 }
 
@@ -1567,7 +1812,7 @@ fn apply_event(m: &mut Message, e: &StatusEvent, device: &str) -> Option<(&'stat
             }
             None
         }
-        Status::Modem => None,
+        Status::Modem | Status::Heartbeat => None,
     };
     if r.state != State::Processed {
         r.held = None;

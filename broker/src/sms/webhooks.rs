@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use wsmb_common::problem::{Over, Problem, Say, human};
 
 use super::model::Webhook;
 use super::now_ms;
@@ -86,6 +87,8 @@ pub struct Deliverer {
     http_hosts: Vec<String>,
     wake: Notify,
     in_flight: Mutex<HashSet<String>>,
+    /// Endpoints that failed, by webhook id (logged once, reminded, cleared on success).
+    failing: Mutex<HashMap<String, Endpoint>>,
     /// Calls answered with a 2xx.
     pub delivered: std::sync::atomic::AtomicU64,
     /// Attempts that failed (each is retried, or given up).
@@ -101,7 +104,52 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Most endpoints whose failures are followed at once (one per webhook; far more than a
+/// deployment has).
+const MAX_FAILING: usize = 1024;
+
+/// What the log knows of an endpoint that failed.
+#[derive(Debug, Default)]
+struct Endpoint {
+    problem: Problem,
+    /// When it last answered 2xx.
+    last_ok: Option<Instant>,
+}
+
 impl Deliverer {
+    /// A call to webhook `hook`'s endpoint started at `started` failed for `err`: how loud to
+    /// say so. A failure of a call that started before the endpoint last answered 2xx is old
+    /// news (calls run side by side), not the start of a new problem.
+    fn endpoint_failed(&self, hook: &str, started: Instant, err: &str) -> Say {
+        let mut m = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        if !m.contains_key(hook) {
+            if m.len() >= MAX_FAILING {
+                // Forget the endpoints that are well; past that, say nothing more.
+                m.retain(|_, e| e.problem.ongoing());
+                if m.len() >= MAX_FAILING {
+                    return Say::Quiet;
+                }
+            }
+            m.insert(hook.to_owned(), Endpoint::default());
+        }
+        let Some(e) = m.get_mut(hook) else {
+            return Say::Quiet;
+        };
+        if e.last_ok.is_some_and(|ok| ok > started) {
+            return Say::Quiet;
+        }
+        e.problem.occurred(err)
+    }
+
+    /// A call to webhook `hook`'s endpoint was answered 2xx: the end of its problem, if it had
+    /// one.
+    fn endpoint_ok(&self, hook: &str) -> Option<Over> {
+        let mut m = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.get_mut(hook)?;
+        e.last_ok = Some(Instant::now());
+        e.problem.cleared()
+    }
+
     /// A deliverer signing with the configured key, or the one kept in `store`.
     pub fn new(cfg: &SmsConfig, store: Arc<DocStore>) -> anyhow::Result<Arc<Self>> {
         let tls = wsmb_common::tls::client_config(&cfg.webhook_ca_file, "sms.webhook_ca_file")
@@ -120,6 +168,7 @@ impl Deliverer {
             http_hosts: cfg.webhook_http_hosts.clone(),
             wake: Notify::new(),
             in_flight: Mutex::new(HashSet::new()),
+            failing: Mutex::new(HashMap::new()),
             delivered: Default::default(),
             failed_attempts: Default::default(),
             given_up: Default::default(),
@@ -304,7 +353,18 @@ impl Deliverer {
     }
 
     /// One attempt of one call, and what it leaves in the outbox.
-    async fn attempt(&self, mut d: Doc) {
+    async fn attempt(&self, d: Doc) {
+        // The list of due calls was read before this call was marked in flight: an attempt
+        // that finished in between has deleted it (or moved it on). Read it again, so that an
+        // endpoint never gets the same call twice from one broker.
+        let mut d = match self.store.get(Kind::Outbox, &d.id).await {
+            Ok(Some(now)) if now.state != "failed" && now.due > 0 && now.due <= now_ms() => now,
+            Ok(_) => return,
+            Err(e) => {
+                debug!("webhook outbox: {e}");
+                return;
+            }
+        };
         let Ok(mut call) = serde_json::from_str::<Call>(&d.body) else {
             let _ = self
                 .store
@@ -321,6 +381,7 @@ impl Deliverer {
         };
         let ts = (now_ms() / 1000).to_string();
         let sig = sign(key, call.body.as_bytes(), &ts);
+        let started = Instant::now();
         let result = post(
             &call.url,
             Bytes::from(call.body.clone()),
@@ -337,6 +398,14 @@ impl Deliverer {
                 self.delivered
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 debug!(call = %d.id, event = %call.event, status, "webhook delivered");
+                if let Some(over) = self.endpoint_ok(&call.hook) {
+                    info!(
+                        webhook = %call.hook, url = %call.url,
+                        "webhook endpoint answers again, after {} ({} failed attempt(s))",
+                        human(over.lasted),
+                        over.count
+                    );
+                }
                 Write::Delete(Kind::Outbox, d.id.clone())
             }
             other => {
@@ -362,13 +431,25 @@ impl Deliverer {
                 } else {
                     let shift = call.attempts.saturating_sub(1).min(20);
                     let delay = self.initial.saturating_mul(1u32 << shift).min(self.max);
-                    if call.attempts == 1 {
-                        info!(
+                    match self.endpoint_failed(&call.hook, started, &err) {
+                        Say::Start => warn!(
                             webhook = %call.hook, url = %call.url, event = %call.event,
-                            "webhook endpoint failing ({err}); retrying with growing delays"
-                        );
-                    } else {
-                        debug!(call = %d.id, attempts = call.attempts, "webhook call failed: {err}; next in {delay:?}");
+                            "webhook endpoint failing: {err}; its calls are kept and retried \
+                             with growing delays for up to {} (sms.webhook_give_up_after): \
+                             check that the URL answers a POST with 2xx within \
+                             sms.webhook_timeout (the endpoint server's log says why not)",
+                            human(self.give_up)
+                        ),
+                        Say::Remind { since, count } => warn!(
+                            webhook = %call.hook, url = %call.url,
+                            "webhook endpoint still failing after {} ({count} failed \
+                             attempt(s)): {err}",
+                            human(since)
+                        ),
+                        Say::Quiet => debug!(
+                            call = %d.id, attempts = call.attempts,
+                            "webhook call failed: {err}; next in {delay:?}"
+                        ),
                     }
                     d.due = now + delay.as_millis() as i64;
                 }

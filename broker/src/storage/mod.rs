@@ -476,6 +476,15 @@ impl Storage {
         self.lock_counters().total
     }
 
+    /// Messages stored per channel now (bounded by `storage.max_channels`).
+    pub fn stored_per_channel(&self) -> Vec<(Arc<str>, usize)> {
+        self.lock_counters()
+            .per_channel
+            .iter()
+            .map(|(k, v)| (Arc::clone(k), *v))
+            .collect()
+    }
+
     /// Messages stored for `channel`.
     pub fn stored_on(&self, channel: &str) -> usize {
         self.lock_counters()
@@ -663,7 +672,12 @@ async fn writer(
 
 fn down(health: &watch::Sender<Result<(), String>>, why: &str) {
     if health.borrow().is_ok() {
-        warn!("database unavailable: {why}");
+        warn!(
+            "database unavailable: {why}; check that the database server runs and answers \
+             at storage.url (journalctl -u mariadb / postgresql; for SQLite: the disk and the \
+             file's permissions). Messages go to receivers online meanwhile and are refused \
+             with 05 when none can take them; said again when it is back"
+        );
     }
     let _ = health.send(Err(why.to_owned()));
 }
