@@ -89,6 +89,27 @@ impl Default for MetricsConfig {
     }
 }
 
+impl ServerConfig {
+    /// The guard's limits (`crate::guard`), from these settings.
+    pub fn guard_limits(&self) -> crate::guard::Limits {
+        let s = self;
+        crate::guard::Limits {
+            max_pending: s.max_pending_connections,
+            max_per_address: s.max_connections_per_address,
+            trusted_proxies: s.trusted_proxies.clone(),
+            fail_delay: s.auth_fail_delay,
+            fail_delay_max: s.auth_fail_delay_max,
+            ban_after: s.auth_ban_after,
+            ban_window: s.auth_ban_window,
+            ban_for: s.auth_ban_for,
+            http_rate: s.http_requests_per_second,
+            http_burst: (s.http_requests_per_second * 2.0).max(1.0),
+            user_rate: s.messages_per_second_per_user,
+            user_burst: s.messages_per_second_per_user.max(1.0),
+        }
+    }
+}
+
 /// `[status]`: the status page, for any broker user (HTTP Basic).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -29,8 +29,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
-use crate::config::ServerConfig;
-
 /// Most addresses (or users) any table tracks.
 pub const MAX_TRACKED: usize = 10_000;
 
@@ -154,26 +152,6 @@ pub struct Limits {
     pub user_rate: f64,
     /// See `user_rate`.
     pub user_burst: f64,
-}
-
-impl Limits {
-    /// The limits of `[server]`.
-    pub fn of(s: &ServerConfig) -> Limits {
-        Limits {
-            max_pending: s.max_pending_connections,
-            max_per_address: s.max_connections_per_address,
-            trusted_proxies: s.trusted_proxies.clone(),
-            fail_delay: s.auth_fail_delay,
-            fail_delay_max: s.auth_fail_delay_max,
-            ban_after: s.auth_ban_after,
-            ban_window: s.auth_ban_window,
-            ban_for: s.auth_ban_for,
-            http_rate: s.http_requests_per_second,
-            http_burst: (s.http_requests_per_second * 2.0).max(1.0),
-            user_rate: s.messages_per_second_per_user,
-            user_burst: s.messages_per_second_per_user.max(1.0),
-        }
-    }
 }
 
 /// The guard.

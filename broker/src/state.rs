@@ -156,7 +156,7 @@ impl Shared {
         shutdown: CancellationToken,
         sms: Option<Arc<crate::sms::Service>>,
     ) -> Arc<Self> {
-        let guard = crate::guard::Guard::new(crate::guard::Limits::of(&config.server));
+        let guard = crate::guard::Guard::new(config.server.guard_limits());
         let session_slots = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
         Arc::new(Shared {
             guard,
