@@ -248,14 +248,14 @@ pub async fn run(
         match problem.occurred(&reason) {
             Say::Start => warn!(
                 url = %cfg.broker.url,
-                "broker link down: {reason}; {}; reconnecting with growing pauses (up to \
+                "broker link down: {reason}{}; reconnecting with growing pauses (up to \
                  broker.reconnect_max), said again only if it changes or every {}",
                 link_hint(&reason),
                 human(REMIND_EVERY)
             ),
             Say::Remind { since, count } => warn!(
                 url = %cfg.broker.url,
-                "broker link still down after {} ({count} attempts): {reason}; {}",
+                "broker link still down after {} ({count} attempts): {reason}{}",
                 human(since),
                 link_hint(&reason)
             ),
@@ -270,24 +270,27 @@ pub async fn run(
     }
 }
 
-/// What to check for a broker link that failed with `reason`.
+/// What to check for a broker link that failed with `reason`, as "; ..." (empty when the
+/// reason says it already).
 fn link_hint(reason: &str) -> &'static str {
     let r = reason.to_lowercase();
-    if r.contains("401") || r.contains("unauthorized") || r.contains("password") {
-        "check broker.user and the password (WSMB_PASSWORD) against the broker's htpasswd file"
+    if r.contains("check ") {
+        ""
+    } else if r.contains("401") || r.contains("unauthorized") || r.contains("password") {
+        "; check broker.user and the password (WSMB_PASSWORD) against the broker's htpasswd file"
     } else if r.contains("certificate") || r.contains("tls") {
-        "check the broker's certificate, or broker.ca_file for a private one"
+        "; check the broker's certificate, or broker.ca_file for a private one"
     } else if r.contains("dns") || r.contains("resolve") || r.contains("lookup") {
-        "check the host name in broker.url and the Pi's DNS"
+        "; check the host name in broker.url and the Pi's DNS"
     } else if r.contains("refused") {
-        "the broker's host answers but nothing listens there: check that wsmb-broker runs \
+        "; the broker's host answers but nothing listens there: check that wsmb-broker runs \
          and the port in broker.url"
     } else if r.contains("timed out") || r.contains("no frame") || r.contains("unreachable") {
-        "check the Pi's network and that the broker's host is up"
+        "; check the Pi's network and that the broker's host is up"
     } else if r.contains("403") || r.contains("banned") {
-        "the broker refuses this address for now (repeated failed logins): check the password"
+        "; the broker refuses this address for now (repeated failed logins): check the password"
     } else {
-        "check broker.url, the network, and the broker's log (journalctl -u wsmb-broker)"
+        "; check broker.url, the network, and the broker's log (journalctl -u wsmb-broker)"
     }
 }
 
