@@ -55,6 +55,8 @@ country_code = "62"
 retry_delay = "300ms"
 # Often, so that tests see the broker follow the agent's counters.
 heartbeat_interval = "2s"
+# Its metrics on a free loopback port (its log says which).
+metrics_listen = "127.0.0.1:0"
 
 [[modem]]
 name = "sim1"

@@ -1070,12 +1070,42 @@ print(json.dumps(out))
             std::thread::sleep(Duration::from_millis(50));
         }
         let py = tool("WSMB_TEST_PYTHON", "target/ci-venv/bin/python");
-        let mut cmd = Command::new(&py);
-        cmd.args(["-c", script])
-            .env("PW", QA_PASSWORD)
-            .env("URL", format!("http://{}/metrics", b.addr));
-        let out = run(cmd, "the Prometheus parser (prometheus_client)");
-        let v = last_json(&out);
+        let parse = |url: String| {
+            let mut cmd = Command::new(&py);
+            cmd.args(["-c", script])
+                .env("PW", QA_PASSWORD)
+                .env("URL", url);
+            let out = run(cmd, "the Prometheus parser (prometheus_client)");
+            (last_json(&out), out)
+        };
+        // The agent's own, on the loopback port its log names.
+        let log = b.agent.as_ref().map(Proc::output).unwrap_or_default();
+        let url = log
+            .lines()
+            .find_map(|l| l.split("metrics on ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no metrics address in the agent's log:\n{log}"))
+            .to_owned();
+        let (a, out) = parse(url);
+        assert_eq!(a["families"]["wsmb_agent_sms"], "counter", "{out}");
+        assert_eq!(a["families"]["wsmb_agent_modem_info"], "gauge", "{out}");
+        let s = &a["samples"];
+        assert_eq!(
+            s["wsmb_agent_sms_total|modem=sim1|outcome=sent"], 1.0,
+            "{out}"
+        );
+        assert_eq!(s["wsmb_agent_broker_connected"], 1.0, "{out}");
+        assert_eq!(
+            s["wsmb_agent_modem_state|modem=sim1|state=ready"], 1.0,
+            "{out}"
+        );
+        assert_eq!(
+            s["wsmb_agent_modem_info|last_error=|modem=sim1|operator=Telkomsel|registration=registered, home network"],
+            1.0,
+            "{out}"
+        );
+        // The broker's.
+        let (v, out) = parse(format!("http://{}/metrics", b.addr));
         assert!(
             v["type"]
                 .as_str()
