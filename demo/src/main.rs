@@ -266,6 +266,10 @@ async fn demo(cli: &Cli) -> anyhow::Result<()> {
                         bail!("the test OTP was not delivered: {}", describe(&ev));
                     }
                     println!("{hint}");
+                    println!(
+                        "status  page http://{addr}/status (user {DEMO_USER}, password \
+                         {DEMO_PASSWORD}): the gateway, its modem, the SMS and a live chart"
+                    );
                     if cli.once {
                         break;
                     }
@@ -494,7 +498,12 @@ impl App {
             }
             let t = next_text(&mut self.ws).await?;
             if BrokerReply::parse(&t).is_none() {
-                self.pending.extend(events_of(&t));
+                // The agent's heartbeats are for the broker's status page, not for the sender.
+                self.pending.extend(
+                    events_of(&t)
+                        .into_iter()
+                        .filter(|e| e.status != Status::Heartbeat),
+                );
             }
         }
     }

@@ -70,6 +70,22 @@ fn the_demo_sends_an_otp_through_the_whole_bundle_and_stays_up() {
         ready.contains("send --url ") && ready.contains("php "),
         "{ready}"
     );
+    // The status page it names shows the demo's gateway.
+    let page = line(&demo, "status  page http://");
+    let page_url = page.split_whitespace().nth(2).expect("page url").to_owned();
+    let out = Command::new("curl")
+        .args(["-s", "-f", "-u", "qa:4lt0@1234"])
+        .arg(format!("{page_url}/data"))
+        .output()
+        .expect("curl");
+    let data = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{page_url}: {out:?}");
+    let v: serde_json::Value = serde_json::from_str(&data).expect("status data");
+    assert_eq!(v["sms"]["gateways"][0]["connected"], true, "{data}");
+    assert_eq!(
+        v["sms"]["gateways"][0]["modems"][0]["state"], "ready",
+        "{data}"
+    );
 
     // Still up: the command-line sender goes through the same bundle.
     let out = Command::new(env!("CARGO_BIN_EXE_wsmb-demo"))
