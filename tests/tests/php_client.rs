@@ -238,6 +238,15 @@ async fn the_php_status_worker_reconnects_after_a_broker_restart() {
             "worker: {}",
             worker.output()
         );
+        // An agent's heartbeat on the status channel is not an event for the application.
+        let (code, out) = snippet(
+            &url,
+            PASSWORD,
+            "$c->send('sms-status', [['id' => 'agent', 'status' => 'heartbeat', 'time' => 1800000000, \
+             'agent' => ['version' => '0.1.0', 'interval' => 60, 'uptime' => 1, 'queued' => 0, \
+             'unpublished' => 0, 'modems' => []]]]);",
+        );
+        assert_eq!(code, Some(0), "{out}");
     });
 
     drop(b);
@@ -275,6 +284,11 @@ async fn the_php_status_worker_reconnects_after_a_broker_restart() {
         );
         let status = worker.wait(T).expect("the worker stops when told");
         assert!(status.success(), "{}", worker.output());
+        assert!(
+            !worker.output().contains("heartbeat"),
+            "heartbeats reached the application's callback: {}",
+            worker.output()
+        );
     });
 }
 

@@ -433,13 +433,22 @@ final class Client
      *
      * @param array $options on_error: callable(\Throwable $e, float $retryIn) told of each
      *                       reconnect (default: error_log); idle: seconds without a message
-     *                       before the connection is checked with a ping (default 30)
+     *                       before the connection is checked with a ping (default 30);
+     *                       heartbeats: true to be given the agent's heartbeats too (status
+     *                       "heartbeat", for the broker's status page; default false)
      */
     public function listenStatus(callable $onEvent, array $options = array()): void
     {
-        $this->listen(function (array $m) use ($onEvent) {
+        $heartbeats = !empty($options['heartbeats']);
+        $this->listen(function (array $m) use ($onEvent, $heartbeats) {
             foreach ($m['data'] as $ev) {
-                if (is_array($ev) && $onEvent($ev) === false) {
+                if (!is_array($ev)) {
+                    continue;
+                }
+                if (!$heartbeats && isset($ev['status']) && $ev['status'] === 'heartbeat') {
+                    continue;
+                }
+                if ($onEvent($ev) === false) {
                     return false;
                 }
             }
