@@ -377,7 +377,8 @@ final class Client
                 continue;
             }
             foreach ($m['data'] as $ev) {
-                if (is_array($ev)) {
+                // Heartbeats are the agent's word to the broker, not a job's status.
+                if (is_array($ev) && !(isset($ev['status']) && $ev['status'] === 'heartbeat')) {
                     $this->events[] = $ev;
                 }
             }
