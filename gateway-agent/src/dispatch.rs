@@ -587,6 +587,7 @@ async fn send_job(
                         if let Some(c) = counters {
                             c.job_sent(now_secs());
                         }
+                        ctx.board.report_soon();
                         info!(job = %job.id, modem = %modem.name, "sent ({total} part(s))")
                     }
                     Ok(false) => {}
@@ -623,6 +624,7 @@ async fn send_job(
                         c.retried(&reason);
                     }
                 }
+                ctx.board.report_soon();
                 match class {
                     FailureClass::Permanent => {
                         warn!(job = %job.id, "failed permanently: {reason}");
@@ -706,7 +708,7 @@ fn spawn_health_watcher(
                 if let Err(err) = store.event(e).await {
                     warn!("job store: {err}");
                 }
-                board.modems_changed();
+                board.report_soon();
                 last = Some(h);
             }
             wake.notify_one();

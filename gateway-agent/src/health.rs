@@ -23,6 +23,10 @@ use wsmb_protocol::sms::{AgentHealth, ModemHealth, Status, StatusEvent};
 use crate::modem::{Health, ModemHandle, ModemView};
 use crate::store::Store;
 
+/// Least time between two heartbeats that [`Board::report_soon`] brings forward (busy
+/// modems do not turn heartbeats into a stream).
+pub const MIN_BEAT_SPACING: Duration = Duration::from_secs(5);
+
 /// Longest request head the metrics endpoint reads.
 const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head.
@@ -80,7 +84,7 @@ pub struct Board {
     broker_connects: AtomicU64,
     jobs_received: AtomicU64,
     heartbeats: AtomicU64,
-    /// A modem changed state: the next heartbeat goes at once.
+    /// A report was asked for (see [`Board::report_soon`]).
     changed: tokio::sync::Notify,
 }
 
@@ -127,14 +131,15 @@ impl Board {
         self.broker_up.store(up, Ordering::Relaxed);
     }
 
-    /// A modem changed state (ready, down, stopped): the broker hears it with the next
-    /// heartbeat, sent at once rather than at the end of the interval.
-    pub fn modems_changed(&self) {
+    /// Something the broker should hear soon happened (a modem changed state, a job was sent
+    /// or failed): the next heartbeat goes now rather than at the end of the interval, at
+    /// most one every [`MIN_BEAT_SPACING`].
+    pub fn report_soon(&self) {
         self.changed.notify_one();
     }
 
-    /// Completes after [`Board::modems_changed`] (at once if it was called meanwhile).
-    pub async fn changed(&self) {
+    /// Completes after [`Board::report_soon`] (at once if it was called meanwhile).
+    pub async fn report_requested(&self) {
         self.changed.notified().await;
     }
 

@@ -24,7 +24,7 @@ use wsmb_protocol::sms::{Status, parse_jobs};
 use wsmb_protocol::{ResponseCode, frames};
 
 use crate::config::Config;
-use crate::health::Board;
+use crate::health::{Board, MIN_BEAT_SPACING};
 use crate::jobs;
 use crate::store::{Ending, Inserted, Store};
 use wsmb_common::problem::{Problem, REMIND_EVERY, Say, human};
@@ -371,6 +371,10 @@ async fn serve(
     let beat_every = cfg.agent.heartbeat_interval;
     let mut beat = tokio::time::interval(beat_every.max(Duration::from_secs(1)));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Long enough ago that a first request is answered at once.
+    let mut last_beat = tokio::time::Instant::now()
+        .checked_sub(MIN_BEAT_SPACING)
+        .unwrap_or_else(tokio::time::Instant::now);
     store.poke(); // publish what is pending
     loop {
         // Biased: frames already waiting are read before the silence check runs, so time
@@ -506,11 +510,16 @@ async fn serve(
                     Err(e) => warn!("{e}"),
                 }
             }
-            _ = board.changed(), if !beat_every.is_zero() => beat.reset_immediately(),
+            _ = board.report_requested(), if !beat_every.is_zero() => {
+                // Soon, but not closer than MIN_BEAT_SPACING to the last one (nor later than
+                // the interval would have it).
+                beat.reset_at(last_beat + MIN_BEAT_SPACING.min(beat_every));
+            }
             _ = beat.tick(), if !beat_every.is_zero() && inflight.len() < WINDOW => {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
+                last_beat = tokio::time::Instant::now();
                 let e = board.heartbeat(store, beat_every, now).await;
                 let frame = frames::send_message_ttl(&cfg.broker.status_channel, &[e], beat_every.as_secs());
                 if let Err(e) = ws.send(Message::text(frame.clone())).await {

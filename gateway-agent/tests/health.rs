@@ -140,6 +140,36 @@ fn sample(body: &str, key: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// With a long interval, a job sent brings the next heartbeat
+/// forward: the broker sees the modem's count within seconds, not at the next minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_job_brings_the_next_heartbeat_forward() {
+    let dir = scratch("heartbeat-soon");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    cfg.agent.heartbeat_interval = Duration::from_secs(600);
+    let (_agent, mut status) = start_ready(cfg, b.addr).await;
+    status
+        .heartbeat("a ready modem", |h| h.modems[0].state == "ready")
+        .await;
+    let asked = tokio::time::Instant::now();
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("soon-1", "+628123456789", "hi")]),
+    )
+    .await;
+    status
+        .heartbeat("the sent job counted", |h| h.modems[0].sent == 1)
+        .await;
+    // Far sooner than the interval: at most the spacing after the previous heartbeat.
+    assert!(
+        asked.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        asked.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_on_a_loopback_port() {
     let dir = scratch("agent-metrics");
