@@ -1,6 +1,6 @@
 //! `/metrics`: who may read them (`metrics.access`), turning them off, and the figures moving
 //! with what the broker does. The SMS service's series are checked in `sms.rs`, a real
-//! Prometheus parser reads them in `tests/tests/observability.rs`.
+//! Prometheus parser reads them in `tests/tests/http_api.rs`.
 
 mod common;
 
@@ -8,44 +8,24 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use wsmb_broker::config::MetricsAccess;
 
 /// One GET; the status and the whole answer.
 async fn get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
-        .await
-        .expect("an answer in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    (status, text)
-}
-
-fn auth(creds: (&str, &str)) -> String {
-    format!("Authorization: {}\r\n", basic(creds.0, creds.1))
+    http_request(addr, "GET", path, headers).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_need_a_user_and_follow_the_broker() {
     let b = broker().await;
     // Strangers and wrong passwords: 401 with a Basic challenge, no figures.
-    for headers in [String::new(), auth(("qa", "wrong"))] {
+    for headers in [String::new(), auth_header(("qa", "wrong"))] {
         let (status, text) = get(b.addr, "/metrics", &headers).await;
         assert_eq!(status, 401, "{text}");
         assert!(text.contains("WWW-Authenticate: Basic"), "{text}");
         assert!(!text.contains("wsmb_"), "{text}");
     }
-    let (status, text) = get(b.addr, "/metrics", &auth(SHA_USER)).await;
+    let (status, text) = get(b.addr, "/metrics", &auth_header(SHA_USER)).await;
     assert_eq!(status, 200, "{text}");
     assert!(
         text.contains("Content-Type: application/openmetrics-text")
@@ -109,12 +89,12 @@ async fn loopback_access_serves_local_scrapers_only_and_an_empty_path_turns_them
     assert!(text.contains("loopback"), "{text}");
 
     let b = broker_with(|c| c.metrics.path = String::new()).await;
-    let (status, text) = get(b.addr, "/metrics", &auth(QA)).await;
+    let (status, text) = get(b.addr, "/metrics", &auth_header(QA)).await;
     assert_ne!(status, 200, "{text}");
     assert!(!text.contains("wsmb_connections_open"), "{text}");
 
     let b = broker_with(|c| c.metrics.path = "/internal/metrics".into()).await;
-    let (status, text) = get(b.addr, "/internal/metrics", &auth(QA)).await;
+    let (status, text) = get(b.addr, "/internal/metrics", &auth_header(QA)).await;
     assert_eq!(status, 200, "{text}");
 }
 

@@ -5,38 +5,24 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-/// One request; the status and the whole answer (head and body).
+/// One request as `creds` (none: without credentials); the status and the whole answer.
 async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     creds: Option<(&str, &str)>,
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let auth = creds.map_or(String::new(), |(u, p)| {
-        format!("Authorization: {}\r\n", basic(u, p))
-    });
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
-        .await
-        .expect("an answer in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    (status, text)
+    http_request(
+        addr,
+        method,
+        path,
+        &creds.map(auth_header).unwrap_or_default(),
+    )
+    .await
 }
 
 fn body_json(text: &str) -> Value {

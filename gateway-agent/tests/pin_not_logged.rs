@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -15,28 +13,9 @@ use wsmb_protocol::sms::Status;
 
 const T: Duration = Duration::from_secs(30);
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pin_never_reaches_the_logs() {
-    let logs = Captured::default();
-    let sink = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .init();
+    let logs = Captured::install(tracing::Level::TRACE);
 
     let dir = scratch("pinlog");
     let b = broker().await;
@@ -70,7 +49,7 @@ async fn the_pin_never_reaches_the_logs() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let text = String::from_utf8_lossy(&logs.0.lock().expect("lock")).into_owned();
+    let text = logs.text();
     assert!(
         text.contains("AT+CPIN=<hidden>"),
         "trace logging was on and the PIN command was written:\n{text}"

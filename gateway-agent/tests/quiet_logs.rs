@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -16,23 +14,17 @@ use wsmb_protocol::sms::Status;
 
 const T: Duration = Duration::from_secs(30);
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// Reading the captured log.
+trait AgentLines {
+    /// The agent's lines so far (the broker of the test logs into the same sink).
+    fn agent_lines(&self) -> Vec<String>;
+    fn count(&self, level: &str, text: &str) -> usize;
+    async fn wait_for(&self, what: &str, f: impl Fn(&Captured) -> bool);
 }
 
-impl Captured {
-    /// The agent's lines so far (the broker of the test logs into the same sink).
+impl AgentLines for Captured {
     fn agent_lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().expect("lock"))
+        self.text()
             .lines()
             .filter(|l| l.contains("wsmb_agent"))
             .map(str::to_owned)
@@ -61,13 +53,7 @@ impl Captured {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lasting_problems_are_said_once_and_their_end_once() {
-    let logs = Captured::default();
-    let sink = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .init();
+    let logs = Captured::install(tracing::Level::DEBUG);
 
     let dir = scratch("quietlogs");
     // A broker address where nothing listens yet, and a modem path where nothing is plugged.

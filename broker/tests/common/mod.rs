@@ -202,16 +202,17 @@ pub fn masked_text(body: &str) -> Vec<u8> {
 }
 
 /// `GET /metrics` as `creds`: the samples, `name{labels}` → value.
-pub async fn scrape_metrics(
+/// One HTTP request without a body (`headers`: whole lines, each ending in CRLF); the status
+/// and the whole answer, head and body.
+pub async fn http_request(
     addr: SocketAddr,
-    creds: (&str, &str),
-) -> std::collections::HashMap<String, f64> {
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {}\r\n\r\n",
-        basic(creds.0, creds.1)
-    );
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
@@ -219,6 +220,24 @@ pub async fn scrape_metrics(
         .expect("an answer in time")
         .expect("read");
     let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    (status, text)
+}
+
+/// The `Authorization` header line of `creds`.
+pub fn auth_header(creds: (&str, &str)) -> String {
+    format!("Authorization: {}\r\n", basic(creds.0, creds.1))
+}
+
+pub async fn scrape_metrics(
+    addr: SocketAddr,
+    creds: (&str, &str),
+) -> std::collections::HashMap<String, f64> {
+    let (_, text) = http_request(addr, "GET", "/metrics", &auth_header(creds)).await;
     assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     body.lines()
