@@ -254,10 +254,7 @@ impl Board {
             }
         }
         for m in &health {
-            let registered = m
-                .registration
-                .as_deref()
-                .is_some_and(|r| r.starts_with("registered"));
+            let registered = wsmb_protocol::sms::is_registered(m.registration.as_deref());
             s.gauge_with(
                 "modem_registered",
                 "1 when the modem is registered on a network (home or roaming)",

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_serial::SerialPortBuilderExt;
 use tracing::{debug, info, warn};
 use wsmb_common::problem::{Problem, REMIND_EVERY, Say, human};
+use wsmb_protocol::sms::registration_words;
 
 use crate::at::{AtError, AtPort, Final, Response, Stage, SubmitTimeouts};
 use crate::pdu::{Deliver, Received, StatusReport, decode_received};
@@ -570,17 +571,6 @@ async fn unlock_sim(at: &mut Port, s: &ModemSettings) -> Result<(), InitError> {
     Err(InitError::Retry(
         "the SIM did not become ready after the PIN".into(),
     ))
-}
-
-fn registration_words(stat: u8) -> &'static str {
-    match stat {
-        0 => "not registered, not searching",
-        1 => "registered, home network",
-        2 => "not registered, searching",
-        3 => "registration denied",
-        5 => "registered, roaming",
-        _ => "unknown",
-    }
 }
 
 async fn registration(at: &mut Port, t: Duration) -> Result<u8, InitError> {

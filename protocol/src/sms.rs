@@ -246,6 +246,25 @@ pub struct AgentHealth {
     pub modems: Vec<ModemHealth>,
 }
 
+/// A modem's network registration (`AT+CREG?` stat) in the words the heartbeat carries in
+/// `registration`.
+pub fn registration_words(stat: u8) -> &'static str {
+    match stat {
+        0 => "not registered, not searching",
+        1 => "registered, home network",
+        2 => "not registered, searching",
+        3 => "registration denied",
+        5 => "registered, roaming",
+        _ => "unknown",
+    }
+}
+
+/// Whether `registration` (see [`registration_words`]) says the modem is on a network, at
+/// home or roaming.
+pub fn is_registered(registration: Option<&str>) -> bool {
+    registration.is_some_and(|r| r.starts_with("registered"))
+}
+
 /// One modem in a heartbeat. Counters are since the agent started.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModemHealth {

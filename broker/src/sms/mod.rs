@@ -1401,10 +1401,7 @@ impl Service {
         }
         for (labels, m) in modems() {
             if let Some(b) = &m.beat {
-                let registered = b
-                    .registration
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("registered"));
+                let registered = wsmb_protocol::sms::is_registered(b.registration.as_deref());
                 s.gauge_with(
                     "modem_registered",
                     "1 when the modem is registered on a network (home or roaming)",
