@@ -31,28 +31,26 @@ pub fn render(shared: &Shared) -> String {
         load(&st.connections_total),
     );
     let g = &shared.guard.stats;
-    for (reason, v) in [
-        ("sessions_full", load(&st.connections_refused)),
-        ("banned", load(&g.refused_banned)),
-        ("per_address", load(&g.refused_per_address)),
-        ("pending_full", load(&g.refused_pending)),
-    ] {
-        s.counter_with(
-            "connections_refused",
-            "Connections refused, by reason",
-            vec![("reason", reason.into())],
-            v,
-        );
-    }
+    s.counters_by(
+        "connections_refused",
+        "Connections refused, by reason",
+        &Vec::new(),
+        "reason",
+        [
+            ("sessions_full", load(&st.connections_refused)),
+            ("banned", load(&g.refused_banned)),
+            ("per_address", load(&g.refused_per_address)),
+            ("pending_full", load(&g.refused_pending)),
+        ],
+    );
     let a = &shared.auth.stats;
-    for (outcome, v) in [("ok", load(&a.accepted)), ("failed", load(&a.rejected))] {
-        s.counter_with(
-            "authentications",
-            "Credential checks, by outcome",
-            vec![("outcome", outcome.into())],
-            v,
-        );
-    }
+    s.counters_by(
+        "authentications",
+        "Credential checks, by outcome",
+        &Vec::new(),
+        "outcome",
+        [("ok", load(&a.accepted)), ("failed", load(&a.rejected))],
+    );
     s.counter(
         "auth_bans",
         "Addresses banned after failed logins",
@@ -98,18 +96,17 @@ pub fn render(shared: &Shared) -> String {
         "Frames answered with an error",
         load(&st.rejected_frames),
     );
-    for (action, v) in [
-        ("disconnected", load(&st.slow_consumers)),
-        ("write_timeout", load(&st.write_timeouts)),
-        ("dead_peer", load(&st.dead_peers)),
-    ] {
-        s.counter_with(
-            "slow_receivers",
-            "Receivers dropped: full queue, write deadline, silence",
-            vec![("action", action.into())],
-            v,
-        );
-    }
+    s.counters_by(
+        "slow_receivers",
+        "Receivers dropped: full queue, write deadline, silence",
+        &Vec::new(),
+        "action",
+        [
+            ("disconnected", load(&st.slow_consumers)),
+            ("write_timeout", load(&st.write_timeouts)),
+            ("dead_peer", load(&st.dead_peers)),
+        ],
+    );
     s.counter(
         "reload_failures",
         "Reloads of users or permissions that failed",

@@ -54,6 +54,23 @@ impl Snapshot {
         self.push(name, help, labels, signed(value), true);
     }
 
+    /// One counter family split by label `key`: one series per `(value of key, count)`, each
+    /// with `base` labels before it.
+    pub fn counters_by<'a>(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        base: &Labels,
+        key: &'static str,
+        values: impl IntoIterator<Item = (&'a str, u64)>,
+    ) {
+        for (k, v) in values {
+            let mut labels = base.clone();
+            labels.push((key, k.to_owned()));
+            self.counter_with(name, help, labels, v);
+        }
+    }
+
     /// A gauge with labels.
     pub fn gauge_with(&mut self, name: &'static str, help: &'static str, labels: Labels, v: i64) {
         self.push(name, help, labels, v, false);

@@ -285,20 +285,17 @@ impl Board {
             );
         }
         for m in &health {
-            for (outcome, v) in [
-                ("sent", m.sent),
-                ("failed", m.failed),
-                ("retried", m.retried),
-            ] {
-                let mut l = label(m);
-                l.push(("outcome", outcome.into()));
-                s.counter_with(
-                    "sms",
-                    "Jobs through the modem: sent, failed for good, attempts retried",
-                    l,
-                    v,
-                );
-            }
+            s.counters_by(
+                "sms",
+                "Jobs through the modem: sent, failed for good, attempts retried",
+                &label(m),
+                "outcome",
+                [
+                    ("sent", m.sent),
+                    ("failed", m.failed),
+                    ("retried", m.retried),
+                ],
+            );
         }
         for (m, c) in &self.modems {
             s.counter_with(

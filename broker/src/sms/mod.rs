@@ -1317,35 +1317,33 @@ impl Service {
                 *v,
             );
         }
-        for (outcome, v) in [
-            ("accepted", n(&c.accepted)),
-            ("tracked", n(&c.tracked)),
-            ("sent", n(&c.sent)),
-            ("delivered", n(&c.delivered)),
-            ("failed", n(&c.failed)),
-            ("received", n(&c.received)),
-        ] {
-            s.counter_with(
-                "sms",
-                "SMS: accepted by the API, tracked from WebSocket, sent, delivered, failed (per \
-                 recipient), received",
-                vec![("event", outcome.into())],
-                v,
-            );
-        }
+        s.counters_by(
+            "sms",
+            "SMS: accepted by the API, tracked from WebSocket, sent, delivered, failed (per \
+             recipient), received",
+            &Vec::new(),
+            "event",
+            [
+                ("accepted", n(&c.accepted)),
+                ("tracked", n(&c.tracked)),
+                ("sent", n(&c.sent)),
+                ("delivered", n(&c.delivered)),
+                ("failed", n(&c.failed)),
+                ("received", n(&c.received)),
+            ],
+        );
         let h = &self.hooks;
-        for (outcome, v) in [
-            ("delivered", n(&h.delivered)),
-            ("failed_attempt", n(&h.failed_attempts)),
-            ("given_up", n(&h.given_up)),
-        ] {
-            s.counter_with(
-                "webhook_calls",
-                "Webhook calls: delivered (2xx), failed attempts (retried), given up",
-                vec![("outcome", outcome.into())],
-                v,
-            );
-        }
+        s.counters_by(
+            "webhook_calls",
+            "Webhook calls: delivered (2xx), failed attempts (retried), given up",
+            &Vec::new(),
+            "outcome",
+            [
+                ("delivered", n(&h.delivered)),
+                ("failed_attempt", n(&h.failed_attempts)),
+                ("given_up", n(&h.given_up)),
+            ],
+        );
         let now = now_ms();
         let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         for (id, dev) in d.iter() {
@@ -1425,20 +1423,17 @@ impl Service {
         }
         for (labels, m) in modems() {
             if let Some(b) = &m.beat {
-                for (outcome, v) in [
-                    ("sent", b.sent),
-                    ("failed", b.failed),
-                    ("retried", b.retried),
-                ] {
-                    let mut l = labels.clone();
-                    l.push(("outcome", outcome.into()));
-                    s.counter_with(
-                        "modem_sms",
-                        "Jobs through the modem since its agent started: sent, failed, retried",
-                        l,
-                        v,
-                    );
-                }
+                s.counters_by(
+                    "modem_sms",
+                    "Jobs through the modem since its agent started: sent, failed, retried",
+                    &labels,
+                    "outcome",
+                    [
+                        ("sent", b.sent),
+                        ("failed", b.failed),
+                        ("retried", b.retried),
+                    ],
+                );
             }
         }
         for (labels, m) in modems() {
