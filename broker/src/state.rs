@@ -195,6 +195,11 @@ impl Shared {
 
     /// What `/healthz` says to a user: the figures too.
     pub fn health_json(&self) -> String {
+        self.health().to_string()
+    }
+
+    /// The figures of [`Shared::health_json`], as JSON (the status page carries them too).
+    pub fn health(&self) -> serde_json::Value {
         let (receivers, channels) = self.engine.totals();
         let store = self.engine.store();
         let storage_health = store.map(|s| s.health());
@@ -224,6 +229,6 @@ impl Shared {
             expired: self.stats.expired.load(Ordering::Relaxed),
             redelivered: self.stats.redelivered.load(Ordering::Relaxed),
         };
-        serde_json::to_string(&h).unwrap_or_else(|_| "{\"status\":\"ok\"}".into())
+        serde_json::to_value(&h).unwrap_or_else(|_| serde_json::json!({"status": "ok"}))
     }
 }

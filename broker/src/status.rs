@@ -159,7 +159,7 @@ fn row(m: &Message) -> Value {
 /// The figures the page shows.
 pub async fn data(shared: &Shared, user: &str) -> Value {
     let now = now_secs();
-    let broker: Value = serde_json::from_str(&shared.health_json()).unwrap_or(Value::Null);
+    let broker = shared.health();
     let channels: Vec<Value> = shared
         .engine
         .channels()
