@@ -398,6 +398,7 @@ async fn lifecycle(backend: Backend) {
     );
     body["priority"] = json!(100);
     body["ttl"] = json!(600);
+    body["simNumber"] = json!(2);
     let a = api(b.addr, "POST", "/messages", Some(body)).await;
     assert_eq!(a.status, 202, "{a:?}");
     assert_eq!(a.body["id"], "life-1");
@@ -413,6 +414,7 @@ async fn lifecycle(backend: Backend) {
     for j in [&j1, &j2] {
         assert_eq!(j["message"], "Kode 🔐 4821", "{j}");
         assert_eq!(j["priority"], 100, "{j}");
+        assert_eq!(j["sim"], 2, "simNumber becomes the job's sim: {j}");
         assert_eq!(
             j["delivery_report"], true,
             "withDeliveryReport defaults to true: {j}"
@@ -682,8 +684,12 @@ async fn bad_requests_get_a_status_and_a_reason() {
             "-128 to 127",
         ),
         (
-            json!({"textMessage": {"text": "x"}, "phoneNumbers": ["+628126666666"], "simNumber": 2}),
-            "simNumber",
+            json!({"textMessage": {"text": "x"}, "phoneNumbers": ["+628126666666"], "simNumber": 0}),
+            "simNumber = 0: it picks the gateway's modem by position",
+        ),
+        (
+            json!({"textMessage": {"text": "x"}, "phoneNumbers": ["+628126666666"], "simNumber": 65}),
+            "up to 64",
         ),
         (
             json!({"textMessage": {"text": "x"}, "phoneNumbers": ["+628126666666"], "isEncrypted": true}),

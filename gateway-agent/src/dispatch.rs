@@ -3,7 +3,8 @@
 //! - Routing: the longest `[[route]]` prefix matching the number picks a group (default group
 //!   `default`; when no modem has that group, any modem); modems of the group take turns
 //!   (round-robin). A job whose first parts went out through a modem finishes on that modem
-//!   (phones join parts only from one sender).
+//!   (phones join parts only from one sender); a job whose `sim` named a modem goes through
+//!   that one only (waiting while it is down), and fails if it is no longer configured.
 //! - One job at a time per modem; sending limits per modem (parts per minute, hour and day,
 //!   counted across restarts). A job that only limited modems could send is reported `held`
 //!   once, with the limit and until when; a job that expires while it waits ends `expired`.
@@ -234,6 +235,11 @@ pub async fn run(
                     }
                     let i = match pick(&slots, &routes, &mut rr, &job) {
                         Ok(i) => i,
+                        Err(NoModem::Gone(m)) => {
+                            gone(&store, &job, &m).await;
+                            held.remove(&job.id);
+                            continue;
+                        }
                         Err(why) => {
                             blocked = true;
                             if let NoModem::Held { wait_ms, why } = why {
@@ -307,6 +313,33 @@ async fn expire(store: &Store, job: &JobRow) {
     }
 }
 
+/// Ends a job that must go through a modem the configuration no longer has.
+async fn gone(store: &Store, job: &JobRow, modem: &str) {
+    let reason = if job.parts_done > 0 {
+        format!(
+            "its first {} part(s) went through modem {modem}, which is no longer configured \
+             ([[modem]] sections), and the rest cannot be joined to them from another modem",
+            job.parts_done
+        )
+    } else {
+        format!(
+            "its sim named modem {modem}, which is no longer configured ([[modem]] sections); \
+             send it again"
+        )
+    };
+    warn!(job = %job.id, "failed: {reason}");
+    let end = Ending {
+        status: Status::Failed,
+        code: Some("no_such_modem".into()),
+        reason,
+        ambiguous: false,
+        modem: None,
+    };
+    if let Err(e) = store.finish(&job.id, end).await {
+        warn!(job = %job.id, "job store: {e}");
+    }
+}
+
 /// Tells (once per hold) that a job waits for a modem's sending limit, and until when.
 async fn report_held(store: &Store, job: &JobRow, wait_ms: i64, why: String) {
     let until = (crate::store::now_ms() + wait_ms + 999) / 1000;
@@ -343,6 +376,8 @@ enum NoModem {
     /// Every modem that could send it has reached a sending limit: it goes in `wait_ms` at the
     /// earliest, for the reason given.
     Held { wait_ms: i64, why: String },
+    /// It must go through this modem, which is not configured (any more).
+    Gone(String),
 }
 
 /// What a modem can do for a job now.
@@ -373,12 +408,11 @@ fn pick(
 ) -> Result<usize, NoModem> {
     let now = crate::store::now_ms();
     let candidates: Vec<usize> = if let Some(m) = &job.modem {
-        // continue a partly sent message on the same modem
-        slots
-            .iter()
-            .position(|s| &s.modem.name == m)
-            .into_iter()
-            .collect()
+        // continue a partly sent message on the same modem, or the modem its sim named
+        match slots.iter().position(|s| &s.modem.name == m) {
+            Some(i) => vec![i],
+            None => return Err(NoModem::Gone(m.clone())),
+        }
     } else {
         let group = group_of(routes, &job.receiver);
         let members: Vec<usize> = (0..slots.len())

@@ -1,8 +1,9 @@
 //! What makes a job sendable: a usable number (normalised), a non-empty text that fits in
-//! `max_parts` SMS, not blocked, not expired. A job that fails here gets a `failed` status with a
+//! `max_parts` SMS, not blocked, not expired, and a `sim` (when it names one) that is one of
+//! the agent's modems. A job that fails here gets a `failed` status with a
 //! reason and never reaches a modem, so it cannot block the others.
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, ModemConfig};
 use crate::pdu;
 
 /// A job ready to be queued.
@@ -22,6 +23,8 @@ pub struct ValidJob {
     pub priority: i32,
     /// The job's own choice about a delivery report (`None`: `agent.status_report`).
     pub status_report: Option<bool>,
+    /// The modem it must go through (the job's `sim`); `None`: the routes pick one.
+    pub modem: Option<String>,
 }
 
 /// Why a job is refused.
@@ -151,7 +154,35 @@ pub fn validate(
         expires_at,
         priority: 0,
         status_report: None,
+        modem: None,
     })
+}
+
+/// The modem a job's `sim` names: the `sim`-th `[[modem]]` section (1-based), as SMS Gateway
+/// for Android's `simNumber` picks a phone's SIM.
+pub fn modem_for_sim(sim: Option<u8>, modems: &[ModemConfig]) -> Result<Option<String>, Refusal> {
+    let Some(n) = sim else {
+        return Ok(None);
+    };
+    match modems.get(usize::from(n).wrapping_sub(1)) {
+        Some(m) => Ok(Some(m.name.clone())),
+        None => {
+            let names: Vec<&str> = modems.iter().map(|m| m.name.as_str()).collect();
+            let range = match names.len() {
+                1 => "use 1".to_owned(),
+                k => format!("use 1 to {k}"),
+            };
+            Err(refuse(
+                "no_such_sim",
+                format!(
+                    "sim {n}: this gateway has {} modem(s) ({}); {range} or leave sim out to let \
+                     the gateway pick",
+                    names.len(),
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -127,17 +127,20 @@ pub async fn intake(
                     Some(m) => format!("local-{m}.{index}"),
                     None => local_id(),
                 });
-                match jobs::validate(
+                let valid = jobs::validate(
                     &id,
                     job.receiver.as_deref(),
                     job.message.as_deref(),
                     job.expiration,
                     now,
                     &cfg.agent,
-                ) {
-                    Ok(mut valid) => {
+                )
+                .and_then(|v| Ok((v, jobs::modem_for_sim(job.sim, &cfg.modems)?)));
+                match valid {
+                    Ok((mut valid, modem)) => {
                         valid.priority = job.priority;
                         valid.status_report = job.delivery_report;
+                        valid.modem = modem;
                         let r = store.insert(valid).await;
                         if let Ok(Inserted::New) = r {
                             queued += 1;

@@ -41,8 +41,8 @@ pub struct JobRow {
     pub parts_done: u32,
     /// Their message references.
     pub mrs: Vec<u8>,
-    /// The modem the first parts went through (later parts must use it too: a phone joins parts
-    /// only from one sender).
+    /// The modem the job must go through: the one its first parts went through (later parts
+    /// must use it too: a phone joins parts only from one sender), or the one its `sim` named.
     pub modem: Option<String>,
     /// The modem of the last failed attempt (avoided when another can take it).
     pub last_failed_modem: Option<String>,
@@ -484,9 +484,9 @@ impl Store {
         self.with_events(move |c| {
             let tx = c.transaction()?;
             let n = tx.execute(
-                "INSERT OR IGNORE INTO jobs(id, receiver, message, state, expires_at, received_at, parts, priority, status_report)
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8)",
-                params![job.id, job.receiver, job.message, job.expires_at.map(|e| e as i64), now_secs() as i64, job.parts, job.priority, job.status_report],
+                "INSERT OR IGNORE INTO jobs(id, receiver, message, state, expires_at, received_at, parts, priority, status_report, modem)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![job.id, job.receiver, job.message, job.expires_at.map(|e| e as i64), now_secs() as i64, job.parts, job.priority, job.status_report, job.modem],
             )?;
             if n == 0 {
                 return Ok(Inserted::Duplicate);
@@ -1097,6 +1097,7 @@ mod tests {
             expires_at: None,
             priority: 0,
             status_report: None,
+            modem: None,
         }
     }
 

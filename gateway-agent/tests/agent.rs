@@ -278,6 +278,87 @@ async fn routes_by_prefix_round_robin_and_failover() {
     assert_eq!(all.iter().filter(|t| *t == "failover").count(), 1);
 }
 
+/// A job's `sim` (the HTTP API's `simNumber`) sends it through that `[[modem]]` whatever the
+/// routes say, retries on that modem only, waits while it is down; a `sim` past the last modem
+/// fails at once, and a modem taken out of the configuration fails the jobs pinned to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_naming_its_sim_goes_through_that_modem_only() {
+    let dir = scratch("simnumber");
+    let b = broker().await;
+    let s1 = sim(&dir, "a1", SimConfig::default()).await;
+    let s2 = sim(&dir, "a2", SimConfig::default()).await;
+    let s3 = sim(&dir, "b1", SimConfig::default()).await;
+    let mut m1 = modem("a1", &s1);
+    let mut m2 = modem("a2", &s2);
+    m1.group = "tsel".into();
+    m2.group = "tsel".into();
+    let m3 = modem("b1", &s3);
+    let mut cfg = agent_config(b.addr, &dir, vec![m1.clone(), m2, m3.clone()]);
+    cfg.routes = vec![RouteConfig {
+        prefixes: vec!["+62812".into()],
+        group: "tsel".into(),
+    }];
+    let (agent, mut status) = start_ready(cfg.clone(), b.addr).await;
+    let pinned = |id: &str, sim: u64| {
+        let mut j = job(id, "+628121111111", id);
+        j["sim"] = serde_json::json!(sim);
+        j
+    };
+    let mut jobs = vec![pinned("to-b1", 3), pinned("past-the-last", 9)];
+    for i in 0..4 {
+        jobs.push(pinned(&format!("to-a1-{i}"), 1));
+    }
+    send_jobs(b.addr, serde_json::Value::Array(jobs)).await;
+    let e = status.wait("to-b1", Status::Sent, T).await;
+    assert_eq!(e.modem.as_deref(), Some("b1"), "sim 3 beats the route");
+    for i in 0..4 {
+        let e = status.wait(&format!("to-a1-{i}"), Status::Sent, T).await;
+        assert_eq!(e.modem.as_deref(), Some("a1"), "{e:?}");
+    }
+    let e = status.wait("past-the-last", Status::Failed, T).await;
+    assert_eq!(e.error_code.as_deref(), Some("no_such_sim"), "{e:?}");
+    let reason = e.reason.clone().unwrap_or_default();
+    assert!(reason.contains("3 modem(s) (a1, a2, b1)"), "{reason}");
+    assert_eq!(status.of("past-the-last"), vec![Status::Failed]);
+    assert_eq!((s1.messages().len(), s2.messages().len()), (4, 0));
+
+    // A transient error: retried on the same modem, not handed to the other of the group.
+    s1.push_fault(Fault::ErrorAfterPdu(38));
+    send_jobs(b.addr, serde_json::json!([pinned("retry-a1", 1)])).await;
+    let e = status.wait("retry-a1", Status::Sent, T).await;
+    assert_eq!((e.modem.as_deref(), e.attempts), (Some("a1"), Some(2)));
+    assert_eq!(s2.messages().len(), 0);
+    stop(agent).await;
+
+    // Its modem down: it waits, though two others are ready.
+    s2.set_silent(true);
+    let a = wsmb_agent::agent::start(cfg).await.expect("agent");
+    link_up(&a).await;
+    send_jobs(b.addr, serde_json::json!([pinned("to-a2", 2)])).await;
+    status.wait("to-a2", Status::Queued, T).await;
+    status.settle(Duration::from_secs(2)).await;
+    assert_eq!(status.of("to-a2"), vec![Status::Queued]);
+    stop(a).await;
+
+    // a2 taken out of the configuration: the job pinned to it fails, saying why.
+    let mut cfg = agent_config(b.addr, &dir, vec![m1, m3]);
+    cfg.routes.clear();
+    let (_agent, _) = start_ready(cfg, b.addr).await;
+    let e = status.wait("to-a2", Status::Failed, T).await;
+    assert_eq!(e.error_code.as_deref(), Some("no_such_modem"), "{e:?}");
+    assert!(
+        e.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("modem a2, which is no longer configured")),
+        "{e:?}"
+    );
+    assert_eq!(
+        s1.messages().len() + s2.messages().len() + s3.messages().len(),
+        6,
+        "nothing else was sent"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_holds_parts_back() {
     let dir = scratch("rate");
@@ -330,9 +411,7 @@ async fn a_daily_limit_survives_a_restart_and_held_jobs_expire() {
         let (agent, mut status) = start_ready(cfg.clone(), b.addr).await;
         send_jobs(b.addr, serde_json::json!([job("d1", "+628123456789", "1")])).await;
         status.wait("d1", Status::Sent, T).await;
-        let wsmb_agent::agent::Running { shutdown, task, .. } = agent;
-        shutdown.cancel();
-        let _ = task.await;
+        stop(agent).await;
     }
     let (_agent, mut status) = start_ready(cfg, b.addr).await;
     let soon = std::time::SystemTime::now()
@@ -1074,9 +1153,7 @@ async fn a_full_storage_left_while_away_is_taken_and_cleared_at_start() {
         let (agent, _status) = start_ready(cfg.clone(), b.addr).await;
         sim.receive(&split[0], true).expect("room");
         wait_storage_empty(&sim).await;
-        let wsmb_agent::agent::Running { shutdown, task, .. } = agent;
-        shutdown.cancel();
-        let _ = task.await;
+        stop(agent).await;
     }
     // Away: the second part and two more SMS fill the storage; a fourth finds no room.
     sim.receive(&split[1], true).expect("room");

@@ -5,7 +5,9 @@
 //!   `expiration` (epoch seconds; the job is dropped as expired after it) and `date_time`
 //!   (informational, as the original author's Pi gateway used), `priority` (-128..127; 100 and
 //!   above jump the agent's queue: the OTP lane) and `delivery_report` (true: ask the network
-//!   for a delivery report for this job whatever the agent's default). A single object as
+//!   for a delivery report for this job whatever the agent's default) and `sim` (1, 2, ...: send
+//!   through that `[[modem]]` of the agent, in the order of its configuration, as SMS Gateway
+//!   for Android's `simNumber` picks a phone's SIM). A single object as
 //!   `data` is accepted too. [`JobItem`] builds one (the broker's HTTP API does).
 //! - **status events**, published by the agent on the status channel (`sms-status`): one item
 //!   per event, `{"id", "status", ...}`, see [`StatusEvent`].
@@ -37,7 +39,13 @@ pub struct Job {
     pub priority: i32,
     /// `Some(true)`: request a delivery report for this job; `None`: the agent's default.
     pub delivery_report: Option<bool>,
+    /// Send through this modem of the agent (1-based, in the order of its `[[modem]]`
+    /// sections); `None`: the agent's routes pick one.
+    pub sim: Option<u8>,
 }
+
+/// The highest `sim` a job may name (a gateway with more modems than this is not expected).
+pub const MAX_SIM: u64 = 64;
 
 /// Priority from which a job jumps the queue (the OTP lane).
 pub const PRIORITY_LANE: i32 = 100;
@@ -62,6 +70,9 @@ pub struct JobItem<'a> {
     /// Ask for a delivery report.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery_report: Option<bool>,
+    /// The agent's modem to send it through (1-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sim: Option<u8>,
 }
 
 fn is_zero(p: &i32) -> bool {
@@ -191,6 +202,19 @@ fn job_from_value(v: Value) -> Result<Job, ItemError> {
         Some(Value::Bool(b)) => Some(*b),
         Some(_) => return Err(err("\"delivery_report\" must be true or false".into())),
     };
+    let sim = match map.get("sim") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| (1..=MAX_SIM).contains(n))
+                .ok_or_else(|| {
+                    err(format!(
+                        "\"sim\" must be a whole number from 1 to {MAX_SIM} (the agent's modem, \
+                         in the order of its [[modem]] sections)"
+                    ))
+                })? as u8,
+        ),
+    };
     Ok(Job {
         id,
         receiver,
@@ -200,6 +224,7 @@ fn job_from_value(v: Value) -> Result<Job, ItemError> {
         time,
         priority,
         delivery_report,
+        sim,
     })
 }
 
@@ -421,6 +446,7 @@ mod tests {
                 time: Some(1_700_000_000),
                 priority: 0,
                 delivery_report: None,
+                sim: None,
             })]
         );
     }
@@ -434,6 +460,36 @@ mod tests {
         assert_eq!(j.receiver.as_deref(), Some("628123"));
         assert_eq!(j.expiration, Some(1_800_000_000));
         assert_eq!(j.date_time.as_deref(), Some("2026-11-28 10:00:00"));
+    }
+
+    #[test]
+    fn sim_picks_a_modem_by_position() {
+        let text = r#"{"command":"send-message","channel":"sms","data":[{"id":"a","receiver":"1","message":"x","sim":2},{"id":"b","receiver":"1","message":"x","sim":null},{"id":"c","receiver":"1","message":"x","sim":0},{"id":"d","receiver":"1","message":"x","sim":"2"},{"id":"e","receiver":"1","message":"x","sim":65}]}"#;
+        let (_, jobs) = parse_jobs(text).expect("jobs");
+        assert_eq!(jobs[0].clone().expect("job").sim, Some(2));
+        assert_eq!(jobs[1].clone().expect("job").sim, None);
+        for bad in &jobs[2..] {
+            let e = bad.clone().expect_err("bad sim");
+            assert!(
+                e.reason
+                    .contains("\"sim\" must be a whole number from 1 to 64"),
+                "{e:?}"
+            );
+        }
+        let item = JobItem {
+            id: "a",
+            time: 1,
+            receiver: "+62812",
+            message: "x",
+            expiration: None,
+            priority: 0,
+            delivery_report: None,
+            sim: Some(3),
+        };
+        assert_eq!(
+            serde_json::to_string(&item).expect("json"),
+            r#"{"id":"a","time":1,"receiver":"+62812","message":"x","sim":3}"#
+        );
     }
 
     #[test]

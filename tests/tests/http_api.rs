@@ -412,17 +412,23 @@ import json, os, time
 import android_sms_gateway as g
 with g.APIClient("qa", os.environ["PW"], base_url=os.environ["BASE"]) as c:
     hook = c.create_webhook(g.Webhook(id=None, url=os.environ["HOOK"], event=g.WebhookEvent.SMS_SENT))
-    st = c.send(g.Message(phone_numbers=["+628126666666"], text_message=g.TextMessage(text="Your code is 482913"), id="py-otp-1"))
+    st = c.send(g.Message(phone_numbers=["+628126666666"], text_message=g.TextMessage(text="Your code is 482913"), id="py-otp-1", sim_number=1))
     print("accepted:", st.state.value, flush=True)
-    deadline = time.time() + 30
-    while st.state.value not in ("Sent", "Delivered", "Failed") and time.time() < deadline:
-        time.sleep(0.05)
-        st = c.get_state("py-otp-1")
+    def settled(st):
+        deadline = time.time() + 30
+        while st.state.value not in ("Sent", "Delivered", "Failed") and time.time() < deadline:
+            time.sleep(0.05)
+            st = c.get_state(st.id)
+        return st
+    st = settled(st)
+    listed = [m.id for m in c.get_messages()]
+    sim2 = settled(c.send(g.Message(phone_numbers=["+628126666667"], text_message=g.TextMessage(text="x"), id="py-sim-2", sim_number=2)))
     print(json.dumps({"hook": hook.id, "state": st.state.value,
                       "recipients": [[r.phone_number, r.state.value] for r in st.recipients],
                       "states": sorted((st.states or {}).keys()),
-                      "listed": [m.id for m in c.get_messages()],
-                      "webhooks": [w.url for w in c.get_webhooks()]}))
+                      "listed": listed,
+                      "webhooks": [w.url for w in c.get_webhooks()],
+                      "sim2": [sim2.state.value, sim2.recipients[0].error]}))
 "#;
     let py = tool("WSMB_TEST_PYTHON", "target/ci-venv/bin/python");
     let mut cmd = Command::new(&py);
@@ -442,6 +448,15 @@ with g.APIClient("qa", os.environ["PW"], base_url=os.environ["BASE"]) as c:
     );
     assert_eq!(v["listed"], json!(["py-otp-1"]), "{out}");
     assert_eq!(v["webhooks"], json!([hooks.url()]), "{out}");
+    // simNumber picks the gateway's modem by position: the client's sim_number=1 went through
+    // the one modem; 2 fails with the modems there are.
+    assert_eq!(v["sim2"][0], "Failed", "{out}");
+    assert!(
+        v["sim2"][1].as_str().is_some_and(
+            |e| e.contains("sim 2: this gateway has 1 modem(s) (sim1); use 1 or leave sim out")
+        ),
+        "{out}"
+    );
     let hook = v["hook"].as_str().expect("hook id").to_owned();
     tokio::task::block_in_place(|| {
         check_sent_and_signed(&b, &hooks, "py-otp-1", &hook, "Your code is 482913")

@@ -125,6 +125,59 @@ async fn the_php_examples_send_an_otp_and_wait_for_its_sent_status() {
         out.starts_with("accepted") && out.contains("failed: "),
         "{out}"
     );
+
+    // The job's options reach the agent: sim 1 is the one modem, sim 2 is none; a bad option
+    // is refused before anything is sent.
+    let url = format!("ws://{addr}/");
+    let wait = |opts: &str| {
+        format!(
+            "$c->watchStatus(); $r = $c->sendSms('+6281255556666', 'opts', {opts}); \
+             $e = $c->waitForStatus($r['id'], 20); echo $e['status'], ' ', $e['modem'] ?? '', ' ', \
+             $e['error_code'] ?? '', ' ', $e['reason'] ?? '';"
+        )
+    };
+    let (code, out) = tokio::task::block_in_place(|| {
+        snippet(
+            &url,
+            PASSWORD,
+            &wait("['sim' => 1, 'priority' => 100, 'delivery_report' => true]"),
+        )
+    });
+    assert_eq!((code, out.as_str()), (Some(0), "sent sim1  "), "{out}");
+    let (code, out) =
+        tokio::task::block_in_place(|| snippet(&url, PASSWORD, &wait("['sim' => 2]")));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.starts_with("failed  no_such_sim sim 2: this gateway has 1 modem(s) (sim1)"),
+        "{out}"
+    );
+    let (_, out) = tokio::task::block_in_place(|| {
+        snippet(
+            &url,
+            PASSWORD,
+            "try { $c->sendSms('+6281255556666', 'x', ['sim' => 0]); } catch (InvalidArgumentException $e) { echo $e->getMessage(); }",
+        )
+    });
+    assert!(
+        out.starts_with("sim must be a whole number from 1 to 64"),
+        "{out}"
+    );
+    assert_eq!(
+        sim.wait_messages(3, T).await.len(),
+        3,
+        "one more SMS, through sim 1"
+    );
+    let reports: Vec<bool> = sim
+        .sent()
+        .iter()
+        .filter_map(|s| s.submit.as_ref().map(|p| p.status_report))
+        .collect();
+    assert_eq!(
+        reports.last(),
+        Some(&true),
+        "delivery_report => true asked for a report (the agent's default is none): {reports:?}"
+    );
+    assert!(!reports[0], "{reports:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -408,12 +408,18 @@ impl Service {
             Some(p) if (-128..=127).contains(&p) => p as i32,
             Some(p) => return Err(ApiError::bad(format!("priority = {p} must be -128 to 127"))),
         };
-        if req.sim_number.is_some() {
-            return Err(ApiError::bad(
-                "simNumber is not supported: the gateway agent picks the modem (its [[routes]] \
-                 by number prefix); leave simNumber out",
-            ));
-        }
+        let max_sim = wsmb_protocol::sms::MAX_SIM;
+        let sim = match req.sim_number {
+            None => None,
+            Some(n) if (1..=max_sim as i64).contains(&n) => Some(n as u8),
+            Some(n) => {
+                return Err(ApiError::bad(format!(
+                    "simNumber = {n}: it picks the gateway's modem by position (1 for the first \
+                     [[modem]] of wsmb-agent's configuration, 2 for the second, ... up to \
+                     {max_sim}); leave it out to let the gateway pick"
+                )));
+            }
+        };
         if let Some(d) = req.device_id.as_deref().filter(|d| !d.is_empty()) {
             self.check_device(d)?;
         }
@@ -503,6 +509,7 @@ impl Service {
                 expiration: expires_at,
                 priority,
                 delivery_report: Some(req.with_delivery_report),
+                sim,
             })
             .collect();
         let frame = wsmb_protocol::frames::send_message(&self.cfg.jobs_channel, &items);

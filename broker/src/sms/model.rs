@@ -290,7 +290,8 @@ pub struct SendRequest {
     /// -128..127.
     #[serde(default)]
     pub priority: Option<i64>,
-    /// SIM slot (not supported: routes are the agent's).
+    /// The gateway's modem by position (1-based, the order of the agent's `[[modem]]`
+    /// sections), as a phone's SIM slot.
     #[serde(default)]
     pub sim_number: Option<i64>,
     /// End-to-end encryption (not supported).

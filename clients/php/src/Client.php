@@ -281,7 +281,10 @@ final class Client
      * @param string $message   any Unicode text; long texts become concatenated SMS
      * @param array  $options   id (default: a random one; the agent never sends one id twice),
      *                          expiration (epoch seconds: not sent after it), ttl (seconds
-     *                          the broker keeps it waiting for an agent)
+     *                          the broker keeps it waiting for an agent), priority (-128..127;
+     *                          100 and above jump the gateway's queue: use it for OTPs),
+     *                          delivery_report (true/false: ask the network for a delivery
+     *                          report), sim (1, 2, ...: the gateway's modem by position)
      * @return array id, message_id, response_code ("00": handed to an agent, or stored for one),
      *               stored, receivers
      */
@@ -291,6 +294,21 @@ final class Client
         $job = array('id' => $id, 'time' => time(), 'receiver' => $receiver, 'message' => $message);
         if (isset($options['expiration'])) {
             $job['expiration'] = (int) $options['expiration'];
+        }
+        if (isset($options['priority'])) {
+            if (!is_int($options['priority']) || $options['priority'] < -128 || $options['priority'] > 127) {
+                throw new \InvalidArgumentException('priority must be a whole number from -128 to 127 (100 and above: the OTP lane)');
+            }
+            $job['priority'] = $options['priority'];
+        }
+        if (isset($options['delivery_report'])) {
+            $job['delivery_report'] = (bool) $options['delivery_report'];
+        }
+        if (isset($options['sim'])) {
+            if (!is_int($options['sim']) || $options['sim'] < 1 || $options['sim'] > 64) {
+                throw new \InvalidArgumentException('sim must be a whole number from 1 to 64: the gateway\'s modem by position (1 = the first [[modem]] of its configuration)');
+            }
+            $job['sim'] = $options['sim'];
         }
         $fields = array('number_of_receiver' => 1);
         if (isset($options['ttl'])) {

@@ -356,6 +356,14 @@ pub async fn start_ready(
     (a, status)
 }
 
+/// Stops the agent and waits until it has, its modems' ports closed (the whole `Running` is
+/// dropped here, its modem handles with it), so that another agent can open them.
+pub async fn stop(a: wsmb_agent::agent::Running) {
+    let wsmb_agent::agent::Running { shutdown, task, .. } = a;
+    shutdown.cancel();
+    let _ = task.await;
+}
+
 /// Everything logged, for tests that read the logs (each in a test binary of its own: it
 /// installs the process-wide subscriber).
 #[derive(Clone, Default)]
