@@ -1114,6 +1114,11 @@ async fn heartbeats_fill_devices_metrics_and_health() {
     );
     assert_eq!(m1["lastSentAt"], "2027-01-15T08:00:00.000+00:00", "{a:?}");
     assert_eq!(d["modems"][1]["state"], "down", "{a:?}");
+    assert_eq!(
+        (&m1["simNumber"], &d["modems"][1]["simNumber"]),
+        (&json!(1), &json!(2)),
+        "the simNumber that picks each modem: its place in the agent's list: {a:?}"
+    );
 
     let m = scrape_metrics(b.addr, APP).await;
     for (key, want) in [
@@ -1224,6 +1229,17 @@ async fn received_sms_are_kept_listed_and_call_their_webhooks() {
     let b = start(&st, |_| {}).await;
     register(b.addr, &hooks.url("/received"), "sms:received").await;
     let mut agent = Agent::connect(b.addr).await;
+    // The agent's heartbeat lists its modems in its [[modem]] order: m1 is its second.
+    agent
+        .report(json!([event(
+            "agent",
+            "heartbeat",
+            json!({"agent": {"version": "1", "interval": 60, "uptime": 1, "queued": 0,
+                   "unpublished": 0, "modems": [
+                       {"name": "m0", "state": "ready", "sent": 0, "failed": 0, "retried": 0},
+                       {"name": "m1", "state": "ready", "sent": 0, "failed": 0, "retried": 0}]}}),
+        )]))
+        .await;
     let items = json!([
         {"id": "in-1", "sender": "+628123456789", "message": "YA, saya setuju", "time": 1_800_000_000,
          "received_at": "2027-01-15T15:00:00+07:00", "parts": 1, "coding": "gsm7", "modem": "m1"},
@@ -1252,6 +1268,19 @@ async fn received_sms_are_kept_listed_and_call_their_webhooks() {
         .find(|h| h.body["payload"]["messageId"] == "in-1")
         .expect("in-1");
     assert_eq!(yes.body["payload"]["phoneNumber"], "+628123456789");
+    assert_eq!(
+        yes.body["payload"]["simNumber"], 2,
+        "received by m1, the second modem"
+    );
+    let bank = hits
+        .iter()
+        .find(|h| h.body["payload"]["messageId"] == "in-2")
+        .expect("in-2");
+    assert_eq!(
+        bank.body["payload"]["simNumber"],
+        Value::Null,
+        "no modem named"
+    );
     assert_eq!(yes.body["payload"]["message"], "YA, saya setuju");
     assert_eq!(
         yes.body["payload"]["receivedAt"],
@@ -1285,6 +1314,12 @@ async fn received_sms_are_kept_listed_and_call_their_webhooks() {
         .expect("in-2");
     assert_eq!(bank["phoneNumber"], "BANK");
     assert_eq!(bank["partial"], true);
+    let yes = a
+        .body
+        .as_array()
+        .and_then(|l| l.iter().find(|m| m["id"] == "in-1").cloned())
+        .expect("in-1");
+    assert_eq!(yes["simNumber"], 2, "{yes}");
     assert_eq!(bank["deviceId"], "sha");
     assert_eq!(
         hooks.hits().len(),

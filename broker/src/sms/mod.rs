@@ -132,6 +132,9 @@ struct ModemInfo {
 /// What heartbeats add about a modem.
 #[derive(Debug, Clone, Default)]
 struct ModemBeat {
+    /// Its place in the heartbeat's list, the agent's `[[modem]]` order (1-based): the
+    /// `simNumber` that picks it.
+    position: usize,
     registration: Option<String>,
     sent: u64,
     failed: u64,
@@ -970,7 +973,7 @@ impl Service {
                 // The heartbeat lists every modem: one no longer configured goes.
                 let listed: BTreeSet<String> = h.modems.iter().map(|m| bounded(&m.name)).collect();
                 dev.modems.retain(|name, _| listed.contains(name));
-                for mh in &h.modems {
+                for (i, mh) in h.modems.iter().enumerate() {
                     let Some(m) = dev.modem(&mh.name) else {
                         break;
                     };
@@ -980,6 +983,7 @@ impl Service {
                     m.signal_dbm = mh.signal_dbm;
                     m.operator = mh.operator.as_deref().map(bounded);
                     m.beat = Some(ModemBeat {
+                        position: i + 1,
                         registration: mh.registration.as_deref().map(bounded),
                         sent: mh.sent,
                         failed: mh.failed,
@@ -1019,7 +1023,8 @@ impl Service {
         let hooks = self.hooks_for("sms:received").await?;
         let _g = self.lock.lock().await;
         for m in received {
-            let view = model::inbox_view(&m, device);
+            let sim = self.sim_number(device, m.modem.as_deref());
+            let view = model::inbox_view(&m, device, sim);
             let doc = Doc {
                 kind: Kind::Inbox,
                 id: m.id.clone(),
@@ -1035,7 +1040,7 @@ impl Service {
                 continue;
             }
             let payload = json!({"messageId": m.id, "message": m.message, "phoneNumber": m.sender,
-                "simNumber": null, "receivedAt": model::received_at(&m), "partial": m.partial});
+                "simNumber": sim, "receivedAt": model::received_at(&m), "partial": m.partial});
             let mut writes = vec![Write::Insert(doc)];
             writes.extend(
                 hooks
@@ -1457,6 +1462,14 @@ impl Service {
 
     // ---- devices and health ----------------------------------------------------------------
 
+    /// The position of `device`'s modem `modem` among its modems (the `simNumber` that picks
+    /// it), when a heartbeat told it.
+    fn sim_number(&self, device: &str, modem: Option<&str>) -> Option<usize> {
+        let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let m = d.get(device)?.modems.get(&bounded(modem?))?;
+        m.beat.as_ref().map(|b| b.position)
+    }
+
     /// `GET /devices`: the gateway agents seen since the broker started.
     pub fn devices(&self) -> Vec<Value> {
         let now = now_ms();
@@ -1472,6 +1485,7 @@ impl Service {
                                "updatedAt": model::iso(m.at_ms)});
                         if let (Some(b), Some(o)) = (&m.beat, v.as_object_mut()) {
                             o.extend([
+                                ("simNumber".to_owned(), json!(b.position)),
                                 ("registration".to_owned(), json!(b.registration)),
                                 ("sent".to_owned(), json!(b.sent)),
                                 ("failed".to_owned(), json!(b.failed)),

@@ -214,13 +214,14 @@ pub fn received_at(m: &wsmb_protocol::sms::InboxMessage) -> String {
 }
 
 /// The API's view of a received SMS (`GET /inbox`), as SMSGate's inbox items plus `parts`
-/// and `partial`.
-pub fn inbox_view(m: &wsmb_protocol::sms::InboxMessage, device: &str) -> Value {
+/// and `partial`; `sim` is the receiving modem's position among the gateway's (unknown before
+/// its first heartbeat).
+pub fn inbox_view(m: &wsmb_protocol::sms::InboxMessage, device: &str, sim: Option<usize>) -> Value {
     serde_json::json!({
         "id": m.id,
         "message": m.message,
         "phoneNumber": m.sender,
-        "simNumber": null,
+        "simNumber": sim,
         "receivedAt": received_at(m),
         "deviceId": device,
         "parts": m.parts,
