@@ -269,13 +269,15 @@ async fn expired_messages_are_never_delivered_late(backend: Backend) {
     let st = db::storage(backend, "expiry");
     let b = start(&st, |_| {}).await;
     let mut tx = connect(b.addr).await;
+    // ttl 3 s: long enough that a loaded database stores it before it expires (with 1 s, a
+    // MariaDB commit on a busy machine outlasted it and the broker rightly answered 06).
     let r = send_ok(
         &mut tx,
-        r#"{"command":"send-message","channel":"sms","ttl":1,"report":true,"protocol":2,"data":[{"id":"short","message":"code 1"}]}"#,
+        r#"{"command":"send-message","channel":"sms","ttl":3,"report":true,"protocol":2,"data":[{"id":"short","message":"code 1"}]}"#,
     )
     .await;
     assert_eq!(r.stored, Some(true));
-    let t = recv_text_within(&mut tx, Duration::from_secs(5))
+    let t = recv_text_within(&mut tx, Duration::from_secs(15))
         .await
         .expect("expired report");
     let rep = BrokerReply::parse(&t).expect("reply");
