@@ -651,11 +651,19 @@ async fn the_link_drops_a_silent_broker_and_waits_for_a_late_one() {
     let a = wsmb_agent::agent::start(agent_config(later, &dir, vec![modem("m2", &sim2)]))
         .await
         .expect("agent");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(matches!(
-        *a.link.borrow(),
-        wsmb_agent::link::LinkState::Down(_)
-    ));
+    // Its first attempts fail (nothing listens there yet).
+    let mut w = a.link.clone();
+    tokio::time::timeout(T, async {
+        loop {
+            if matches!(&*w.borrow_and_update(), wsmb_agent::link::LinkState::Down(r) if r != "starting")
+            {
+                return;
+            }
+            w.changed().await.expect("the agent runs");
+        }
+    })
+    .await
+    .expect("a failed attempt to connect");
     let mut c = wsmb_broker::Config::default();
     c.storage.backend = wsmb_broker::config::Backend::Memory;
     c.server.listen = later.to_string();
