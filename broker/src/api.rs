@@ -203,7 +203,7 @@ async fn answer<S: Socket>(
             Err(e) => Err(e),
         },
         ("GET", ["messages", id]) => match sms.get(&user, &http::decode_component(id)).await {
-            Ok(Some(m)) => Ok(Reply::json(200, m.view())),
+            Ok(Some(m)) => Ok(Reply::json(200, sms.view(&m))),
             Ok(None) => Err(not_found("message", id)),
             Err(e) => Err(e),
         },

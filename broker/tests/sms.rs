@@ -307,6 +307,35 @@ impl Agent {
         }
     }
 
+    /// [`Agent::connect`] while jobs wait in the broker: they may come before the answer to
+    /// the subscription's ping, and are kept for [`Agent::job`].
+    async fn connect_to_waiting_jobs(addr: SocketAddr) -> Agent {
+        let mut jobs = connect_as(addr, AGENT).await;
+        send(
+            &mut jobs,
+            r#"{"command":"receive-message","channel":"sms","data":[]}"#,
+        )
+        .await;
+        send(&mut jobs, r#"{"command":"ping"}"#).await;
+        let mut items = std::collections::VecDeque::new();
+        loop {
+            let t = recv_text_within(&mut jobs, T).await.expect("a frame");
+            let v: Value = serde_json::from_str(&t).expect("json");
+            if v["command"] == "send-message" {
+                items.extend(v["data"].as_array().expect("data").iter().cloned());
+            } else {
+                assert_eq!(v["command"], "connect", "the ping's answer: {t}");
+                break;
+            }
+        }
+        let status = connect_as(addr, AGENT).await;
+        Agent {
+            jobs,
+            status,
+            items,
+        }
+    }
+
     /// The next job item (a message to several numbers is one frame of several items).
     async fn job(&mut self) -> Value {
         if let Some(j) = self.items.pop_front() {
@@ -1215,6 +1244,81 @@ async fn status_events_that_cannot_be_recorded_are_refused() {
     let code = agent.report(json!([event("r1", "sent", json!({}))])).await;
     assert_ne!(code, "05");
     wait_state(b.addr, "r1", "Sent").await;
+    stop(b).await;
+    db::cleanup(&st).await;
+}
+
+/// A message that waits says why, from what the broker knows now: no agent ever, the agent
+/// gone (and when it was last seen), the gateway's modems down; nothing once it moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_message_says_what_it_waits_for() {
+    let st = db::storage(Backend::Sqlite, "smswait");
+    let b = start(&st, |_| {}).await;
+    let a = api(
+        b.addr,
+        "POST",
+        "/messages",
+        Some(send_body("w1", &["+628126666666"], "code 1")),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{a:?}");
+    let waiting = |v: &Value| v["waiting"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        waiting(&a.body).starts_with("no gateway agent has connected since the broker started"),
+        "{a:?}"
+    );
+
+    let mut agent = Agent::connect_to_waiting_jobs(b.addr).await;
+    assert_eq!(agent.job().await["id"], "w1");
+    let modem = |state: &str, reason: &str| {
+        event(
+            "modem:m1",
+            "modem",
+            json!({"modem": "m1", "modem_state": state, "reason": reason}),
+        )
+    };
+    agent
+        .report(json!([
+            event("w1", "queued", json!({})),
+            modem("down", "not registered")
+        ]))
+        .await;
+    let v = wait_state(b.addr, "w1", "Processed").await;
+    assert_eq!(
+        waiting(&v),
+        "no modem of gateway sha is ready: m1 down (not registered)",
+        "{v}"
+    );
+    agent.report(json!([modem("ready", "")])).await;
+    let v = wait_message(b.addr, "w1", "no reason once a modem is ready", |v| {
+        v.get("waiting").is_none()
+    })
+    .await;
+    assert_eq!(v["state"], "Processed", "{v}");
+
+    drop(agent);
+    let v = wait_message(b.addr, "w1", "the agent gone", |v| {
+        waiting(v).starts_with("gateway sha has it but is not connected (last seen at 20")
+    })
+    .await;
+    assert!(
+        waiting(&v).ends_with("it sends while away and reports when it is back"),
+        "{v}"
+    );
+    let mut body = send_body("w2", &["+628126666666"], "code 2");
+    body["ttl"] = json!(600);
+    let a = api(b.addr, "POST", "/messages", Some(body)).await;
+    assert_eq!(a.status, 202, "{a:?}");
+    let w = waiting(&a.body);
+    assert!(
+        w.starts_with("no gateway agent is connected (the last, sha, was seen at 20")
+            && w.ends_with("goes out when one connects, unless it expires first"),
+        "{a:?}"
+    );
+    // Listed the same way.
+    let a = api(b.addr, "GET", "/messages", None).await;
+    let listed = a.body.as_array().expect("list");
+    assert!(listed.iter().all(|m| m.get("waiting").is_some()), "{a:?}");
     stop(b).await;
     db::cleanup(&st).await;
 }

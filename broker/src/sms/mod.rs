@@ -447,7 +447,7 @@ impl Service {
             // Full; a repeat of a message kept is still answered.
             if let Some(k) = self.get(owner, &id).await? {
                 if k.fingerprint == fp {
-                    return Ok((200, k.view()));
+                    return Ok((200, self.view(&k)));
                 }
             }
             return Err(ApiError::unavailable(
@@ -489,7 +489,7 @@ impl Service {
         if inserted.first() != Some(&true) {
             let known = self.get(owner, &id).await?;
             return match known {
-                Some(k) if k.fingerprint == fp => Ok((200, k.view())),
+                Some(k) if k.fingerprint == fp => Ok((200, self.view(&k))),
                 _ => Err(ApiError::status(
                     409,
                     format!(
@@ -562,7 +562,7 @@ impl Service {
         }
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         debug!(message = %id, recipients = numbers.len(), "SMS accepted");
-        Ok((202, msg.view()))
+        Ok((202, self.view(&msg)))
     }
 
     /// A `deviceId` can be honoured only when it names the one gateway there is: the broker
@@ -730,8 +730,80 @@ impl Service {
         Ok(docs
             .iter()
             .filter_map(parse_message)
-            .map(|m| m.view())
+            .map(|m| self.view(&m))
             .collect())
+    }
+
+    /// The API's view of `m` ([`Message::view`]) with, while it waits (`Pending` or
+    /// `Processed`), `waiting`: what it waits for as the broker knows it now (no agent
+    /// connected, the gateway's modems down), so that a message stuck in `Pending` says why.
+    pub fn view(&self, m: &Message) -> Value {
+        let mut v = m.view();
+        if let (Some(w), Some(o)) = (self.waiting(m), v.as_object_mut()) {
+            o.insert("waiting".into(), Value::String(w));
+        }
+        v
+    }
+
+    fn waiting(&self, m: &Message) -> Option<String> {
+        let state = m.state();
+        let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = |dev: &Device| model::iso(dev.last_ms);
+        match state {
+            State::Pending => {
+                if self.engine.receivers(&self.cfg.jobs_channel) > 0 {
+                    return None;
+                }
+                let last = d.iter().max_by_key(|(_, dev)| dev.last_ms);
+                Some(match last {
+                    Some((id, dev)) => format!(
+                        "no gateway agent is connected (the last, {id}, was seen at {}); the \
+                         message goes out when one connects{}",
+                        seen(dev),
+                        if m.expires_at.is_some() {
+                            ", unless it expires first"
+                        } else {
+                            ""
+                        }
+                    ),
+                    None => format!(
+                        "no gateway agent has connected since the broker started; the message \
+                         goes out when one connects{}",
+                        if m.expires_at.is_some() {
+                            ", unless it expires first"
+                        } else {
+                            ""
+                        }
+                    ),
+                })
+            }
+            State::Processed => {
+                let (id, dev) = d.get_key_value(m.device.as_deref()?)?;
+                if dev.conns.is_empty() {
+                    return Some(format!(
+                        "gateway {id} has it but is not connected (last seen at {}): it sends \
+                         while away and reports when it is back",
+                        seen(dev)
+                    ));
+                }
+                if dev.modems.is_empty() || dev.modems.values().any(|x| x.state == "ready") {
+                    return None;
+                }
+                let down: Vec<String> = dev
+                    .modems
+                    .iter()
+                    .map(|(name, x)| match &x.reason {
+                        Some(r) => format!("{name} {} ({r})", x.state),
+                        None => format!("{name} {}", x.state),
+                    })
+                    .collect();
+                Some(format!(
+                    "no modem of gateway {id} is ready: {}",
+                    down.join(", ")
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// `DELETE /messages/{id}`: cancels a message no gateway has taken yet.
