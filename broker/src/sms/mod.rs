@@ -747,11 +747,16 @@ impl Service {
 
     fn waiting(&self, m: &Message) -> Option<String> {
         let state = m.state();
+        // Asked of the engine before the devices are locked: no lock is held across the two.
+        let receivers = match state {
+            State::Pending => self.engine.receivers(&self.cfg.jobs_channel),
+            _ => 0,
+        };
         let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         let seen = |dev: &Device| model::iso(dev.last_ms);
         match state {
             State::Pending => {
-                if self.engine.receivers(&self.cfg.jobs_channel) > 0 {
+                if receivers > 0 {
                     return None;
                 }
                 let last = d.iter().max_by_key(|(_, dev)| dev.last_ms);
