@@ -123,6 +123,9 @@ pub struct AgentConfig {
     /// Prometheus metrics of the agent at `http://ADDR/metrics`, e.g. "127.0.0.1:9746";
     /// loopback addresses only (no authentication). Empty (the default): off.
     pub metrics_listen: String,
+    /// A daily window of local time ("21:00-07:00") in which only the OTP lane (priority 100
+    /// and above) is sent; other jobs wait for its end ([`crate::quiet`]). Empty: none.
+    pub quiet_hours: String,
 }
 
 impl Default for AgentConfig {
@@ -142,6 +145,7 @@ impl Default for AgentConfig {
             validity: String::new(),
             heartbeat_interval: Duration::from_secs(60),
             metrics_listen: String::new(),
+            quiet_hours: String::new(),
         }
     }
 }
@@ -298,6 +302,7 @@ impl Config {
                 }
             }
         }
+        crate::quiet::Window::parse(&self.agent.quiet_hours).map_err(ConfigError::Invalid)?;
         if self.broker.channel == self.broker.status_channel {
             return bad("broker.status_channel must differ from broker.channel".into());
         }
@@ -505,6 +510,14 @@ mod tests {
                 .expect_err("modems")
                 .to_string()
                 .contains("--device")
+        );
+        let mut c = valid();
+        c.agent.quiet_hours = "22:00".into();
+        assert!(
+            c.validate()
+                .expect_err("quiet")
+                .to_string()
+                .contains("agent.quiet_hours = \"22:00\"")
         );
         let mut c = valid();
         c.agent.country_code = "+62".into();

@@ -14,6 +14,8 @@
 //!   sends the job elsewhere without counting an attempt. A bad job is delayed or failed, never
 //!   retried in a loop, so it cannot hold up the queue.
 //! - Expiry is checked before every attempt.
+//! - Quiet hours (`agent.quiet_hours`, [`crate::quiet`]): a job outside the OTP lane that no
+//!   part of has gone yet waits for the window's end, reported `held` once with until when.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -182,6 +184,11 @@ pub async fn run(
         .flat_map(|r| r.prefixes.iter().map(|p| (p.clone(), r.group.clone())))
         .collect();
     routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
+    // Validated with the configuration; a window that does not parse here is none.
+    let quiet = crate::quiet::Window::parse(&cfg.agent.quiet_hours)
+        .ok()
+        .flatten()
+        .map(|w| (w, cfg.agent.quiet_hours.clone()));
     let ctx = Arc::new(Ctx {
         store: store.clone(),
         opts: SubmitOptions {
@@ -231,6 +238,18 @@ pub async fn run(
                         // ends now, whatever the modems do.
                         expire(&store, &job).await;
                         held.remove(&job.id);
+                        continue;
+                    }
+                    let quiet_hold = quiet.as_ref().and_then(|(w, text)| {
+                        (job.priority < wsmb_protocol::sms::PRIORITY_LANE && job.parts_done == 0)
+                            .then(|| w.hold(text))
+                            .flatten()
+                    });
+                    if let Some((wait_ms, why)) = quiet_hold {
+                        blocked = true;
+                        if held.insert(job.id.clone()) {
+                            report_held(&store, &job, wait_ms, why).await;
+                        }
                         continue;
                     }
                     let i = match pick(&slots, &routes, &mut rr, &job) {

@@ -29,6 +29,7 @@ pub mod jobs;
 pub mod link;
 pub mod modem;
 pub mod pdu;
+pub mod quiet;
 pub mod sim;
 pub mod store;
 pub mod tls;

@@ -48,6 +48,8 @@ pub struct JobRow {
     pub last_failed_modem: Option<String>,
     /// The job's own choice about a delivery report (`None`: the agent's default).
     pub status_report: Option<bool>,
+    /// Queue priority ([`wsmb_protocol::sms::PRIORITY_LANE`] and above: the OTP lane).
+    pub priority: i32,
 }
 
 /// A storage failure.
@@ -541,7 +543,7 @@ impl Store {
     pub async fn due(&self, limit: usize) -> Result<Vec<JobRow>, StoreError> {
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT id, receiver, message, attempts, expires_at, concat_ref, parts_done, mrs, modem, last_failed_modem, status_report
+                "SELECT id, receiver, message, attempts, expires_at, concat_ref, parts_done, mrs, modem, last_failed_modem, status_report, priority
                  FROM jobs WHERE state = 'queued' AND next_attempt_ms <= ?1
                  ORDER BY priority >= ?3 DESC, next_attempt_ms, seq LIMIT ?2",
             )?;
@@ -560,6 +562,7 @@ impl Store {
                     modem: r.get(8)?,
                     last_failed_modem: r.get(9)?,
                     status_report: r.get(10)?,
+                    priority: r.get(11)?,
                 })
             })?;
             rows.collect()

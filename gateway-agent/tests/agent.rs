@@ -359,6 +359,53 @@ async fn a_job_naming_its_sim_goes_through_that_modem_only() {
     );
 }
 
+/// Quiet hours hold every job but the OTP lane until the window's end, said once with until
+/// when; the OTP goes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_hours_hold_bulk_jobs_and_let_otps_through() {
+    let dir = scratch("quiet");
+    let b = broker().await;
+    let sim = sim(&dir, "m1", SimConfig::default()).await;
+    let mut cfg = agent_config(b.addr, &dir, vec![modem("m1", &sim)]);
+    // A window from an hour ago to an hour from now, in the machine's local time.
+    let now = chrono::Local::now();
+    let hhmm = |t: chrono::DateTime<chrono::Local>| t.format("%H:%M").to_string();
+    let end = now + chrono::Duration::hours(1);
+    cfg.agent.quiet_hours = format!("{}-{}", hhmm(now - chrono::Duration::hours(1)), hhmm(end));
+    cfg.validate().expect("valid");
+    let (_agent, mut status) = start_ready(cfg.clone(), b.addr).await;
+    let mut otp = job("otp", "+628123456789", "Your code is 1234");
+    otp["priority"] = serde_json::json!(100);
+    send_jobs(
+        b.addr,
+        serde_json::json!([job("news", "+628123456789", "Our new menu"), otp]),
+    )
+    .await;
+    status.wait("otp", Status::Sent, T).await;
+    let held = status.wait("news", Status::Held, T).await;
+    let reason = held.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with(&format!(
+            "quiet hours (agent.quiet_hours = {:?}): sent from {}",
+            cfg.agent.quiet_hours,
+            hhmm(end)
+        )),
+        "{held:?}"
+    );
+    let until = held.until.expect("until") as i64;
+    let want = end.timestamp() - end.timestamp() % 60;
+    assert!(
+        (until - want).abs() <= 60,
+        "{held:?}: until {until}, window ends {want}"
+    );
+    status.settle(Duration::from_secs(2)).await;
+    assert_eq!(status.of("news"), vec![Status::Queued, Status::Held]);
+    assert_eq!(
+        sim.messages(),
+        vec![("+628123456789".to_owned(), "Your code is 1234".to_owned())]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_holds_parts_back() {
     let dir = scratch("rate");
