@@ -196,6 +196,9 @@ fn check_config(cfg: &Config, origin: &str) -> ExitCode {
     for r in &cfg.routes {
         println!("route {:?} -> group {:?}", r.prefixes, r.group);
     }
+    if let Ok(Some(w)) = crate::quiet::Window::parse(&cfg.agent.quiet_hours) {
+        println!("{}", crate::quiet::describe(&w, &cfg.agent.quiet_hours));
+    }
     println!("configuration OK");
     ExitCode::SUCCESS
 }

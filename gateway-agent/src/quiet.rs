@@ -97,6 +97,22 @@ impl Window {
     }
 }
 
+/// How `agent.quiet_hours` (`text`) reads on this machine now, for `check-config`: the local
+/// time and offset (a Pi left on UTC shows here), and whether the window holds now.
+pub fn describe(window: &Window, text: &str) -> String {
+    let now = chrono::Local::now();
+    let state = match window.until(&now) {
+        Some(u) => format!("in it now, until {}", u.format("%H:%M")),
+        None => "not in it now".to_owned(),
+    };
+    format!(
+        "quiet hours: {text} local time (now {} UTC{}; {state}); only the OTP lane (priority \
+         100 and above) is sent in it",
+        now.format("%H:%M"),
+        now.format("%:z")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

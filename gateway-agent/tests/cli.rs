@@ -177,6 +177,28 @@ async fn check_config_and_flags() {
         "the password must not be printed: {out}"
     );
 
+    // quiet hours are shown in the machine's local time, with its offset
+    let quiet = dir.join("quiet.toml");
+    std::fs::write(
+        &quiet,
+        "[agent]\nquiet_hours = \"00:00-23:59\"\n[[modem]]\ndevice = \"/dev/ttyUSB0\"\n",
+    )
+    .expect("write");
+    let mut c = agent();
+    c.args(["--config", &quiet.display().to_string(), "check-config"])
+        .env("TZ", "Asia/Jakarta");
+    let (code, out, err) = run(c).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("quiet hours: 00:00-23:59 local time (now "))
+        .unwrap_or_else(|| panic!("no quiet hours line: {out}"));
+    assert!(line.contains(" UTC+07:00; "), "{line}");
+    assert!(
+        line.contains("in it now, until 23:59") || line.contains("not in it now"),
+        "{line}"
+    );
+
     // problems are named
     let bad = dir.join("bad.toml");
     std::fs::write(
