@@ -201,9 +201,10 @@ pub async fn run(
     let mut rr: HashMap<String, usize> = HashMap::new();
     let mut running: JoinSet<(usize, String)> = JoinSet::new();
     let mut in_progress: HashSet<String> = HashSet::new();
-    // Jobs reported held back by a sending limit (once per hold; bounded by the due jobs
-    // looked at, and emptied as they go).
-    let mut held: HashSet<String> = HashSet::new();
+    // Jobs reported held back (by a sending limit or quiet hours) and why: said once per
+    // reason, again when the reason changes (the quiet hours end on a full modem); bounded by
+    // the due jobs looked at, and emptied as they go.
+    let mut held: HashMap<String, String> = HashMap::new();
     match store
         .recent_sends(crate::store::now_ms() - 86_400_000)
         .await
@@ -247,9 +248,7 @@ pub async fn run(
                     });
                     if let Some((wait_ms, why)) = quiet_hold {
                         blocked = true;
-                        if held.insert(job.id.clone()) {
-                            report_held(&store, &job, wait_ms, why).await;
-                        }
+                        report_held(&store, &mut held, &job, wait_ms, why).await;
                         continue;
                     }
                     let i = match pick(&slots, &routes, &mut rr, &job) {
@@ -262,9 +261,7 @@ pub async fn run(
                         Err(why) => {
                             blocked = true;
                             if let NoModem::Held { wait_ms, why } = why {
-                                if held.insert(job.id.clone()) {
-                                    report_held(&store, &job, wait_ms, why).await;
-                                }
+                                report_held(&store, &mut held, &job, wait_ms, why).await;
                             }
                             continue;
                         }
@@ -360,9 +357,19 @@ async fn gone(store: &Store, job: &JobRow, modem: &str) {
 }
 
 /// Tells (once per hold) that a job waits for a modem's sending limit, and until when.
-async fn report_held(store: &Store, job: &JobRow, wait_ms: i64, why: String) {
+async fn report_held(
+    store: &Store,
+    held: &mut HashMap<String, String>,
+    job: &JobRow,
+    wait_ms: i64,
+    why: String,
+) {
+    if held.get(&job.id) == Some(&why) {
+        return;
+    }
+    held.insert(job.id.clone(), why.clone());
     let until = (crate::store::now_ms() + wait_ms + 999) / 1000;
-    info!(job = %job.id, "held back until a modem may send again: {why}");
+    info!(job = %job.id, "held back: {why}");
     let mut e = StatusEvent::new(job.id.clone(), Status::Held, now_secs());
     e.receiver = Some(job.receiver.clone());
     e.reason = Some(why);
