@@ -7,7 +7,8 @@
 //!   that one only (waiting while it is down), and fails if it is no longer configured.
 //! - One job at a time per modem; sending limits per modem (parts per minute, hour and day,
 //!   counted across restarts). A job that only limited modems could send is reported `held`
-//!   once, with the limit and until when; a job that expires while it waits ends `expired`.
+//!   once per reason, with the limit and until when; a job that expires while it waits ends
+//!   `expired`.
 //! - Failures: transient ones are retried with exponential back-off (another modem of the group
 //!   takes over at once on the first failure), up to `max_attempts`; permanent ones fail the
 //!   job; ambiguous ones fail it with `ambiguous` (or retry when `retry_ambiguous`); SIM trouble
@@ -15,7 +16,7 @@
 //!   retried in a loop, so it cannot hold up the queue.
 //! - Expiry is checked before every attempt.
 //! - Quiet hours (`agent.quiet_hours`, [`crate::quiet`]): a job outside the OTP lane that no
-//!   part of has gone yet waits for the window's end, reported `held` once with until when.
+//!   part of has gone yet waits for the window's end, reported `held` with until when.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
