@@ -220,24 +220,49 @@ async fn retry_ambiguous_sends_again_and_says_so_in_the_config() {
     assert_eq!(sim.messages().len(), 2, "the duplicate the user accepted");
 }
 
+/// Three simulated modems and an agent configuration for them: a1 and a2 in group `tsel`,
+/// which `prefixes` are routed to, and b1 in the default group.
+struct ThreeModems {
+    sims: [wsmb_agent::sim::Simulator; 3],
+    modems: [wsmb_agent::config::ModemConfig; 3],
+    cfg: wsmb_agent::config::Config,
+}
+
+async fn three_modems(
+    dir: &std::path::Path,
+    broker: std::net::SocketAddr,
+    prefixes: &[&str],
+) -> ThreeModems {
+    let sims = [
+        sim(dir, "a1", SimConfig::default()).await,
+        sim(dir, "a2", SimConfig::default()).await,
+        sim(dir, "b1", SimConfig::default()).await,
+    ];
+    let mut modems = [
+        modem("a1", &sims[0]),
+        modem("a2", &sims[1]),
+        modem("b1", &sims[2]),
+    ];
+    modems[0].group = "tsel".into();
+    modems[1].group = "tsel".into();
+    let mut cfg = agent_config(broker, dir, modems.to_vec());
+    cfg.routes = vec![RouteConfig {
+        prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
+        group: "tsel".into(),
+    }];
+    cfg.validate().expect("valid");
+    ThreeModems { sims, modems, cfg }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_prefix_round_robin_and_failover() {
     let dir = scratch("route");
     let b = broker().await;
-    let s1 = sim(&dir, "a1", SimConfig::default()).await;
-    let s2 = sim(&dir, "a2", SimConfig::default()).await;
-    let s3 = sim(&dir, "b1", SimConfig::default()).await;
-    let mut m1 = modem("a1", &s1);
-    let mut m2 = modem("a2", &s2);
-    m1.group = "tsel".into();
-    m2.group = "tsel".into();
-    let m3 = modem("b1", &s3);
-    let mut cfg = agent_config(b.addr, &dir, vec![m1, m2, m3]);
-    cfg.routes = vec![RouteConfig {
-        prefixes: vec!["+62812".into(), "+62813".into()],
-        group: "tsel".into(),
-    }];
-    cfg.validate().expect("valid");
+    let ThreeModems {
+        sims: [s1, s2, s3],
+        cfg,
+        ..
+    } = three_modems(&dir, b.addr, &["+62812", "+62813"]).await;
     let (_agent, mut status) = start_ready(cfg, b.addr).await;
 
     let mut jobs = Vec::new();
@@ -285,19 +310,11 @@ async fn routes_by_prefix_round_robin_and_failover() {
 async fn a_job_naming_its_sim_goes_through_that_modem_only() {
     let dir = scratch("simnumber");
     let b = broker().await;
-    let s1 = sim(&dir, "a1", SimConfig::default()).await;
-    let s2 = sim(&dir, "a2", SimConfig::default()).await;
-    let s3 = sim(&dir, "b1", SimConfig::default()).await;
-    let mut m1 = modem("a1", &s1);
-    let mut m2 = modem("a2", &s2);
-    m1.group = "tsel".into();
-    m2.group = "tsel".into();
-    let m3 = modem("b1", &s3);
-    let mut cfg = agent_config(b.addr, &dir, vec![m1.clone(), m2, m3.clone()]);
-    cfg.routes = vec![RouteConfig {
-        prefixes: vec!["+62812".into()],
-        group: "tsel".into(),
-    }];
+    let ThreeModems {
+        sims: [s1, s2, s3],
+        modems: [m1, _, m3],
+        cfg,
+    } = three_modems(&dir, b.addr, &["+62812"]).await;
     let (agent, mut status) = start_ready(cfg.clone(), b.addr).await;
     let pinned = |id: &str, sim: u64| {
         let mut j = job(id, "+628121111111", id);
