@@ -759,28 +759,20 @@ impl Service {
                 if receivers > 0 {
                     return None;
                 }
-                let last = d.iter().max_by_key(|(_, dev)| dev.last_ms);
-                Some(match last {
+                let agents = match d.iter().max_by_key(|(_, dev)| dev.last_ms) {
                     Some((id, dev)) => format!(
-                        "no gateway agent is connected (the last, {id}, was seen at {}); the \
-                         message goes out when one connects{}",
-                        seen(dev),
-                        if m.expires_at.is_some() {
-                            ", unless it expires first"
-                        } else {
-                            ""
-                        }
+                        "no gateway agent is connected (the last, {id}, was seen at {})",
+                        seen(dev)
                     ),
-                    None => format!(
-                        "no gateway agent has connected since the broker started; the message \
-                         goes out when one connects{}",
-                        if m.expires_at.is_some() {
-                            ", unless it expires first"
-                        } else {
-                            ""
-                        }
-                    ),
-                })
+                    None => "no gateway agent has connected since the broker started".to_owned(),
+                };
+                let unless = match m.expires_at {
+                    Some(_) => ", unless it expires first",
+                    None => "",
+                };
+                Some(format!(
+                    "{agents}; the message goes out when one connects{unless}"
+                ))
             }
             State::Processed => {
                 let (id, dev) = d.get_key_value(m.device.as_deref()?)?;
