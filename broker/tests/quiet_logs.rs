@@ -4,42 +4,22 @@
 
 mod common;
 
-use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use wsmb_common::capture::Captured;
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().expect("lock"))
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-    fn count(&self, level: &str, text: &str) -> usize {
-        self.lines()
-            .iter()
-            .filter(|l| l.contains(level) && l.contains(text))
-            .count()
-    }
+/// How many captured lines have `level` and `text`.
+fn count(logs: &Captured, level: &str, text: &str) -> usize {
+    logs.text()
+        .lines()
+        .filter(|l| l.contains(level) && l.contains(text))
+        .count()
 }
 
 /// An endpoint answering 500 to its first `failures` requests, then 200; counts requests.
@@ -108,13 +88,7 @@ async fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_webhook_endpoint_is_said_once_and_its_recovery_once() {
-    let logs = Captured::default();
-    let sink = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .init();
+    let logs = Captured::install(tracing::Level::DEBUG);
     let b = broker_with(|c| {
         c.sms.webhook_retry_initial = Duration::from_millis(50);
         c.sms.webhook_retry_max = Duration::from_millis(100);
@@ -146,30 +120,30 @@ async fn a_failing_webhook_endpoint_is_said_once_and_its_recovery_once() {
     let r = reply(&mut agent).await;
     assert_eq!(r.response_code, "02", "kept, no receiver: {r:?}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while logs.count("INFO", "webhook endpoint answers again") == 0 {
+    while count(&logs, "INFO", "webhook endpoint answers again") == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{} requests; {:#?}",
             requests.load(Ordering::SeqCst),
-            logs.lines()
+            logs.text().lines().collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(requests.load(Ordering::SeqCst) >= 9);
     assert_eq!(
-        logs.count("WARN", "webhook endpoint failing"),
+        count(&logs, "WARN", "webhook endpoint failing"),
         1,
         "{:#?}",
-        logs.lines()
+        logs.text().lines().collect::<Vec<_>>()
     );
     assert!(
-        logs.count("DEBUG", "webhook call failed") >= 6,
+        count(&logs, "DEBUG", "webhook call failed") >= 6,
         "{:#?}",
-        logs.lines()
+        logs.text().lines().collect::<Vec<_>>()
     );
-    let warn = logs
+    let text = logs.text();
+    let warn = text
         .lines()
-        .into_iter()
         .find(|l| l.contains("WARN") && l.contains("webhook endpoint failing"))
         .unwrap_or_default();
     assert!(

@@ -3,10 +3,12 @@
 //! written `"30s"`, the `[log]` section, and logging to stderr.
 //! [`systemd`]: READY, STATUS and the watchdog of `Type=notify` units. [`tls`]: what TLS
 //! clients trust. [`metrics`]: a snapshot of figures rendered in the Prometheus text format.
-//! [`problem`]: lasting problems logged once, reminded, and cleared.
+//! [`problem`]: lasting problems logged once, reminded, and cleared. [`capture`]: logs kept
+//! in memory, for tests that read them.
 
 #![forbid(unsafe_code)]
 
+pub mod capture;
 pub mod metrics;
 pub mod problem;
 pub mod systemd;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use wsmb_agent::sim::SimConfig;
+use wsmb_common::capture::Captured;
 use wsmb_protocol::sms::Status;
 
 const T: Duration = Duration::from_secs(30);

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use wsmb_agent::config::ModemConfig;
 use wsmb_agent::sim::SimConfig;
+use wsmb_common::capture::Captured;
 use wsmb_protocol::sms::Status;
 
 const T: Duration = Duration::from_secs(30);

@@ -363,37 +363,3 @@ pub async fn stop(a: wsmb_agent::agent::Running) {
     shutdown.cancel();
     let _ = task.await;
 }
-
-/// Everything logged, for tests that read the logs (each in a test binary of its own: it
-/// installs the process-wide subscriber).
-#[derive(Clone, Default)]
-pub struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// Captures every line at `level` and above from now on, without colours.
-    pub fn install(level: tracing::Level) -> Captured {
-        let logs = Captured::default();
-        let sink = logs.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(level)
-            .with_writer(move || sink.clone())
-            .with_ansi(false)
-            .init();
-        logs
-    }
-
-    /// Everything so far.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
-    }
-}
